@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Both are idempotent and quiet on the second run.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+AIGC    := $(VENV)/bin/aigc
+# torch==2.13.0 is the CPU build that lies on this disk; a bare `torch` would pull a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+PIPQ    := $(VPY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install demo test models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -c "import torch" 2>/dev/null || $(PIPQ) $(TORCH)
+	@$(PIPQ) -e '.[dev]'
+	@touch $(STAMP)
+
+models: install
+	@$(AIGC) pull smollm2-135m-instruct --quiet
+	@$(AIGC) pull minilm-l6-v2 --quiet
+
+demo: install
+	@$(AIGC) pull smollm2-135m-instruct --quiet
+	@$(AIGC) text "Write a haiku about a cat sitting by the window." --max-new-tokens 64 --temperature 0.7 --seed 0
+
+test: models
+	@$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from aigckit.cli import main
+
+sys.exit(main())
