@@ -497,7 +497,7 @@ def load_embedder(model: str | Path = DEFAULT_EMBED_MODEL, *, dtype: str = "floa
 
     if dtype not in DTYPES:
         raise AigcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    r = store.resolve(model)
+    r = store.resolve(model or DEFAULT_EMBED_MODEL)
     if r.format != "hf":
         raise UnsupportedFormatError(f"{r.path}: a BERT embedder needs an HF safetensors directory, not {r.format}")
     d = Path(r.path)
