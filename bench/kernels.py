@@ -1,0 +1,99 @@
+"""Time weight-only quantised linear kernels against fp32 / bf16 F.linear on the 211 SmolLM2-135M matrices.
+
+    .venv/bin/python bench/kernels.py [--rows 1 16] [--repeats 5] [--threads N] [--blocks 30]
+
+Each cell is the best of ``--repeats`` passes over all matrices (one pass = every linear once, like one decode
+step), all columns measured in the same process with the same random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from aigckit.text import quant
+
+
+def smollm2_shapes(blocks: int = 30) -> list[tuple[int, int]]:
+    """(in, out) of every linear: per block q, k, v, o, gate, up, down; then lm_head."""
+    per_block = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    return per_block * blocks + [(576, 49152)]
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (and numba compile / cache load)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="M = batch*tokens values")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--blocks", type=int, default=30)
+    ap.add_argument("--group-size", type=int, default=32)
+    args = ap.parse_args()
+    if args.threads:
+        quant.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    shapes = smollm2_shapes(args.blocks)
+    lins = []
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        lins.append(lin)
+    w32 = [lin.weight.detach() for lin in lins]
+    w16 = [w.to(torch.bfloat16) for w in w32]
+    t = time.perf_counter()
+    q8 = [quant.Int8Linear.from_linear(lin) for lin in lins]
+    t_q8 = time.perf_counter() - t
+    t = time.perf_counter()
+    q4 = [quant.Int4Linear.from_linear(lin, args.group_size) for lin in lins]
+    t_q4 = time.perf_counter() - t
+    nparams = sum(k * n for k, n in shapes)
+    print(f"{len(shapes)} matrices, {nparams / 1e6:.1f} M weights; torch threads {torch.get_num_threads()}, "
+          f"numba {quant.HAVE_NUMBA} threads {quant._numba.get_num_threads() if quant._numba else '-'}")
+    print(f"quantise all: int8 {t_q8:.2f} s, int4 {t_q4:.2f} s")
+
+    # first call: numba compile or on-disk cache load
+    x = torch.randn(1, 576)
+    for name, mod in (("int8", q8[0]), ("int4", q4[0])):
+        t = time.perf_counter()
+        mod(x, use_kernel=True)
+        print(f"first {name} kernel call (compile or cache load): {time.perf_counter() - t:.2f} s")
+
+    cols = {
+        "fp32 F.linear": lambda xs: [F.linear(xs[k], w) for k, w in zip(ins, w32)],
+        "bf16 F.linear": lambda xs: [F.linear(xs16[k], w) for k, w in zip(ins, w16)],
+        "int8 numba": lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, q8)],
+        "int4 numba": lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, q4)],
+        "int8 dequant+BLAS": lambda xs: [m(xs[k], use_kernel=False) for k, m in zip(ins, q8)],
+        "int4 dequant+BLAS": lambda xs: [m(xs[k], use_kernel=False) for k, m in zip(ins, q4)],
+    }
+    ins = [k for k, _ in shapes]
+    header = f"{'ms per pass (211 linears)':<26}" + "".join(f"{f'M={m}':>10}" for m in args.rows)
+    print(header)
+    results: dict[str, list[float]] = {c: [] for c in cols}
+    for m in args.rows:
+        xs = {k: torch.randn(m, k) for k in set(ins)}
+        xs16 = {k: v.to(torch.bfloat16) for k, v in xs.items()}
+        for c, fn in cols.items():
+            results[c].append(best_of(lambda: fn(xs), args.repeats) * 1e3)
+    for c, vals in results.items():
+        print(f"{c:<26}" + "".join(f"{v:>10.1f}" for v in vals))
+    gb = {"fp32": 4 * nparams, "int8": nparams + 4 * sum(n for _, n in shapes),
+          "int4": nparams // 2 + 8 * sum(n * -(-k // args.group_size) for k, n in shapes)}
+    print("weight bytes per pass: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in gb.items()))
+
+
+if __name__ == "__main__":
+    main()

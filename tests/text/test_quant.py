@@ -1,0 +1,214 @@
+import pytest
+import torch
+from torch import nn
+
+from aigckit.text import quant
+from aigckit.text.quant import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    load_quantized,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    save_quantized,
+)
+
+SHAPES = [(64, 32), (37, 5), (100, 33), (33, 64), (576, 192)]  # (in, out), odd sizes included
+ROWS = [1, 3, 5, 16, 40]
+needs_numba = pytest.mark.skipif(quant._numba is None, reason="numba not installed")
+
+
+def _linear(k: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin
+
+
+def _reference(mod, x: torch.Tensor) -> torch.Tensor:
+    w = mod.dequantize().double()
+    y = x.double() @ w.T
+    if mod.bias is not None:
+        y = y + mod.bias.double()
+    return y
+
+
+def _make(kind: str, lin: nn.Linear, group_size: int = 32):
+    return Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, group_size)
+
+
+# ------------------------------------------------------------------------------------------ quantisers
+
+
+def test_int8_error_bound_per_row():
+    torch.manual_seed(1)
+    w = torch.randn(17, 45) * torch.rand(17, 1) * 3
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (17,)
+    assert q.abs().max() <= 127
+    err = (dequantize_int8(q, s) - w).abs().amax(dim=1)
+    assert torch.all(err <= s / 2 + 1e-6)
+    assert torch.all(q[3] == 0) and s[3] == 0
+
+
+@pytest.mark.parametrize("in_f,group_size", [(64, 32), (45, 32), (45, 8), (7, 4), (30, 32)])
+def test_int4_error_bound_and_padding(in_f, group_size):
+    torch.manual_seed(2)
+    w = torch.randn(9, in_f)
+    qw, scales, mins = quantize_int4(w, group_size)
+    ngroups = -(-in_f // group_size)
+    assert qw.dtype == torch.uint8 and qw.shape == (9, ngroups * group_size // 2)
+    assert scales.shape == mins.shape == (9, ngroups)
+    deq = dequantize_int4(qw, scales, mins, in_f)
+    assert deq.shape == w.shape
+    # each element is within half a step of its group's scale
+    per_elem_scale = scales.repeat_interleave(group_size, dim=1)[:, :in_f]
+    assert torch.all((deq - w).abs() <= per_elem_scale / 2 + 1e-5)
+    # min/max of each (padded) group are exact to rounding: padding did not widen the range
+    gmax = torch.stack([w[:, g * group_size:(g + 1) * group_size].amax(1) for g in range(ngroups)], 1)
+    torch.testing.assert_close(mins + 15 * scales, gmax, atol=1e-5, rtol=1e-5)
+
+
+def test_int4_packing_is_q4_1_layout():
+    # byte j of a group holds element j (low nibble) and element j + G/2 (high nibble)
+    w = torch.arange(32, dtype=torch.float32).repeat(2, 1) % 16  # q == value when min=0, max=15
+    w[:, 0] = 0.0
+    w[:, 31] = 15.0
+    qw, scales, mins = quantize_int4(w, 32)
+    assert torch.allclose(scales, torch.ones_like(scales)) and torch.all(mins == 0)
+    q = w.to(torch.uint8)
+    assert torch.equal(qw, q[:, :16] | (q[:, 16:] << 4))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(torch.randn(4, 8), 7)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.randn(4))
+    with pytest.raises(ValueError, match="quantize mode"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int3")
+    with pytest.raises(ValueError, match="last dimension"):
+        Int8Linear.from_linear(nn.Linear(4, 3))(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="threads"):
+        quant.set_num_threads(0)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_float_reference(kind, bias, shape):
+    k, n = shape
+    mod = _make(kind, _linear(k, n, bias))
+    for m in ROWS:
+        x = torch.randn(m, k)
+        y = mod(x, use_kernel=True)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), _reference(mod, x), atol=2e-5, rtol=1e-4)
+        # the dequantise + F.linear fallback gives the same result
+        torch.testing.assert_close(mod(x, use_kernel=False), y, atol=2e-5, rtol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("group_size", [8, 16, 64])
+def test_int4_other_group_sizes(group_size):
+    mod = Int4Linear.from_linear(_linear(75, 21, True), group_size)
+    x = torch.randn(5, 75)
+    torch.testing.assert_close(mod(x, use_kernel=True).double(), _reference(mod, x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_leading_dims_noncontiguous_bf16(kind):
+    mod = _make(kind, _linear(40, 24, True))
+    x = torch.randn(2, 40, 3).transpose(1, 2)  # [2, 3, 40], not contiguous
+    y = mod(x)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y.double(), _reference(mod, x.reshape(-1, 40)).view(2, 3, 24), atol=2e-5, rtol=1e-4)
+    yb = mod(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, 24)
+    torch.testing.assert_close(yb.float(), mod(x.to(torch.bfloat16).float()), atol=2e-2, rtol=2e-2)
+
+
+def test_auto_path_selection_threshold(monkeypatch):
+    mod = Int8Linear.from_linear(_linear(32, 8, True))
+    calls = []
+    monkeypatch.setattr(Int8Linear, "_kernel", lambda self, x2, y: calls.append(x2.shape[0]) or y.zero_())
+    mod(torch.randn(quant.FALLBACK_MIN_ROWS, 32))
+    big = len(calls)
+    mod(torch.randn(1, 32))
+    assert big == 0 and calls == ([1] if quant.HAVE_NUMBA else [])
+
+
+# ------------------------------------------------------------------------------------------ whole models
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 40)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"attn": nn.Linear(40, 40, bias=False), "mlp": nn.Linear(40, 72)}) for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(40)
+        self.lm_head = nn.Linear(40, 11, bias=False)
+
+    def forward(self, tok):
+        h = self.emb(tok)
+        for b in self.blocks:
+            h = h + b["attn"](h)
+            h = h + b["mlp"](h)[..., :40]
+        return self.lm_head(self.norm(h))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_model_replaces_exactly_unskipped_linears(mode):
+    torch.manual_seed(0)
+    model = _Tiny()
+    tok = torch.randint(0, 11, (2, 5))
+    ref = model(tok)
+    out = quantize_model(model, mode, group_size=16, skip=lambda name, m: name == "lm_head")
+    assert out is model
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, cls))}
+    assert kinds == {
+        "blocks.0.attn": cls, "blocks.0.mlp": cls, "blocks.1.attn": cls, "blocks.1.mlp": cls, "lm_head": nn.Linear,
+    }
+    assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.emb, nn.Embedding)
+    assert model.blocks[0]["mlp"].bias is not None and model.blocks[0]["attn"].bias is None
+    tol = 0.02 if mode == "int8" else 0.15
+    assert (model(tok) - ref).abs().max() < tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_safetensors_round_trip_identical(tmp_path, mode):
+    torch.manual_seed(0)
+    model = quantize_model(_Tiny(), mode, group_size=16)
+    tok = torch.randint(0, 11, (3, 4))
+    want = model(tok)
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path)
+    assert not (tmp_path / "q.safetensors.tmp").exists()
+    with torch.device("meta"):
+        fresh = _Tiny()
+    load_quantized(fresh, path)
+    assert {n for n, m in fresh.named_modules() if isinstance(m, (Int8Linear, Int4Linear))} == {
+        "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "lm_head",
+    }
+    assert torch.equal(fresh(tok), want)
+
+
+def test_load_without_metadata_raises(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="metadata"):
+        load_quantized(_Tiny(), tmp_path / "plain.safetensors")
