@@ -458,13 +458,13 @@ class Tokenizer:
         if missing:
             backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
 
-        add_bos = bool(cfg.get("add_bos_token", False))
-        add_eos = bool(cfg.get("add_eos_token", False))
-        if "add_bos_token" in cfg or "add_eos_token" in cfg or backend.post_processor is None:
-            bos, eos = special["bos_token"], special["eos_token"]
-            backend.post_processor = _template_processor(
-                bos, backend.token_to_id(bos) if bos else None, eos, backend.token_to_id(eos) if eos else None,
-                add_bos, add_eos)
+        # With a tokenizer.json, transformers (v5) ignores add_bos_token/add_eos_token from the config: the file's
+        # post-processor alone decides what encode() adds. We do the same.
+        probe = backend.encode("", add_special_tokens=True).ids
+        bos_id = backend.token_to_id(special["bos_token"]) if special["bos_token"] else None
+        eos_id = backend.token_to_id(special["eos_token"]) if special["eos_token"] else None
+        add_bos = bos_id is not None and probe[:1] == [bos_id]
+        add_eos = eos_id is not None and probe[-1:] == [eos_id]
 
         template = None
         jinja_file = root / "chat_template.jinja"
