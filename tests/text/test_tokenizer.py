@@ -112,8 +112,8 @@ def _vocab_and_merges(tok):
     return tokens, merges
 
 
-def _writer(path):
-    w = gguf.GGUFWriter(str(path), "llama")
+def _writer(path, arch="llama"):
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
     w.add_embedding_length(8)
@@ -472,6 +472,16 @@ def test_gguf_unsupported_model(tmp_path):
     _close(w)
     with pytest.raises(AigcError, match="unsupported GGUF tokenizer model 'bert'"):
         Tokenizer.from_gguf(tmp_path / "bert.gguf")
+
+
+def test_gguf_sentencepiece_of_unported_architecture(tmp_path):
+    w = _writer(tmp_path / "gemma.gguf", arch="gemma")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    _close(w)
+    with pytest.raises(AigcError, match="architecture 'gemma' is not supported"):
+        Tokenizer.from_gguf(tmp_path / "gemma.gguf")
 
 
 def test_bad_files(tmp_path):

@@ -28,15 +28,12 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from aigckit.errors import AigcError, CorruptFileError, ModelNotFoundError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import gguf
 
 __all__ = ["Tokenizer", "StreamDecoder"]
 
@@ -82,6 +79,9 @@ PRE_TOKENIZER_SPLITS: dict[str, str] = {
 # Special tokens that end a turn in common chat formats; counted in `eos_token_ids` when the model marks them special.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
                       "<|end|>")
+
+# SentencePiece GGUFs whose architecture needs special handling in transformers (Gemma token spelling, Phi-3 prefix)
+_SENTENCEPIECE_SPECIAL_ARCHS = frozenset({"gemma", "gemma2", "gemma3", "phi3"})
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -303,13 +303,16 @@ class Tokenizer:
     def __init__(self, backend: _HFTokenizer, *, special_tokens: dict[str, str | None] | None = None,
                  eos_token_ids: Iterable[int] = (), chat_template: str | None = None, vocab_size: int | None = None,
                  clean_up_tokenization_spaces: bool = False, add_bos_token: bool = False,
-                 add_eos_token: bool = False, source: str = ""):
+                 add_eos_token: bool = False, source: str = "", special_ids: dict[str, int | None] | None = None):
         self._tok = backend
         self.special_tokens: dict[str, str] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
-        self.eos_token_id = self._id_of(self.special_tokens.get("eos_token"))
-        self.pad_token_id = self._id_of(self.special_tokens.get("pad_token"))
-        self.unk_token_id = self._id_of(self.special_tokens.get("unk_token"))
+        # ids as the model declares them (GGUF metadata) or, failing that, looked up by token text
+        ids = {name: (special_ids or {}).get(name, self._id_of(self.special_tokens.get(name)))
+               for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.bos_token_id: int | None = ids["bos_token"]
+        self.eos_token_id: int | None = ids["eos_token"]
+        self.pad_token_id: int | None = ids["pad_token"]
+        self.unk_token_id: int | None = ids["unk_token"]
         self.vocab_size: int = vocab_size if vocab_size is not None else backend.get_vocab_size(with_added_tokens=True)
         self.chat_template: str | None = chat_template
         self.add_bos_token = add_bos_token
@@ -317,7 +320,7 @@ class Tokenizer:
         self.source = source
         self._clean_up = clean_up_tokenization_spaces and not isinstance(backend.model, models.BPE)
         self._template = None
-        # `special` added tokens (skipped by decode(skip_special_tokens=True)); maps id -> content.
+        # ids of the added tokens marked special (what decode(skip_special_tokens=True) drops)
         self.special_token_ids: set[int] = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         eot = set(int(i) for i in eos_token_ids)
         if self.eos_token_id is not None:
@@ -374,6 +377,12 @@ class Tokenizer:
             alphabet = set(_bytes_to_unicode().values())
             fits = lambda t: set(t) <= alphabet  # noqa: E731
         elif kind == "llama":
+            arch = meta.get("general.architecture")
+            if arch in _SENTENCEPIECE_SPECIAL_ARCHS:
+                # transformers rebuilds these with architecture-specific fixes we have not ported; refuse rather than
+                # tokenize differently from the reference
+                raise AigcError(f"{source}: the SentencePiece tokenizer of architecture {arch!r} is not supported "
+                                "(supported: llama-style SentencePiece and byte-level BPE)")
             scores = meta.get("tokenizer.ggml.scores")
             if scores is not None and len(scores) != n:
                 raise CorruptFileError(f"{source}: {len(scores)} token scores for {n} tokens")
@@ -423,7 +432,10 @@ class Tokenizer:
 
         eot_ids = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                    if isinstance(meta.get(k), int) and 0 <= meta[k] < n]
-        return cls(backend, special_tokens=special, eos_token_ids=eot_ids,
+        special_ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in (
+            ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
+            ("unk_token", "unknown_token_id"))}
+        return cls(backend, special_tokens=special, eos_token_ids=eot_ids, special_ids=special_ids,
                    chat_template=meta.get("tokenizer.chat_template"), vocab_size=n,
                    add_bos_token=add_bos, add_eos_token=add_eos, source=source)
 
@@ -603,6 +615,4 @@ class StreamDecoder:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        if new_text.startswith(prefix_text):
-            return new_text[len(prefix_text):]
-        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+        return new_text[len(prefix_text):]
