@@ -57,7 +57,7 @@ _META_KEY = "aigckit.quant"
 
 # At and above this many input rows (prefill), dequantise + BLAS beats the numba kernels on this machine.
 # Measured with bench/kernels.py (see the module's report); override with AIGC_QUANT_FALLBACK_ROWS.
-FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "64"))
+FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "48"))
 
 # --------------------------------------------------------------------------------------------- kernels (numba)
 
@@ -122,13 +122,17 @@ if _numba is not None:
             buf = np.empty(ngroups * GS, dtype=np.float32)
             for o in range(o0, o1):
                 if H == 16:  # group 32: constant trip count, ~1.7x faster dequant (measured)
+                    row = qw[o]
                     for g in range(ngroups):
                         s = scales[o, g]
                         mn = mins[o, g]
+                        src = row[g * 16:g * 16 + 16]
+                        lo = buf[g * 32:g * 32 + 16]
+                        hi = buf[g * 32 + 16:g * 32 + 32]
+                        for j in range(16):  # one store per loop: vectorises (two stores did not)
+                            lo[j] = np.float32(src[j] & 15) * s + mn
                         for j in range(16):
-                            byte = qw[o, g * 16 + j]
-                            buf[g * 32 + j] = np.float32(byte & 15) * s + mn
-                            buf[g * 32 + 16 + j] = np.float32(byte >> 4) * s + mn
+                            hi[j] = np.float32(src[j] >> 4) * s + mn
                 else:
                     for g in range(ngroups):
                         s = scales[o, g]
@@ -182,7 +186,7 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
+    return q.to(torch.float32).mul_(scale.float()[:, None])
 
 
 def _check_group_size(group_size: int) -> None:
@@ -221,8 +225,8 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor, in_features: 
     out_f, ngroups = scales.shape
     half = qweight.shape[1] // ngroups
     p = qweight.view(out_f, ngroups, half)
-    q = torch.cat([p & 15, p >> 4], dim=2).float()
-    w = q * scales[..., None].float() + mins[..., None].float()
+    q = torch.cat([p & 15, p >> 4], dim=2).to(torch.float32)
+    w = q.mul_(scales[..., None].float()).add_(mins[..., None].float())
     return w.reshape(out_f, ngroups * 2 * half)[:, :in_features]
 
 
