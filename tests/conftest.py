@@ -13,9 +13,24 @@ SMOLLM_GGUF = STORE_HOME / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-In
 MINILM_DIR = STORE_HOME / "models" / "minilm-l6-v2"
 
 
+def write_wordlevel_tokenizer(d: Path, vocab_size: int, eos_id: int) -> None:
+    """A tokenizer.json whose tokens are "w0".."wN" (space separated), enough to drive the engine on tiny models."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{eos_id}", "pad_token": "w0"}))
+
+
 def _save_tiny(tmp: Path, model, name: str) -> Path:
     d = tmp / name
     model.save_pretrained(d, safe_serialization=True)
+    write_wordlevel_tokenizer(d, model.config.vocab_size, model.config.eos_token_id)
     return d
 
 

@@ -42,11 +42,13 @@ class KVCache:
         kc[r, :, pos] = k  # advanced indices -> value shape [B, T, H, D]
         vc[r, :, pos] = v
 
-    def read(self, layer: int, length: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Keys and values of the first ``length`` slots: [B, H, length, D]."""
+    def read(self, layer: int, length: int, rows: Tensor | None = None, batch: int | None = None
+             ) -> tuple[Tensor, Tensor]:
+        """Keys and values of the first ``length`` slots: [B, H, length, D] (rows 0..batch-1 by default)."""
         kc, vc = self.k[layer], self.v[layer]
         if rows is None:
-            return kc[:, :, :length], vc[:, :, :length]
+            b = kc.shape[0] if batch is None else batch
+            return kc[:b, :, :length], vc[:b, :, :length]
         return kc[rows, :, :length], vc[rows, :, :length]
 
     def reorder(self, index: Tensor) -> None:

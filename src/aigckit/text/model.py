@@ -66,6 +66,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+SMALL_T = 32  # below this many new tokens (decode, beam steps) the explicit grouped kernel is faster on CPU
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention for few queries with grouped-query heads, without repeating K/V.
+
+    q [B, H, T, D]; k, v [B, Hkv, S, D]; mask [B, 1, T, S] bool or None. Query heads h*g..h*g+g-1 share KV head h."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    qg = q.reshape(B, Hkv, g * T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, g*T, S]
+    if mask is not None:
+        scores = scores.view(B, Hkv, g, T, S).masked_fill(~mask.unsqueeze(1), float("-inf")).view(B, Hkv, g * T, S)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -85,12 +103,15 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             cache.write(layer, input_pos, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype), rows)
-            k, v = cache.read(layer, kv_len, rows)
+            k, v = cache.read(layer, kv_len, rows, B)
             k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+        if T <= SMALL_T:
+            y = grouped_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 

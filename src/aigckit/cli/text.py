@@ -1,0 +1,213 @@
+"""`aigc text | chat | score | tokenize`: text generation from the command line (parsing only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aigckit.errors import AigcError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="store name, .gguf file, HF directory, cached HF hub id (e.g. gpt2-medium), or openai:NAME "
+                        "(default: smollm2-135m-instruct)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of linears")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--base-url", default=None, help="API base URL for openai:NAME models")
+
+
+def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 256)")
+    g.add_argument("--max-length", type=int, default=None, help="limit on prompt + generated tokens")
+    g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    if not chat:
+        g.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = no beam search)")
+        g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**penalty")
+        g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
+                       help="beam search stopping rule (as in transformers)")
+        g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("text", help="generate a continuation of a prompt",
+                       description="Generate text. The prompt comes from the argument or, if absent, from stdin. "
+                                   "Streams to a terminal unless --no-stream or --json.")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    _model_args(p)
+    _gen_args(p)
+    p.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids, usage, timings")
+    p.set_defaults(func=_text)
+
+    p = sub.add_parser("chat", help="chat with an instruction-tuned model",
+                       description="Interactive chat with history. With stdin not a terminal, reads one user turn "
+                                   "from stdin and prints the answer. Type /exit to leave, /reset to clear history.")
+    _model_args(p)
+    _gen_args(p, chat=True)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--json", action="store_true", help="(one-shot mode) print a JSON object")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("score", help="negative log-likelihood and perplexity of a text",
+                       description="Mean NLL (natural log, over predicted tokens) and perplexity of TEXT (or stdin).")
+    p.add_argument("text", nargs="?")
+    _model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("tokenize", help="show token ids and pieces of a text")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_tokenize)
+
+
+def _read_arg_or_stdin(value: str | None, what: str) -> str:
+    if value is not None:
+        return value
+    if sys.stdin is None or sys.stdin.isatty():
+        raise AigcError(f"no {what} given: pass it as an argument or on stdin")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise AigcError(f"empty {what} on stdin")
+    return text.rstrip("\n")
+
+
+def _load(args):
+    from aigckit.text.lm import load_lm
+
+    return load_lm(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads, base_url=args.base_url)
+
+
+def _params(args) -> dict:
+    p = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+             no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed)
+    if hasattr(args, "num_beams"):
+        p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                 early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
+                 num_return_sequences=args.num_return_sequences)
+    return p
+
+
+def _validate_first(params: dict) -> None:
+    from aigckit.text.engine import GenerationParams
+
+    GenerationParams.from_kwargs(**params)  # bad values fail before the model loads
+
+
+def _text(args) -> int:
+    prompt = _read_arg_or_stdin(args.prompt, "prompt")
+    params = _params(args)
+    _validate_first(params)
+    lm = _load(args)
+    stream = not args.no_stream and not args.json and params["num_beams"] == 1 and params["num_return_sequences"] == 1
+    if stream:
+        for delta in lm.stream(prompt, **params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    res = lm.generate(prompt, **params)
+    if args.json:
+        print(json.dumps(_result_json(lm, res), ensure_ascii=False))
+    else:
+        for i, s in enumerate(res.sequences):
+            if len(res.sequences) > 1:
+                print(f"--- sequence {i + 1} (score {s.score:.4f})" if s.score is not None else f"--- sequence {i + 1}")
+            print(s.text)
+    return 0
+
+
+def _result_json(lm, res) -> dict:
+    out = {"model": res.model or lm.name, "text": res.text, "token_ids": res.token_ids,
+           "finish_reason": res.finish_reason, "usage": res.usage,
+           "timings": {"load_s": round(lm.load_s, 3), "prefill_tok_s": res.timings.get("prefill_tok_s"),
+                       "decode_tok_s": res.timings.get("decode_tok_s")}}
+    if len(res.sequences) > 1:
+        out["sequences"] = [{"text": s.text, "token_ids": s.token_ids, "score": s.score,
+                             "finish_reason": s.finish_reason} for s in res.sequences]
+    return out
+
+
+def _chat(args) -> int:
+    params = _params(args)
+    _validate_first(params)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    if sys.stdin is not None and not sys.stdin.isatty():
+        user = sys.stdin.read().strip()
+        if not user:
+            raise AigcError("empty message on stdin")
+        lm = _load(args)
+        res = lm.chat(history + [{"role": "user", "content": user}], **params)
+        if args.json:
+            print(json.dumps(_result_json(lm, res), ensure_ascii=False))
+        else:
+            print(res.text)
+        return 0
+    lm = _load(args)
+    print(f"chatting with {lm.name} - /exit to leave, /reset to clear the history", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": user})
+        sys.stdout.write("assistant> ")
+        parts = []
+        for delta in lm.chat_stream(history, **params):
+            parts.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts)})
+
+
+def _score(args) -> int:
+    text = _read_arg_or_stdin(args.text, "text")
+    res = _load(args).score(text)
+    if args.json:
+        print(json.dumps(res.to_dict()))
+    else:
+        print(f"nll {res.nll:.4f}  ppl {res.ppl:.3f}  over {res.n_tokens} predicted tokens")
+    return 0
+
+
+def _tokenize(args) -> int:
+    from aigckit import store
+    from aigckit.text.tokenizer import Tokenizer
+
+    text = _read_arg_or_stdin(args.text, "text")
+    res = store.resolve(args.model)
+    tok = Tokenizer.from_gguf(res.path) if res.format == "gguf" else Tokenizer.from_dir(res.path)
+    ids = tok.encode(text)
+    pieces = [tok.id_to_token(i) for i in ids]
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": pieces, "n_tokens": len(ids)}, ensure_ascii=False))
+    else:
+        for i, pc in zip(ids, pieces):
+            print(f"{i:>8}  {pc!r}")
+        print(f"{len(ids)} tokens")
+    return 0

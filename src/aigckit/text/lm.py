@@ -1,0 +1,207 @@
+"""``load_lm`` and ``LM``: the Python face of text generation (local models; ``openai:NAME`` goes remote)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aigckit import store
+from aigckit.errors import AigcError
+from aigckit.text.config import LMConfig
+from aigckit.text.engine import GenerationParams, GenerationResult, generate, stream_tokens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ScoreResult:
+    nll: float  # mean negative log-likelihood per predicted token (natural log)
+    ppl: float  # exp(nll)
+    n_tokens: int  # number of predicted tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens}
+
+
+class LM:
+    """A loaded language model + tokenizer. Stateless between calls: safe to share across threads."""
+
+    def __init__(self, model, tokenizer, name: str, *, dtype: str = "float32", quantize: str | None = None,
+                 load_s: float = 0.0, source: str = "") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.config: LMConfig = model.config
+        self.dtype, self.quantize, self.load_s, self.source = dtype, quantize, load_s, source
+
+    def __repr__(self) -> str:
+        return f"LM({self.name!r}, arch={self.config.arch}, dtype={self.dtype}, quantize={self.quantize})"
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """What was asked for, recorded (never guessed from file names)."""
+        return {"model": self.name, "source": self.source, "dtype": self.dtype, "quantize": self.quantize,
+                "arch": self.config.arch, "context": self.config.block_size}
+
+    # ----------------------------------------------------------------------------------------- prompts
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise AigcError("empty prompt: give at least one token of text")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        _check_messages(messages)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # the template already carries BOS etc.; do not add special tokens twice
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(self, prompt: str | list[int], **params: Any) -> GenerationResult:
+        return self.generate_batch([prompt], **params)[0]
+
+    def generate_batch(self, prompts: list[str | list[int]], **params: Any) -> list[GenerationResult]:
+        p = GenerationParams.from_kwargs(**params)
+        ids = [self._prompt_ids(x) for x in prompts]
+        return generate(self.model, self.tokenizer, ids, p, self.name)
+
+    def stream(self, prompt: str | list[int], **params: Any) -> Iterator[str]:
+        """Text deltas of one sampled/greedy continuation (concatenated they equal ``generate(...).text``)."""
+        p = GenerationParams.from_kwargs(**params)
+        if p.num_beams > 1 or p.num_return_sequences > 1:
+            raise AigcError("streaming supports one sequence without beam search")
+        for ev in stream_tokens(self.model, self.tokenizer, [self._prompt_ids(prompt)], p):
+            if ev.text:
+                yield ev.text
+
+    def stream_events(self, prompt: str | list[int], stats: dict | None = None, **params: Any):
+        p = GenerationParams.from_kwargs(**params)
+        if p.num_beams > 1:
+            raise AigcError("streaming is not available with beam search")
+        ids = self._prompt_ids(prompt)
+        rows = [ids] * p.num_return_sequences
+        return stream_tokens(self.model, self.tokenizer, rows, p, stats)
+
+    def chat(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
+        return self.generate(self.chat_prompt(messages), **params)
+
+    def chat_stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages), **params)
+
+    # ----------------------------------------------------------------------------------------- scoring
+    def score(self, text: str | list[int]) -> ScoreResult:
+        """Mean NLL (natural log) and perplexity of ``text`` under the model, over every predicted token."""
+        ids = self._prompt_ids(text)
+        if len(ids) < 2:
+            raise AigcError("text is too short to score: need at least 2 tokens")
+        ctx = self.config.block_size
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            # non-overlapping windows of the context size; each window predicts its own tokens 1..n-1
+            for s in range(0, len(ids) - 1, ctx):
+                chunk = torch.tensor([ids[s:s + ctx + 1]])
+                x, y = chunk[:, :-1], chunk[:, 1:]
+                logits = self.model(x).float()
+                nll = torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum")
+                total += float(nll)
+                count += y.shape[1]
+        mean = total / count
+        return ScoreResult(mean, float(torch.exp(torch.tensor(mean))), count)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise AigcError("messages must be a non-empty list of {role, content}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
+                or not isinstance(m.get("content"), str):
+            raise AigcError("each message needs a role (system, user, assistant, tool) and string content")
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    return f"gguf-{path.stem}-{h}"
+
+
+def _load_gguf_cached(path: Path):
+    """GGUF -> (config, model float32). Dequantised weights are cached as safetensors in the store."""
+    from safetensors.torch import load_file, save_file
+
+    from aigckit.text.weights import load_gguf, load_into_model
+
+    cdir = store.cache_dir(_gguf_cache_key(path))
+    if (cdir / "model.safetensors").exists() and (cdir / "config.json").exists():
+        cfg = LMConfig.load(cdir / "config.json")
+        return cfg, load_into_model(cfg, load_file(str(cdir / "model.safetensors")), torch.float32)
+    cfg, model = load_gguf(path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    cdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cdir.parent, prefix=".tmp-"))
+    try:
+        save_file(sd, str(tmp / "model.safetensors"))
+        cfg.save(tmp / "config.json")
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path)}))
+        if cdir.exists():
+            shutil.rmtree(cdir)
+        os.replace(tmp, cdir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only store still loads, just without the cache
+    return cfg, model
+
+
+def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", quantize: str | None = None,
+            threads: int | None = None, base_url: str | None = None, api_key: str | None = None):
+    """Load a language model by store name, .gguf path, HF directory, or cached HF hub id.
+
+    ``openai:NAME`` returns a remote model (OpenAI-compatible API) with the same interface."""
+    if model is not None and str(model).startswith("openai:"):
+        from aigckit.text.remote import RemoteLM
+
+        return RemoteLM(str(model)[len("openai:"):], base_url=base_url, api_key=api_key)
+    if dtype not in DTYPES:
+        raise AigcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize not in (None, "int8", "int4"):
+        raise AigcError(f"quantize must be int8 or int4, got {quantize!r}")
+    if threads is not None:
+        if threads < 1:
+            raise AigcError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    from aigckit.text.tokenizer import Tokenizer
+    from aigckit.text.weights import load_hf
+
+    t0 = time.perf_counter()
+    res = store.resolve(model)
+    if res.format == "gguf":
+        cfg, net = _load_gguf_cached(res.path)
+        tok = Tokenizer.from_gguf(res.path)
+    else:
+        cfg, net = load_hf(res.path)
+        tok = Tokenizer.from_dir(res.path)
+    if dtype != "float32":
+        net = net.to(DTYPES[dtype])
+    if quantize is not None:
+        from aigckit.text import quant
+
+        quant.quantize_model(net, quantize)
+    net.requires_grad_(False)
+    return LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
+              source=str(res.path))
