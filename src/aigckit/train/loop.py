@@ -1,0 +1,228 @@
+"""The shared training loop of ``aigc image train``: data order, progress, metrics, grids, checkpoints, resume.
+
+A model family supplies a small trainer object (``train/diffusion.py``, ``train/vae.py``, ``train/gan.py``) with::
+
+    family, default_lr
+    build(args, dataset) -> (config dataclass, model)     the model is built after torch.manual_seed(seed)
+    optimizers(model, args) -> {"name": optimizer}
+    step(model, optimizers, x, labels, generator) -> {"loss_name": float}
+    grid(ema_model, labels, generator) -> images in [-1, 1]
+
+Determinism: the model is initialised from ``seed``; batch order is a permutation per epoch drawn from a generator
+seeded by (seed, epoch), so it depends only on the step; all training noise comes from one ``torch.Generator`` whose
+state is checkpointed with the global torch RNG, the optimisers and the EMA. Hence a run resumed from any checkpoint
+ends with the same weights, bit for bit, as one that was never interrupted (same seed, CPU, same thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from aigckit.data.images import load_dataset, to_float
+from aigckit.errors import AigcError
+from aigckit.train import checkpoint as ck
+from aigckit.train.ema import make_ema, update_ema
+from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
+
+FAMILIES = {"ddpm": "aigckit.train.diffusion", "vae": "aigckit.train.vae", "dcgan": "aigckit.train.gan"}
+
+
+@dataclass
+class TrainArgs:
+    model: str  # ddpm | vae | dcgan
+    out: str
+    data: str = "fashion-mnist"
+    steps: int | None = None  # stop after this many optimiser steps ...
+    minutes: float | None = None  # ... or after this much training time (whichever comes first)
+    conditional: bool = False
+    batch_size: int = 64
+    lr: float | None = None  # None: the family's default
+    seed: int = 0
+    size: str = "small"  # model size preset of the family: tiny | small | base
+    resolution: int | None = None  # None: the family preset's (28 for Fashion-MNIST)
+    channels: int | None = None  # None: the data's
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    sample_every: int = 1000
+    log_every: int = 50
+    grid_n: int = 64  # images in the periodic sample grids
+    threads: int | None = None
+    # family options (ignored by families that do not use them)
+    schedule: str = "cosine"  # ddpm
+    prediction: str = "eps"  # ddpm
+    timesteps: int = 1000  # ddpm
+    label_dropout: float = 0.1  # ddpm (classifier-free guidance)
+    grid_steps: int = 50  # ddpm: DDIM steps for the periodic grids
+    beta: float = 1.0  # vae
+    latent_dim: int | None = None  # vae / dcgan (nz)
+
+    def __post_init__(self) -> None:
+        if self.model not in FAMILIES:
+            raise AigcError(f"unknown model {self.model!r}; known: {', '.join(FAMILIES)}")
+        if self.steps is None and self.minutes is None:
+            raise AigcError("give --steps N or --minutes M")
+        if self.steps is not None and self.steps < 0:
+            raise AigcError(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1 or self.batch_size > 4096:
+            raise AigcError(f"batch size must be in 1..4096, got {self.batch_size}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise AigcError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise AigcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        for k in ("ckpt_every", "sample_every", "log_every"):
+            if getattr(self, k) < 1:
+                raise AigcError(f"{k} must be >= 1")
+
+
+def family_trainer(name: str):
+    if name not in FAMILIES:
+        raise AigcError(f"unknown model {name!r}; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[name]).Trainer()
+
+
+def _batch_order(n: int, batch: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[: (n // batch) * batch].view(-1, batch)
+
+
+def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) the run in ``args.out``; returns the folder of the final checkpoint."""
+    from tqdm import tqdm
+
+    run = Path(args.out).expanduser()
+    ckpt = None
+    if resume:
+        ckpt = ck.latest_checkpoint(run)
+        saved = ck.read_config(ckpt)["train"]
+        saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads)  # only the stopping rule changes
+        args = TrainArgs(**saved)
+    elif ck.list_checkpoints(run):
+        raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = family_trainer(args.model)
+    ds = load_dataset(args.data, "train", args.resolution or trainer.default_resolution(args), args.channels)
+    if args.conditional and ds.labels is None:
+        raise AigcError(f"--conditional needs labelled data; {args.data} has no class sub-folders")
+    if len(ds) < args.batch_size:
+        raise AigcError(f"batch size {args.batch_size} exceeds the {len(ds)} training images")
+
+    torch.manual_seed(args.seed)
+    cfg, model = trainer.build(args, ds)
+    ema = make_ema(model)
+    opts = trainer.optimizers(model, args)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    step, images_seen, train_time = 0, 0, 0.0
+    config = {"family": args.model, "model": cfg.to_dict(), "train": asdict(args),
+              "data": {"name": ds.name, "class_names": ds.class_names if args.conditional else [],
+                       "resolution": ds.resolution, "channels": ds.channels}}
+    if ckpt is not None:
+        ck.load_weights(model, ckpt / "model.safetensors")
+        ck.load_weights(ema, ckpt / "ema.safetensors")
+        tensors, meta = ck.load_trainer_state(ckpt)
+        ck.optimizer_from_flat(opts, tensors, meta["optimizers"])
+        gen.set_state(tensors["rng.train"])
+        torch.set_rng_state(tensors["rng.torch"])
+        step, images_seen, train_time = meta["step"], meta["images_seen"], meta["train_time_s"]
+        truncate_metrics(run, step)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+
+    def save() -> Path:
+        return ck.save_checkpoint(run, step=step, config=config, model=model, ema=ema, optimizers=opts,
+                                  rng={"train": gen.get_state(), "torch": torch.get_rng_state()},
+                                  state={"images_seen": images_seen, "train_time_s": train_time})
+
+    def grid() -> None:
+        g = torch.Generator().manual_seed(1234)  # fixed: grids are comparable across steps, training RNG untouched
+        labels = (torch.arange(args.grid_n) % ds.num_classes) if args.conditional else None
+        imgs = trainer.grid(ema, args, labels, g)
+        from aigckit.image.io import make_grid, save_png
+
+        nrow = ds.num_classes if args.conditional and ds.num_classes <= 16 else None
+        meta = {"model": args.model, "run": str(run), "step": step, "seed": 1234}
+        save_png(make_grid(imgs, nrow=nrow), run / "samples" / f"step-{step:09d}.png", meta)
+        save_png(make_grid(imgs, nrow=nrow), run / "samples.png", meta)
+
+    X, Y = ds.images, ds.labels
+    per_epoch = len(ds) // args.batch_size
+    order, order_epoch = None, -1
+    stop_requested = []
+    old_term = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    t_log, n_log, k_log = time.perf_counter(), 0, 0
+    last_saved = step if ckpt is not None else -1
+    try:
+        while True:
+            if args.steps is not None and step >= args.steps:
+                break
+            if args.minutes is not None and train_time >= args.minutes * 60:
+                break
+            if stop_requested:
+                break
+            t0 = time.perf_counter()
+            epoch = step // per_epoch
+            if epoch != order_epoch:
+                order, order_epoch = _batch_order(len(ds), args.batch_size, args.seed, epoch), epoch
+            idx = order[step % per_epoch]
+            x = to_float(X[idx])
+            y = Y[idx] if args.conditional else None
+            losses = trainer.step(model, opts, x, y, gen)
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            images_seen += x.shape[0]
+            train_time += time.perf_counter() - t0
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_log += x.shape[0]
+            k_log += 1
+            bar.update(1)
+            if step % args.log_every == 0:
+                dt = time.perf_counter() - t_log
+                row = {"step": step, "epoch": round(step / per_epoch, 3), "images": images_seen,
+                       "time": round(train_time, 2), "images_per_s": round(n_log / max(dt, 1e-9), 2),
+                       **{k: v / k_log for k, v in sums.items()}}
+                append_metrics(run, row)
+                bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
+                                 **{k: f"{v / k_log:.4g}" for k, v in sums.items()}})
+                sums, n_log, k_log = {}, 0, 0
+            paused = time.perf_counter()
+            if step % args.ckpt_every == 0:
+                save()
+                last_saved = step
+            if step % args.sample_every == 0:
+                grid()
+                plot_curves(run)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step % args.sample_every == 0:
+                t_log += time.perf_counter() - paused  # images/s counts training, not saving or sampling
+    except KeyboardInterrupt:
+        bar.close()
+        if step != last_saved:
+            save()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        bar.close()
+    final = save() if step != last_saved else ck.latest_checkpoint(run)
+    if step > 0:
+        grid()
+        plot_curves(run)
+    return final
+
+
+def args_from_dict(d: dict) -> TrainArgs:
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = set(d) - names
+    if unknown:
+        raise AigcError(f"unknown training options: {', '.join(sorted(unknown))}")
+    return TrainArgs(**d)

@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from aigckit.cli import main
+from aigckit.image.io import read_png_metadata
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed")
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["image", "train", "--model", "gan9", "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "unknown model" in _err(capsys)
+    assert main(["image", "train", "--model", "vae", "--data", str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "not found" in _err(capsys)
+    assert main(["image", "sample", str(tmp_path / "norun"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "not found" in _err(capsys)
+    assert main(["image", "train", "--model", "vae", "--out", str(tmp_path / "r")]) == 2
+    assert "--steps" in _err(capsys)
+
+
+@needs_data
+def test_wrong_resolution_is_one_line(tmp_path, capsys):
+    assert main(["image", "train", "--model", "dcgan", "--resolution", "30", "--out", str(tmp_path / "r"),
+                 "--steps", "1", "--quiet"]) == 2
+    assert "28, 32 or 64" in _err(capsys)
+    assert main(["image", "train", "--model", "ddpm", "--resolution", "30", "--out", str(tmp_path / "r"),
+                 "--steps", "1", "--quiet"]) == 2
+    assert "divisible" in _err(capsys)
+
+
+@needs_data
+def test_train_sample_and_corrupt_checkpoint(tmp_path, capsys):
+    run = tmp_path / "ddpm"
+    assert main(["image", "train", "--model", "ddpm", "--size", "tiny", "--conditional", "--out", str(run),
+                 "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--grid-n", "4", "--quiet"]) == 0
+    assert main(["image", "train", "--model", "ddpm", "--out", str(run), "--steps", "2", "--quiet"]) == 2
+    assert "--resume" in _err(capsys)
+    grid = tmp_path / "g.png"
+    assert main(["image", "sample", str(run), "--n", "4", "--out", str(grid), "--class", "sneaker",
+                 "--steps", "3", "--guidance", "2", "--seed", "5"]) == 0
+    meta = read_png_metadata(grid)
+    assert meta["model"] == "ddpm" and meta["seed"] == "5" and meta["sampler"] == "ddim"
+    assert meta["steps"] == "3" and json.loads(meta["guidance"]) == 2.0 and json.loads(meta["classes"]) == ["sneaker"]
+    assert main(["image", "sample", str(run), "--n", "3", "--out", str(tmp_path / "each"), "--per-image",
+                 "--steps", "2", "--seed", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert main(["image", "sample", str(run), "--n", "2", "--out", str(grid), "--class", "hat"]) == 2
+    assert "unknown class" in _err(capsys)
+    assert main(["image", "interpolate", str(run), "--out", str(grid)]) == 2
+    assert "vae and dcgan" in _err(capsys)
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    (ckpt / "ema.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["image", "sample", str(run), "--n", "2", "--out", str(grid)]) == 2
+    assert "corrupted" in _err(capsys)
+
+
+@needs_data
+def test_api_sample_and_interpolate(tmp_path):
+    from aigckit import load_image_model
+
+    for family in ("vae", "dcgan"):
+        run = tmp_path / family
+        assert main(["image", "train", "--model", family, "--size", "tiny", "--out", str(run), "--steps", "2",
+                     "--batch-size", "8", "--grid-n", "4", "--quiet"]) == 0
+        m = load_image_model(run)
+        out = m.sample(5, seed=0)
+        assert out.tensor.shape == (5, 1, 28, 28) and len(out.images) == 5
+        assert (out.tensor == m.sample(5, seed=0).tensor).all()
+        assert m.interpolate(6, seed=1).tensor.shape == (6, 1, 28, 28)
+    assert main(["image", "interpolate", str(tmp_path / "vae"), "--steps", "4", "--rows", "2",
+                 "--out", str(tmp_path / "i.png")]) == 0
