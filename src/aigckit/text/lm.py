@@ -142,30 +142,37 @@ def _gguf_cache_key(path: Path) -> str:
 
 
 def _load_gguf_cached(path: Path):
-    """GGUF -> (config, model float32). Dequantised weights are cached as safetensors in the store."""
+    """GGUF -> (config, float32 model, tokenizer). The dequantised weights and the tokenizer are cached in the
+    store (safetensors + tokenizer.json), so the second load skips parsing and dequantising the GGUF."""
     from safetensors.torch import load_file, save_file
 
-    from aigckit.text.weights import load_gguf, load_into_model
+    from aigckit.text.tokenizer import Tokenizer
+    from aigckit.text.weights import load_gguf, load_into_model, open_gguf
 
     cdir = store.cache_dir(_gguf_cache_key(path))
-    if (cdir / "model.safetensors").exists() and (cdir / "config.json").exists():
+    files = ("model.safetensors", "config.json", "tokenizer.json", "aigc_tokenizer.json")
+    if all((cdir / f).exists() for f in files):
         cfg = LMConfig.load(cdir / "config.json")
-        return cfg, load_into_model(cfg, load_file(str(cdir / "model.safetensors")), torch.float32)
-    cfg, model = load_gguf(path)
+        model = load_into_model(cfg, load_file(str(cdir / "model.safetensors")), torch.float32)
+        return cfg, model, Tokenizer.load_cache(cdir)
+    reader = open_gguf(path)
+    cfg, model = load_gguf(path, reader=reader)
+    tok = Tokenizer.from_gguf(reader)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
           if not (cfg.tie_embeddings and k == "lm_head.weight")}
     cdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cdir.parent, prefix=".tmp-"))
-    try:
+    try:  # written to a temp dir and renamed: a crash never leaves half a cache
         save_file(sd, str(tmp / "model.safetensors"))
         cfg.save(tmp / "config.json")
+        tok.save_cache(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(path)}))
         if cdir.exists():
             shutil.rmtree(cdir)
         os.replace(tmp, cdir)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a read-only store still loads, just without the cache
-    return cfg, model
+    return cfg, model, tok
 
 
 def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", quantize: str | None = None,
@@ -191,8 +198,7 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
     t0 = time.perf_counter()
     res = store.resolve(model)
     if res.format == "gguf":
-        cfg, net = _load_gguf_cached(res.path)
-        tok = Tokenizer.from_gguf(res.path)
+        cfg, net, tok = _load_gguf_cached(res.path)
     else:
         cfg, net = load_hf(res.path)
         tok = Tokenizer.from_dir(res.path)

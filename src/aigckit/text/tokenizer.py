@@ -331,6 +331,29 @@ class Tokenizer:
                 eot.add(i)
         self.eos_token_ids: set[int] = eot
 
+    # ------------------------------------------------------------------------------------------- cache
+    def save_cache(self, path) -> None:
+        """Write this tokenizer (backend + every constructor field) so ``load_cache`` rebuilds it exactly;
+        used to skip re-reading a GGUF's vocabulary on the next load."""
+        path = Path(path)
+        self._tok.save(str(path / "tokenizer.json"))
+        meta = {
+            "special_tokens": self.special_tokens, "eos_token_ids": sorted(self.eos_token_ids),
+            "chat_template": self.chat_template, "vocab_size": self.vocab_size,
+            "clean_up_tokenization_spaces": self._clean_up, "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token, "source": self.source,
+            "special_ids": {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id,
+                            "pad_token": self.pad_token_id, "unk_token": self.unk_token_id},
+        }
+        (path / "aigc_tokenizer.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load_cache(cls, path) -> "Tokenizer":
+        path = Path(path)
+        meta = json.loads((path / "aigc_tokenizer.json").read_text())
+        backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+        return cls(backend, **meta)
+
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 

@@ -270,7 +270,7 @@ def gguf_tensor(t) -> Tensor:
 
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == Q.F32:
-        arr = np.asarray(t.data, dtype=np.float32)
+        arr = np.array(t.data, dtype=np.float32)  # copy: the reader memory-maps the file read-only
     elif t.tensor_type == Q.F16:
         arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
     else:
