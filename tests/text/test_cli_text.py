@@ -1,0 +1,101 @@
+"""`aigc text | chat | score | tokenize` on a tiny model: JSON shapes, stdin, streaming, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from aigckit.cli import main
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_text_json(capsys, tiny_llama_dir):
+    rc, out, _ = run(capsys, "text", "w5 w6 w7", "--model", tiny_llama_dir, "--json", "-t", "0",
+                     "--max-new-tokens", "6")
+    assert rc == 0
+    obj = json.loads(out)
+    assert set(obj) >= {"model", "text", "token_ids", "finish_reason", "usage", "timings"}
+    assert len(obj["token_ids"]) == 6 and obj["finish_reason"] == "length"
+    assert obj["usage"] == {"prompt_tokens": 3, "completion_tokens": 6}
+    assert set(obj["timings"]) == {"load_s", "prefill_tok_s", "decode_tok_s"}
+
+
+def test_text_beam_sequences_json(capsys, tiny_llama_dir):
+    rc, out, _ = run(capsys, "text", "w5 w6", "--model", tiny_llama_dir, "--json", "--num-beams", "3",
+                     "--num-return-sequences", "2", "--max-new-tokens", "4")
+    obj = json.loads(out)
+    assert rc == 0 and len(obj["sequences"]) == 2
+    assert obj["sequences"][0]["score"] >= obj["sequences"][1]["score"]
+    assert obj["text"] == obj["sequences"][0]["text"]
+
+
+def test_text_from_stdin_streams(capsys, monkeypatch, tiny_llama_dir):
+    monkeypatch.setattr("sys.stdin", io.StringIO("w5 w6 w7\n"))
+    rc, out, _ = run(capsys, "text", "--model", tiny_llama_dir, "-t", "0", "--max-new-tokens", "5")
+    assert rc == 0
+    want = json.loads(run(capsys, "text", "w5 w6 w7", "--model", tiny_llama_dir, "--json", "-t", "0",
+                          "--max-new-tokens", "5")[1])["text"]
+    assert out == want + "\n"
+
+
+def test_score_json(capsys, tiny_llama_dir):
+    rc, out, _ = run(capsys, "score", "w5 w6 w7 w8", "--model", tiny_llama_dir, "--json")
+    obj = json.loads(out)
+    assert rc == 0 and obj["n_tokens"] == 3 and obj["ppl"] > 1
+
+
+def test_tokenize_json(capsys, tiny_llama_dir):
+    rc, out, _ = run(capsys, "tokenize", "w5 w6", "--model", tiny_llama_dir, "--json")
+    assert rc == 0 and json.loads(out)["ids"] == [5, 6]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--top-p", "2"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--num-beams", "0"], "num_beams must be >= 1"),
+])
+def test_bad_parameters_exit_2_without_traceback(capsys, tiny_llama_dir, args, msg):
+    rc, out, err = run(capsys, "text", "w5", "--model", tiny_llama_dir, *args)
+    assert rc == 2 and out == ""
+    assert err.strip() == f"aigc: error: {err.strip()[len('aigc: error: '):]}" and msg in err
+    assert "Traceback" not in err
+
+
+def test_refuses_pickle_weights(capsys, tmp_path):
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"\x80\x04")
+    rc, _, err = run(capsys, "text", "hi", "--model", f)
+    assert rc == 2 and "safetensors" in err
+
+
+def test_corrupt_safetensors_is_one_line_error(capsys, tmp_path, tiny_llama_dir):
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, d)
+    (d / "model.safetensors").write_bytes(b"garbage" * 10)
+    rc, _, err = run(capsys, "text", "w5", "--model", d)
+    assert rc == 2 and "not a valid safetensors file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_one_shot_from_stdin(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    import shutil
+
+    d = tmp_path / "chatty"
+    shutil.copytree(tiny_llama_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+                            "{% if add_generation_prompt %}w3 {% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", io.StringIO("w9 w10"))
+    rc, out, _ = run(capsys, "chat", "--model", d, "--json", "-t", "0", "--max-new-tokens", "4",
+                     "--system", "w11")
+    obj = json.loads(out)
+    assert rc == 0 and obj["usage"]["prompt_tokens"] == 8 and len(obj["token_ids"]) == 4
