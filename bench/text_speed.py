@@ -1,0 +1,196 @@
+"""Text-generation speed, side by side in one run: aigckit vs transformers (and llama-cpp-python when installed).
+
+Rows: load-to-first-token (s), prefill tok/s (512-token prompt), decode tok/s at batch 1, beam search (5 beams)
+tok/s, aggregate tok/s for 16 prompts x 64 tokens, peak RSS (MB). Same GGUF file for every engine.
+
+    .venv/bin/python bench/text_speed.py                      # aigckit fp32 vs transformers fp32 (+ llama.cpp)
+    .venv/bin/python bench/text_speed.py --variants fp32,bf16,int8,int4 --json bench/text_speed.json
+
+Each engine runs in its own subprocess (clean peak-RSS numbers, no shared thread pools). Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_GGUF = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache/aigckit")) / \
+    "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+SEED_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
+             "including both the natural and social sciences. ")
+PROMPTS16 = [f"Write a short note number {i} about {t}:" for i, t in enumerate(
+    ["cats", "the sea", "winter", "coffee", "trains", "music", "bread", "stars", "rivers", "books",
+     "gardens", "bicycles", "rain", "mountains", "clocks", "letters"])]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def run_aigckit(gguf: str, variant: str, a) -> dict:
+    from aigckit.text.lm import load_lm
+
+    dtype = "bfloat16" if variant == "bf16" else "float32"
+    quant = variant if variant in ("int8", "int4") else None
+    t0 = time.perf_counter()
+    lm = load_lm(gguf, dtype=dtype, quantize=quant, threads=a.threads)
+    lm.generate("Hello", temperature=0, max_new_tokens=1)
+    load_ttft = time.perf_counter() - t0
+    ids512 = (lm.tokenizer.encode(SEED_TEXT * 40))[:512]
+
+    def gen(n, **kw):
+        t = time.perf_counter()
+        lm.generate(ids512[:32] if "prompt" not in kw else kw.pop("prompt"), temperature=0, max_new_tokens=n,
+                    ignore_eos=True, **kw)
+        return time.perf_counter() - t
+
+    res = {"engine": f"aigckit {variant}", "load_ttft_s": load_ttft}
+    t = time.perf_counter()
+    lm.generate(ids512, temperature=0, max_new_tokens=1, ignore_eos=True)
+    res["prefill_tok_s"] = 512 / (time.perf_counter() - t)
+    t1, tn = gen(1), gen(a.decode_tokens)
+    res["decode_tok_s"] = (a.decode_tokens - 1) / (tn - t1)
+    t = time.perf_counter()
+    lm.generate(ids512[:32], num_beams=5, max_new_tokens=a.beam_tokens, ignore_eos=True)
+    res["beam5_tok_s"] = a.beam_tokens / (time.perf_counter() - t)
+    t = time.perf_counter()
+    lm.generate_batch(PROMPTS16, temperature=0, max_new_tokens=64, ignore_eos=True)
+    res["batch16_tok_s"] = 16 * 64 / (time.perf_counter() - t)
+    res["peak_rss_mb"] = rss_mb()
+    return res
+
+
+def run_transformers(gguf: str, a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    p = Path(gguf)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, torch_dtype=torch.float32).eval()
+    x = tok("Hello", return_tensors="pt")
+    model.generate(**x, max_new_tokens=1, do_sample=False)
+    load_ttft = time.perf_counter() - t0
+    ids512 = tok(SEED_TEXT * 40, return_tensors="pt").input_ids[:, :512]
+
+    def gen(ids, n, **kw):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=tok.eos_token_id, **kw)
+        return time.perf_counter() - t
+
+    res = {"engine": "transformers fp32", "load_ttft_s": load_ttft}
+    res["prefill_tok_s"] = 512 / gen(ids512, 1)
+    t1, tn = gen(ids512[:, :32], 1), gen(ids512[:, :32], a.decode_tokens)
+    res["decode_tok_s"] = (a.decode_tokens - 1) / (tn - t1)
+    res["beam5_tok_s"] = a.beam_tokens / gen(ids512[:, :32], a.beam_tokens, num_beams=5)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(PROMPTS16, return_tensors="pt", padding=True)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
+    res["batch16_tok_s"] = 16 * 64 / (time.perf_counter() - t)
+    res["peak_rss_mb"] = rss_mb()
+    return res
+
+
+def run_llamacpp(gguf: str, a) -> dict:
+    from llama_cpp import Llama
+
+    threads = a.threads or os.cpu_count()
+    t0 = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    llm("Hello", max_tokens=1)
+    load_ttft = time.perf_counter() - t0
+    ids512 = llm.tokenize((SEED_TEXT * 40).encode())[:512]
+
+    def gen(ids, n):
+        llm.reset()
+        t = time.perf_counter()
+        count = 0
+        for _ in llm.generate(ids, temp=0.0, reset=True):
+            count += 1
+            if count >= n:
+                break
+        return time.perf_counter() - t
+
+    res = {"engine": "llama.cpp Q4_1", "load_ttft_s": load_ttft}
+    res["prefill_tok_s"] = 512 / gen(ids512, 1)
+    t1, tn = gen(ids512[:32], 1), gen(ids512[:32], a.decode_tokens)
+    res["decode_tok_s"] = (a.decode_tokens - 1) / (tn - t1)
+    res["beam5_tok_s"] = None
+    t = time.perf_counter()
+    for p in PROMPTS16:  # llama-cpp-python serves one sequence at a time
+        llm(p, max_tokens=64, temperature=0.0)
+    res["batch16_tok_s"] = 16 * 64 / (time.perf_counter() - t)
+    res["peak_rss_mb"] = rss_mb()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- driver
+COLS = [("load_ttft_s", "load->1st tok s"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
+        ("beam5_tok_s", "beam-5 tok/s"), ("batch16_tok_s", "16 prompts tok/s"), ("peak_rss_mb", "peak RSS MB")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=str(DEFAULT_GGUF))
+    ap.add_argument("--variants", default="fp32", help="aigckit variants: fp32,bf16,int8,int4")
+    ap.add_argument("--peers", default="transformers,llama-cpp")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--beam-tokens", type=int, default=32)
+    ap.add_argument("--json", default="bench/text_speed.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:  # child process: run one engine, print its JSON
+        kind, _, variant = a.one.partition(":")
+        fn = {"aigckit": lambda: run_aigckit(a.gguf, variant, a), "transformers": lambda: run_transformers(a.gguf, a),
+              "llama-cpp": lambda: run_llamacpp(a.gguf, a)}[kind]
+        print("RESULT " + json.dumps(fn()))
+        return
+    jobs = [f"aigckit:{v}" for v in a.variants.split(",") if v] + [p for p in a.peers.split(",") if p]
+    rows = []
+    for job in jobs:
+        if job == "llama-cpp":
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print("llama-cpp-python not installed: skipping its column", file=sys.stderr)
+                continue
+        cmd = [sys.executable, __file__, "--one", job, "--gguf", a.gguf, "--decode-tokens", str(a.decode_tokens),
+               "--beam-tokens", str(a.beam_tokens)] + (["--threads", str(a.threads)] if a.threads else [])
+        print(f"running {job} ...", file=sys.stderr)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            print(f"{job} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[0][7:]))
+    header = f"{'engine':<20}" + "".join(f"{h:>18}" for _, h in COLS)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cells = "".join(f"{r[k]:>18.1f}" if isinstance(r.get(k), (int, float)) else f"{'-':>18}" for k, _ in COLS)
+        print(f"{r['engine']:<20}{cells}")
+    meta = {"machine": os.uname().machine, "cpus": os.cpu_count(), "threads": a.threads,
+            "gguf": a.gguf, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {a.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
