@@ -192,9 +192,74 @@ def decode_step(model, cache: KVCache, tokens: Tensor, pos: int, start: Tensor |
     return model(tokens[:, None], torch.tensor([pos], device=dev), cache, start=start)[:, -1]
 
 
+class RowState:
+    """Everything one generated sequence needs between steps: its tokens, text decoder, stop matcher and budget.
+    Shared by the static batch loop below and by the continuous-batching scheduler."""
+
+    def __init__(self, row: int, prompt: list[int], params: GenerationParams, tokenizer, budget: int,
+                 vocab_size: int) -> None:
+        self.row, self.params, self.budget = row, params, budget
+        self.seq = list(prompt)
+        self.n_gen = 0
+        self.active = True
+        self.eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
+        self.decoder = tokenizer.stream_decoder(prompt)
+        self.stops = _StopMatcher(params.stop)
+        self.seen = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[prompt] = True
+
+    def process(self, scores: Tensor) -> Tensor:
+        """Logits processors for this row (``scores`` [V] float32)."""
+        p = self.params
+        if self.seen is not None:
+            scores = sampling.apply_repetition_penalty(scores, self.seen, p.repetition_penalty)
+        if p.no_repeat_ngram_size:
+            scores = sampling.apply_no_repeat_ngram(scores[None].clone(), [self.seq], p.no_repeat_ngram_size)[0]
+        return scores
+
+    def push(self, tok: int, lp: float | None) -> TokenEvent:
+        """Account for the sampled token; returns the event to emit (with finish_reason when the row ends)."""
+        if tok in self.eos:
+            self.active = False
+            return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), "stop")
+        self.seq.append(tok)
+        self.n_gen += 1
+        if self.seen is not None:
+            self.seen[tok] = True
+        text, hit = self.stops.feed(self.decoder.push(tok))
+        if hit:
+            self.active = False
+            return TokenEvent(self.row, tok, lp, text, "stop")
+        if self.n_gen >= self.budget:
+            self.active = False
+            tail, hit = self.stops.feed(self.decoder.flush())
+            return TokenEvent(self.row, tok, lp, text + tail + ("" if hit else self.stops.flush()),
+                              "stop" if hit else "length")
+        return TokenEvent(self.row, tok, lp, text)
+
+    def finish(self, reason: str) -> TokenEvent:
+        self.active = False
+        return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), reason)
+
+
+def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, generator: torch.Generator
+                ) -> tuple[list[int], list[float | None]]:
+    """Process and sample one token for each row of ``logits`` [len(rows), V] that share ``params``."""
+    scores = logits.float()
+    logp = torch.log_softmax(scores, dim=-1) if params.logprobs else None
+    if any(r.seen is not None or r.params.no_repeat_ngram_size for r in rows):
+        scores = torch.stack([r.process(scores[i]) for i, r in enumerate(rows)])
+    nxt = sampling.sample(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                          min_p=params.min_p, generator=generator).tolist()
+    lps = [float(logp[i, t]) if logp is not None else None for i, t in enumerate(nxt)]
+    return nxt, lps
+
+
 def stream_tokens(model, tokenizer, prompts: list[list[int]], params: GenerationParams,
                   stats: dict[str, float] | None = None) -> Iterator[TokenEvent]:
-    """Sample (or greedily decode) continuations for a batch of prompts; yields events as tokens arrive."""
+    """Sample (or greedily decode) continuations for a static batch of prompts; yields events as tokens arrive."""
     cfg = model.config
     B = len(prompts)
     if B == 0:
@@ -202,22 +267,11 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
     if any(len(p) == 0 for p in prompts):
         raise AigcError("empty prompt: give at least one token of text")
     budgets = [params.budget(len(p), cfg.block_size) for p in prompts]
-    eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     gen = make_generator(params.seed)
     dtype = next(model.parameters()).dtype
-    L = max(len(p) for p in prompts)
-    cache = KVCache.for_model(cfg, B, L + max(budgets), dtype)
+    cache = KVCache.for_model(cfg, B, max(len(p) for p in prompts) + max(budgets), dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = [list(p) for p in prompts]
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            seen[i, p] = True
-    decoders = [tokenizer.stream_decoder(p) for p in prompts]
-    stops = [_StopMatcher(params.stop) for _ in range(B)]
-    active = [True] * B
-    n_gen = [0] * B
+    rows = [RowState(i, p, params, tokenizer, budgets[i], cfg.vocab_size) for i, p in enumerate(prompts)]
 
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -226,42 +280,14 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
         start_arg = start if bool(start.any()) else None
         steps = 0
         while True:
-            scores = logits.float()
-            logp = torch.log_softmax(scores, dim=-1) if params.logprobs else None
-            if seen is not None:
-                scores = sampling.apply_repetition_penalty(scores, seen, params.repetition_penalty)
-            if params.no_repeat_ngram_size:
-                scores = sampling.apply_no_repeat_ngram(scores.clone(), seqs, params.no_repeat_ngram_size)
-            nxt = sampling.sample(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                  min_p=params.min_p, generator=gen)
-            ids = nxt.tolist()
+            ids, lps = sample_rows(logits, rows, params, gen)
             steps += 1
-            for i in range(B):
-                if not active[i]:
-                    continue
-                tok = ids[i]
-                lp = float(logp[i, tok]) if logp is not None else None
-                if tok in eos:
-                    active[i] = False
-                    yield TokenEvent(i, None, None, stops[i].flush() + decoders[i].flush(), "stop")
-                    continue
-                seqs[i].append(tok)
-                n_gen[i] += 1
-                if seen is not None:
-                    seen[i, tok] = True
-                text, hit = stops[i].feed(decoders[i].push(tok))
-                if hit:
-                    active[i] = False
-                    yield TokenEvent(i, tok, lp, text, "stop")
-                elif n_gen[i] >= budgets[i]:
-                    active[i] = False
-                    yield TokenEvent(i, tok, lp, text + stops[i].feed(decoders[i].flush())[0] + stops[i].flush(),
-                                     "length")
-                else:
-                    yield TokenEvent(i, tok, lp, text)
-            if not any(active):
+            for r in rows:
+                if r.active:
+                    yield r.push(ids[r.row], lps[r.row])
+            if not any(r.active for r in rows):
                 break
-            logits = decode_step(model, cache, nxt, L + steps - 1, start_arg)
+            logits = decode_step(model, cache, torch.tensor(ids), L + steps - 1, start_arg)
         t2 = time.perf_counter()
     if stats is not None:
         stats["prefill_s"] = t1 - t0

@@ -1,0 +1,252 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One worker thread owns the model and a KV cache of ``max_batch`` slots. Each step it admits waiting requests into
+free slots (prefilling them one by one), then runs ONE batched decode step for every active sequence, samples each
+request with its own parameters and private RNG, and hands the tokens to the requests' queues. Active slots are kept
+compact (0..A-1): when a sequence in the middle ends, the last one moves into its slot, so the decode step reads a
+contiguous cache prefix without gathering.
+
+    sched = Scheduler(lm, max_batch=16)
+    for ev in sched.submit(lm.encode("Hello"), GenerationParams(max_new_tokens=20)):
+        print(ev.text, end="")
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from aigckit.errors import AigcError
+from aigckit.text.engine import GenerationParams, RowState, TokenEvent, make_generator, sample_rows
+from aigckit.text.kvcache import KVCache
+
+
+class QueueFull(AigcError):
+    """The scheduler's waiting queue is full (HTTP 429)."""
+
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    params: GenerationParams
+    budget: int
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    rows: list[RowState] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # current cache slot of each row
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+
+
+class RequestHandle:
+    """Iterate to receive ``TokenEvent``s (``row`` = index among the request's sequences); ``cancel()`` to stop."""
+
+    def __init__(self, req: _Request) -> None:
+        self._req = req
+
+    def __iter__(self):
+        while True:
+            item = self._req.out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self._req.cancelled.set()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self._req.first_token_s
+
+
+class Scheduler:
+    def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise AigcError("max_batch must be >= 1 and max_queue >= 0")
+        self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
+        cfg = self.model.config
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_seq_len = min(cfg.block_size, max_seq_len or 2048)
+        dtype = next(self.model.parameters()).dtype
+        self.cache = KVCache.for_model(cfg, max_batch, self.max_seq_len, dtype)
+        self.pos = [0] * max_batch  # next write position of each slot
+        self.slot_row: list[tuple[_Request, int] | None] = [None] * max_batch
+        self.waiting: deque[_Request] = deque()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.steps = 0
+        self.tokens_generated = 0
+        self.thread = threading.Thread(target=self._loop, name="aigc-scheduler", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------------------------------ public
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.slot_row if s is not None)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt: list[int], params: GenerationParams) -> RequestHandle:
+        params.validate()
+        if params.num_beams > 1:
+            raise AigcError("the batching scheduler does not run beam search; call LM.generate for beams")
+        if not prompt:
+            raise AigcError("empty prompt: give at least one token of text")
+        if params.num_return_sequences > self.max_batch:
+            raise AigcError(f"n must be <= {self.max_batch} on this server")
+        budget = params.budget(len(prompt), self.max_seq_len)
+        req = _Request(list(prompt), params, budget, generator=make_generator(params.seed))
+        with self.lock:
+            if self.closed:
+                raise AigcError("the scheduler is closed")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"server busy: {len(self.waiting)} requests waiting (limit {self.max_queue})")
+            self.waiting.append(req)
+            self.lock.notify()
+        return RequestHandle(req)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.waiting and self.active == 0:
+                    self.lock.wait()
+                if self.closed:
+                    break
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # a bug must not hang clients: fail every live request with the error
+                self._fail_all(e)
+        self._fail_all(AigcError("the scheduler was closed"))
+
+    def _free_slots(self) -> int:
+        return self.max_batch - self.active
+
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting or self.waiting[0].params.num_return_sequences > self._free_slots():
+                    return
+                req = self.waiting.popleft()
+            if req.cancelled.is_set():
+                req.out.put(_DONE)
+                continue
+            self._prefill(req)
+
+    def _prefill(self, req: _Request) -> None:
+        n = req.params.num_return_sequences
+        first = self.active
+        slots = list(range(first, first + n))
+        L = len(req.prompt)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([req.prompt]), torch.arange(L), self.cache,
+                                rows=torch.tensor([slots[0]]), last_only=True)[:, -1]
+            for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
+                for k, v in zip(self.cache.k, self.cache.v):
+                    k[s, :, :L] = k[slots[0], :, :L]
+                    v[s, :, :L] = v[slots[0], :, :L]
+        vocab = self.model.config.vocab_size
+        req.rows = [RowState(i, req.prompt, req.params, self.tokenizer, req.budget, vocab) for i in range(n)]
+        req.slots = slots
+        for i, s in enumerate(slots):
+            self.slot_row[s] = (req, i)
+            self.pos[s] = L
+        self._emit(req, logits.expand(n, -1))
+
+    def _step(self) -> None:
+        A = self.active
+        if A == 0:
+            return
+        tokens = torch.empty(A, 1, dtype=torch.long)
+        pos = torch.empty(A, 1, dtype=torch.long)
+        for s in range(A):
+            req, i = self.slot_row[s]
+            tokens[s, 0] = req.rows[i].seq[-1]
+            pos[s, 0] = self.pos[s]
+        with torch.inference_mode():
+            logits = self.model(tokens, pos, self.cache)[:, -1]
+        self.steps += 1
+        for s in range(A):
+            self.pos[s] += 1
+        # group slots by request before emitting: releasing finished rows moves slots around
+        groups: dict[_Request, list[tuple[int, int]]] = {}
+        for s in range(A):
+            req, i = self.slot_row[s]
+            groups.setdefault(req, []).append((i, s))
+        for req, pairs in groups.items():
+            pairs.sort()
+            self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
+
+    def _emit(self, req: _Request, logits: torch.Tensor, only: list[int] | None = None) -> None:
+        """Sample the next token for the request's active rows, publish events, release finished rows."""
+        idx = only if only is not None else [i for i, r in enumerate(req.rows) if r.active]
+        rows = [req.rows[i] for i in idx]
+        if req.cancelled.is_set():
+            for r in rows:
+                req.out.put(r.finish("cancelled"))
+                self._release(req, r.row)
+            req.out.put(_DONE)
+            return
+        ids, lps = sample_rows(logits, rows, req.params, req.generator)
+        if req.first_token_s is None:
+            req.first_token_s = time.perf_counter() - req.submitted
+        for r, tok, lp in zip(rows, ids, lps):
+            ev = r.push(tok, lp)
+            self.tokens_generated += ev.token_id is not None
+            req.out.put(ev)
+            if not r.active:
+                self._release(req, r.row)
+        if not any(r.active for r in req.rows):
+            req.out.put(_DONE)
+
+    def _release(self, req: _Request, row: int) -> None:
+        """Free the slot of ``row``; move the last active slot into it to keep slots 0..A-1 compact."""
+        s = req.slots[row]
+        last = self.active - 1
+        if s != last:
+            other, orow = self.slot_row[last]
+            n = self.pos[last]
+            for k, v in zip(self.cache.k, self.cache.v):
+                k[s, :, :n] = k[last, :, :n]
+                v[s, :, :n] = v[last, :, :n]
+            self.slot_row[s], self.pos[s] = (other, orow), n
+            other.slots[orow] = s
+        self.slot_row[last] = None
+        self.pos[last] = 0
+
+    def _fail_all(self, err: Exception) -> None:
+        seen = set()
+        for s in range(self.max_batch):
+            if self.slot_row[s] is not None:
+                req = self.slot_row[s][0]
+                if req not in seen:
+                    seen.add(req)
+                    req.out.put(err if isinstance(err, AigcError) else AigcError(f"generation failed: {err}"))
+                    req.out.put(_DONE)
+                self.slot_row[s] = None
+                self.pos[s] = 0
+        with self.lock:
+            while self.waiting:
+                req = self.waiting.popleft()
+                req.out.put(err if isinstance(err, AigcError) else AigcError(f"generation failed: {err}"))
+                req.out.put(_DONE)
