@@ -1,0 +1,174 @@
+"""What a server serves: ``--model`` specs -> loaded text, embedding and image models, each under a plain id.
+
+Requests name models by id only; ids are looked up in a dict, never resolved as paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aigckit.errors import AigcError
+from aigckit.serve.schemas import MODEL_ID_PATTERN
+
+log = logging.getLogger("aigckit.serve")
+
+Kind = Literal["text", "embedding", "image"]
+_KIND_PREFIX = {"text": "text", "lm": "text", "embed": "embedding", "embedding": "embedding", "image": "image"}
+_ID_RE = re.compile(MODEL_ID_PATTERN)
+
+
+@dataclass
+class Served:
+    id: str
+    kind: Kind
+    spec: str = ""
+    obj: Any = None  # LM | Embedder | ImageModel
+    worker: Any = None  # TextWorker for text models
+    created: int = field(default_factory=lambda: int(time.time()))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # embeddings/images: one computation at a time
+    waiting: int = 0
+
+    def card(self) -> dict:
+        d: dict[str, Any] = {"id": self.id, "object": "model", "created": self.created, "owned_by": "aigckit",
+                             "kind": self.kind}
+        o = self.obj
+        if o is None:
+            d["ready"] = False
+            return d
+        if self.kind == "text":
+            d.update(context_length=o.config.block_size, chat=o.tokenizer.chat_template is not None)
+        elif self.kind == "embedding":
+            d.update(dimensions=o.dim, max_input_tokens=o.max_seq_length)
+        else:
+            res = o.model.cfg.resolution
+            d.update(family=o.family, size=f"{res}x{res}", classes=o.class_names or
+                     [str(i) for i in range(o.num_classes)], conditional=o.conditional,
+                     timesteps=getattr(o.model.cfg, "timesteps", None))
+        return d
+
+
+def _looks_like_image_run(p: Path) -> bool:
+    if (p / "checkpoints").is_dir():
+        return True
+    cfg = p / "config.json"
+    if cfg.is_file() and (p / "model.safetensors").is_file():
+        try:
+            return "family" in json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+    return False
+
+
+def detect(spec: str) -> tuple[str, Kind, str]:
+    """``[ID=][KIND:]SPEC`` -> (id, kind, spec). KIND is text, embed or image; guessed from the files if absent."""
+    from aigckit import store
+
+    alias = None
+    m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._:+@-]*)=(.+)$", spec)
+    if m:
+        alias, spec = m.group(1), m.group(2)
+    if spec.startswith("openai:"):
+        raise AigcError(f"{spec}: remote models cannot be served; serve a local model")
+    kind: Kind | None = None
+    head, sep, rest = spec.partition(":")
+    if sep and head in _KIND_PREFIX:
+        kind, spec = _KIND_PREFIX[head], rest  # type: ignore[assignment]
+    p = Path(spec).expanduser()
+    if kind is None:
+        if p.is_dir() and _looks_like_image_run(p):
+            kind = "image"
+        elif spec in store.REGISTRY:
+            kind = {"lm": "text", "embed": "embedding", "image": "image"}[store.REGISTRY[spec].kind]
+        else:
+            r = store.resolve(spec)
+            kind = "text"
+            if r.format == "hf":
+                try:
+                    mt = json.loads((Path(r.path) / "config.json").read_text()).get("model_type")
+                except (OSError, json.JSONDecodeError):
+                    mt = None
+                if mt == "bert":
+                    kind = "embedding"
+    if alias is None:
+        alias = p.name if (p.exists() or spec.startswith((".", "/", "~"))) else spec
+        if alias.endswith(".gguf"):
+            alias = alias[:-5]
+    if not _ID_RE.match(alias):
+        raise AigcError(f"model id {alias!r} is not a valid id; name it with ID=SPEC (letters, digits, . _ : + @ -)")
+    return alias, kind, spec
+
+
+class Registry:
+    """The served models. ``load()`` loads them all (the server answers 503 until it is done)."""
+
+    def __init__(self, specs: list[str] | None = None, *, dtype: str = "float32", quantize: str | None = None,
+                 max_batch: int = 16, max_queue: int = 64) -> None:
+        self.models: dict[str, Served] = {}
+        self.dtype, self.quantize, self.max_batch, self.max_queue = dtype, quantize, max_batch, max_queue
+        self.state: Literal["loading", "ready", "failed"] = "loading"
+        self.error: str | None = None
+        for s in specs or []:
+            mid, kind, spec = detect(s)
+            self._add(Served(mid, kind, spec))
+
+    def _add(self, sm: Served) -> None:
+        if sm.id in self.models:
+            raise AigcError(f"model id {sm.id!r} given twice; name one with ID=SPEC")
+        self.models[sm.id] = sm
+
+    @classmethod
+    def from_objects(cls, *, text: dict | None = None, embedding: dict | None = None, image: dict | None = None,
+                     max_batch: int = 16, max_queue: int = 64) -> Registry:
+        """Serve already-loaded models (tests, notebooks)."""
+        from aigckit.serve.worker import TextWorker
+
+        r = cls(max_batch=max_batch, max_queue=max_queue)
+        for kind, objs in (("text", text), ("embedding", embedding), ("image", image)):
+            for mid, obj in (objs or {}).items():
+                if not _ID_RE.match(mid):
+                    raise AigcError(f"model id {mid!r} is not a valid id")
+                sm = Served(mid, kind, obj=obj)  # type: ignore[arg-type]
+                if kind == "text":
+                    sm.worker = TextWorker(obj, max_batch=max_batch, max_queue=max_queue)
+                r._add(sm)
+        r.state = "ready"
+        return r
+
+    def load(self) -> None:
+        from aigckit.serve.worker import TextWorker
+
+        try:
+            for sm in self.models.values():
+                if sm.obj is not None:
+                    continue
+                t0 = time.perf_counter()
+                if sm.kind == "text":
+                    from aigckit.text.lm import load_lm
+
+                    sm.obj = load_lm(sm.spec, dtype=self.dtype, quantize=self.quantize)
+                    sm.worker = TextWorker(sm.obj, max_batch=self.max_batch, max_queue=self.max_queue)
+                elif sm.kind == "embedding":
+                    from aigckit.embed import load_embedder
+
+                    sm.obj = load_embedder(sm.spec)
+                else:
+                    from aigckit.image.api import load_image_model
+
+                    sm.obj = load_image_model(sm.spec)
+                log.info("loaded %s (%s) in %.1fs", sm.id, sm.kind, time.perf_counter() - t0)
+            self.state = "ready"
+        except Exception as e:  # reported by /health and the CLI
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            raise
+
+    def close(self) -> None:
+        for sm in self.models.values():
+            if sm.worker is not None:
+                sm.worker.close()
