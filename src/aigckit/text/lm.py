@@ -207,7 +207,12 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
     if quantize is not None:
         from aigckit.text import quant
 
-        quant.quantize_model(net, quantize)
+        if threads is not None:
+            quant.set_num_threads(threads)
+        if quantize == "int4":
+            # the output head keeps 8 bits: a 4-bit head costs SmolLM2 ~7% perplexity, 4-bit blocks ~0%
+            quant.quantize_model(net, "int4", skip=lambda name, _: name == "lm_head")
+        quant.quantize_model(net, "int8")
     net.requires_grad_(False)
     return LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
               source=str(res.path))
