@@ -68,12 +68,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("hf"), GPT2LMHeadModel(cfg).eval(), "tiny-gpt2")
 
 
-def hf_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-
-
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     if not SMOLLM_GGUF.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model
+from lmutil import hf_model
 
 from aigckit.errors import AigcError
 from aigckit.text.lm import load_lm

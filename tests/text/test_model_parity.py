@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model
+from lmutil import hf_model
 
 from aigckit.text.kvcache import KVCache
 from aigckit.text.weights import load_hf
