@@ -401,7 +401,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        params.budget(len(ids), lm.config.block_size)  # raises when the prompt leaves no room
+        ctx = lm.config.block_size if params.num_beams > 1 else sm.worker.context
+        params.budget(len(ids), ctx)  # raises when the prompt leaves no room
 
     async def run_rows(sm: Served, ids: list[int], params) -> tuple[list[_Row], float | None]:
         """Non-streaming generation of params.num_return_sequences rows for one prompt."""

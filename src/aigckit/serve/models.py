@@ -43,7 +43,8 @@ class Served:
             d["ready"] = False
             return d
         if self.kind == "text":
-            d.update(context_length=o.config.block_size, chat=o.tokenizer.chat_template is not None)
+            d.update(context_length=self.worker.context if self.worker else o.config.block_size,
+                     chat=o.tokenizer.chat_template is not None)
         elif self.kind == "embedding":
             d.update(dimensions=o.dim, max_input_tokens=o.max_seq_length)
         else:

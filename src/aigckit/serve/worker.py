@@ -155,6 +155,11 @@ class TextWorker:
     def active(self) -> int:
         return self.scheduler.active
 
+    @property
+    def context(self) -> int:
+        """Prompt + generated tokens one request may use (the scheduler's cache may be shorter than the model's)."""
+        return getattr(self.scheduler, "max_seq_len", self.lm.config.block_size)
+
     def stream(self, prompt_ids: list[int], params: GenerationParams) -> _Rows:
         """Start decoding; one scheduler request per returned sequence (seed, seed+1, ... when seeded)."""
         n = params.num_return_sequences
