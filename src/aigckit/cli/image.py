@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resolution", type=int, help="image size (default: the data's)")
     t.add_argument("--channels", type=int, choices=[1, 3], help="1 = grayscale, 3 = RGB (default: the data's)")
     t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every K steps")
+    t.add_argument("--ckpt-every", type=int, default=250, help="checkpoint every K steps")
     t.add_argument("--sample-every", type=int, default=1000, help="sample grid + curves every K steps")
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--grid-n", type=int, default=64)

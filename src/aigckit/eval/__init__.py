@@ -1,0 +1,1 @@
+"""Evaluation: the Fashion-MNIST feature classifier, classifier-FID/KID, and run evaluation."""

@@ -50,7 +50,7 @@ class TrainArgs:
     resolution: int | None = None  # None: the family preset's (28 for Fashion-MNIST)
     channels: int | None = None  # None: the data's
     ema_decay: float = 0.999
-    ckpt_every: int = 500
+    ckpt_every: int = 250
     sample_every: int = 1000
     log_every: int = 50
     grid_n: int = 64  # images in the periodic sample grids
@@ -160,7 +160,7 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", unit="step", disable=not progress,
                dynamic_ncols=True)
     sums: dict[str, float] = {}
-    t_log, n_log, k_log = time.perf_counter(), 0, 0
+    dt_log, n_log, k_log = 0.0, 0, 0  # training seconds, images and steps since the last log row
     last_saved = step if ckpt is not None else -1
     try:
         while True:
@@ -181,30 +181,28 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
             update_ema(ema, model, args.ema_decay)
             step += 1
             images_seen += x.shape[0]
-            train_time += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            train_time += dt
+            dt_log += dt
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_log += x.shape[0]
             k_log += 1
             bar.update(1)
             if step % args.log_every == 0:
-                dt = time.perf_counter() - t_log
                 row = {"step": step, "epoch": round(step / per_epoch, 3), "images": images_seen,
-                       "time": round(train_time, 2), "images_per_s": round(n_log / max(dt, 1e-9), 2),
+                       "time": round(train_time, 2), "images_per_s": round(n_log / max(dt_log, 1e-9), 2),
                        **{k: v / k_log for k, v in sums.items()}}
                 append_metrics(run, row)
                 bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
                                  **{k: f"{v / k_log:.4g}" for k, v in sums.items()}})
-                sums, n_log, k_log = {}, 0, 0
-            paused = time.perf_counter()
+                sums, dt_log, n_log, k_log = {}, 0.0, 0, 0
             if step % args.ckpt_every == 0:
                 save()
                 last_saved = step
             if step % args.sample_every == 0:
                 grid()
                 plot_curves(run)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step % args.sample_every == 0:
-                t_log += time.perf_counter() - paused  # images/s counts training, not saving or sampling
     except KeyboardInterrupt:
         bar.close()
         if step != last_saved:
