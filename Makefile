@@ -24,7 +24,7 @@ models: install
 
 demo: install
 	@$(AIGC) pull smollm2-135m-instruct --quiet
-	@$(AIGC) text "Write a haiku about a cat sitting by the window." --max-new-tokens 64 --temperature 0.7 --seed 0
+	@echo "Write a short poem about a cat sitting by the window." | $(AIGC) chat --max-new-tokens 96 --temperature 0.7 --seed 0
 
 test: models
 	@$(VPY) -m pytest -q $(PYTEST_ARGS)

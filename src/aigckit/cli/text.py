@@ -153,11 +153,14 @@ def _chat(args) -> int:
         if not user:
             raise AigcError("empty message on stdin")
         lm = _load(args)
-        res = lm.chat(history + [{"role": "user", "content": user}], **params)
+        messages = history + [{"role": "user", "content": user}]
         if args.json:
-            print(json.dumps(_result_json(lm, res), ensure_ascii=False))
-        else:
-            print(res.text)
+            print(json.dumps(_result_json(lm, lm.chat(messages, **params)), ensure_ascii=False))
+            return 0
+        for delta in lm.chat_stream(messages, **params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         return 0
     lm = _load(args)
     print(f"chatting with {lm.name} - /exit to leave, /reset to clear the history", file=sys.stderr)
