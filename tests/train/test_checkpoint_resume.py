@@ -9,6 +9,16 @@ from aigckit.errors import CorruptFileError
 from aigckit.train import checkpoint as ck
 from aigckit.train.loop import TrainArgs, train
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, oversubscribed OpenMP threads make these tests 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed")
 
@@ -80,3 +90,30 @@ def test_corrupted_weights_are_detected(tmp_path):
     ck.save_checkpoint(tmp_path, step=2, config={}, model=torch.nn.Linear(3, 3))
     with pytest.raises(CorruptFileError, match="shape"):
         ck.load_weights(model, ck.latest_checkpoint(tmp_path) / "model.safetensors")
+
+
+@needs_data
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "aigckit", "image", "train", "--model", "vae", "--size", "tiny", "--out", str(run),
+           "--steps", "100000", "--batch-size", "8", "--ckpt-every", "3", "--sample-every", "100000", "--quiet",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(ck.list_checkpoints(run)) < 2:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    last = ck.list_checkpoints(run)[-1]
+    step = int(last.name.split("-")[1])
+    assert step >= 6
+    out = train(TrainArgs(model="vae", out=str(run), steps=step + 2), resume=True, progress=False)
+    assert out.name == f"step-{step + 2:09d}"

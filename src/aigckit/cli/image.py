@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--grid-n", type=int, default=64)
     t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: CPU autocast")
     t.add_argument("--schedule", default="cosine", help="ddpm noise schedule: linear | cosine")
     t.add_argument("--prediction", default="eps", help="ddpm target: eps | v")
     t.add_argument("--timesteps", type=int, default=1000, help="ddpm T")
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--nrow", type=int)
     s.add_argument("--weights", default="ema", choices=["ema", "model"])
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
     s.set_defaults(func=_sample)
 
     i = isub.add_parser("interpolate", help="walk the latent space of a vae or dcgan run")
@@ -74,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--guidance", type=float)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
     e.set_defaults(func=_eval)
 
     c = isub.add_parser("train-classifier", help="train the Fashion-MNIST classifier used by eval (deterministic)")
@@ -94,7 +97,7 @@ def _train(a) -> int:
                      resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,
                      sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                      schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
-                     label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim)
+                     label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype)
     final = train(args, resume=a.resume, progress=not a.quiet)
     print(final)
     return 0
@@ -108,7 +111,7 @@ def _sample(a) -> int:
     if cls is not None and cls.lstrip("-").isdigit():
         cls = int(cls)
     out = m.sample(a.n, classes=cls, seed=a.seed, sampler=a.sampler, steps=a.steps, eta=a.eta,
-                   guidance=a.guidance, progress=sys.stderr.isatty())
+                   guidance=a.guidance, progress=sys.stderr.isatty(), dtype=a.dtype)
     paths = out.save(a.out, per_image=a.per_image, nrow=a.nrow)
     print(a.out if not a.per_image else f"{len(paths)} images in {a.out}")
     return 0
@@ -131,7 +134,7 @@ def _eval(a) -> int:
     from aigckit.eval.evaluate import evaluate_run, format_report
 
     rep = evaluate_run(a.run, n=a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=a.guidance, seed=a.seed,
-                       progress=not a.json)
+                       progress=not a.json, dtype=a.dtype)
     print(json.dumps(rep, indent=2) if a.json else format_report(rep))
     return 0
 

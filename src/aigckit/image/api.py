@@ -107,7 +107,7 @@ class ImageModel:
 
     def sample(self, n: int = 16, *, classes=None, seed: int | None = None, sampler: str = "ddim",
                steps: int | None = 50, eta: float = 0.0, guidance: float | None = None, batch_size: int = 250,
-               progress: bool = False) -> SampleResult:
+               progress: bool = False, dtype: str = "float32") -> SampleResult:
         if not 1 <= n <= MAX_SAMPLES:
             raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}")
         if seed is None:
@@ -128,13 +128,14 @@ class ImageModel:
                 if self.family == "ddpm":
                     outs.append(diffusion_sample(self.model, b, labels=y, guidance=guidance, sampler=sampler,
                                                  steps=steps if sampler == "ddim" else None, eta=eta,
-                                                 generator=gen, progress=progress and n <= batch_size))
+                                                 generator=gen, progress=progress and n <= batch_size,
+                                                 dtype=dtype))
                 else:
                     outs.append(self.model.sample(b, y, generator=gen))
         params = {"model": self.family, "run": str(self.checkpoint), "seed": seed, "n": n}
         if self.family == "ddpm":
             params.update(sampler=sampler, steps=self.model.cfg.timesteps if sampler == "ddpm" else (steps or 50),
-                          eta=eta, guidance=guidance)
+                          eta=eta, guidance=guidance, dtype=dtype)
         if labels is not None:
             params["classes"] = sorted({self.class_names[i] if self.class_names else str(i) for i in labels.tolist()})
         return SampleResult(torch.cat(outs), labels, params)

@@ -209,15 +209,24 @@ class DiffusionModel(nn.Module):
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None, guidance: float = 1.0,
            sampler: Literal["ddpm", "ddim"] = "ddim", steps: int | None = None, eta: float = 0.0,
-           generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+           generator: torch.Generator | None = None, progress: bool = False,
+           dtype: str = "float32") -> torch.Tensor:
     """Draw n images in [-1, 1] starting from x_T ~ N(0, I).
 
     Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂(x_t, ∅) + w·(ε̂(x_t, y) - ε̂(x_t, ∅)) with w = ``guidance``;
     w = 1 is the plain conditional model, w = 0 the unconditional one.
+    ``dtype="bfloat16"`` runs the network under CPU autocast; the sampler arithmetic stays float32.
     """
     from tqdm import tqdm
 
     cfg, sch = model.cfg, model.schedule
+    if dtype not in ("float32", "bfloat16"):
+        raise AigcError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+    def net(x_in, t_in, y_in):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            return model(x_in, t_in, y_in).float()
+
     if labels is not None and not cfg.num_classes:
         raise AigcError("this diffusion model is unconditional; it cannot sample a class")
     if sampler == "ddpm":
@@ -234,11 +243,11 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     for i, t in enumerate(tqdm(ts, desc=sampler, leave=False, disable=not progress)):
         tt = torch.full((n,), t, dtype=torch.long)
         if guided:
-            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+            out = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
             eps_c, eps_u = to_eps(sch, torch.cat([x, x]), out, t, cfg.prediction).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
-            eps = to_eps(sch, x, model(x, tt, labels if labels is not None else null), t, cfg.prediction)
+            eps = to_eps(sch, x, net(x, tt, labels if labels is not None else null), t, cfg.prediction)
         if sampler == "ddpm":
             x = ddpm_step(x, eps, t, schedule=sch, generator=generator)
         else:

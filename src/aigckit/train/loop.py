@@ -55,6 +55,7 @@ class TrainArgs:
     log_every: int = 50
     grid_n: int = 64  # images in the periodic sample grids
     threads: int | None = None
+    dtype: str = "float32"  # float32 | bfloat16 (CPU autocast: ~1.5x faster on CPUs with AVX512-BF16/AMX)
     # family options (ignored by families that do not use them)
     schedule: str = "cosine"  # ddpm
     prediction: str = "eps"  # ddpm
@@ -77,6 +78,8 @@ class TrainArgs:
             raise AigcError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise AigcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise AigcError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         for k in ("ckpt_every", "sample_every", "log_every"):
             if getattr(self, k) < 1:
                 raise AigcError(f"{k} must be >= 1")
@@ -177,8 +180,9 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
             idx = order[step % per_epoch]
             x = to_float(X[idx])
             y = Y[idx] if args.conditional else None
-            losses = trainer.step(model, opts, x, y, gen)
-            update_ema(ema, model, args.ema_decay)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                losses = trainer.step(model, opts, x, y, gen)
+            update_ema(ema, model, args.ema_decay, step)
             step += 1
             images_seen += x.shape[0]
             dt = time.perf_counter() - t0
