@@ -54,3 +54,20 @@ def test_left_padding_matches_unpadded(tiny_llama_dir):
     torch.testing.assert_close(step[0, 0], ref_a[0, 9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step[1, 0], ref_b[0, 5], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_onednn_kernels_match_torch_linears(fixture, request):
+    from aigckit.text import fastpath
+    from aigckit.text.lm import load_lm
+
+    if not fastpath.available():
+        pytest.skip("oneDNN not available in this torch build")
+    path = request.getfixturevalue(fixture)
+    fast, plain = load_lm(str(path)), load_lm(str(path), kernels="torch")
+    assert fast.kernels == "onednn" and plain.kernels == "torch"
+    tokens = torch.randint(3, fast.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.model(tokens), plain.model(tokens), atol=1e-5, rtol=1e-5)
+    assert fast.generate([5, 6, 7], temperature=0, max_new_tokens=12).token_ids == \
+        plain.generate([5, 6, 7], temperature=0, max_new_tokens=12).token_ids

@@ -17,6 +17,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
     g.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of linears")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--kernels", choices=["auto", "torch"], default="auto",
+                   help="auto: oneDNN prepacked float32 linears where available; torch: plain nn.Linear")
     g.add_argument("--base-url", default=None, help="API base URL for openai:NAME models")
 
 
@@ -88,7 +90,8 @@ def _read_arg_or_stdin(value: str | None, what: str) -> str:
 def _load(args):
     from aigckit.text.lm import load_lm
 
-    return load_lm(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads, base_url=args.base_url)
+    return load_lm(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
+                   kernels=args.kernels, base_url=args.base_url)
 
 
 def _params(args) -> dict:

@@ -41,6 +41,7 @@ class LM:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config: LMConfig = model.config
         self.dtype, self.quantize, self.load_s, self.source = dtype, quantize, load_s, source
+        self.kernels = "torch"
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.config.arch}, dtype={self.dtype}, quantize={self.quantize})"
@@ -49,7 +50,7 @@ class LM:
     def run_config(self) -> dict[str, Any]:
         """What was asked for, recorded (never guessed from file names)."""
         return {"model": self.name, "source": self.source, "dtype": self.dtype, "quantize": self.quantize,
-                "arch": self.config.arch, "context": self.config.block_size}
+                "kernels": self.kernels, "arch": self.config.arch, "context": self.config.block_size}
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, text: str) -> list[int]:
@@ -176,10 +177,13 @@ def _load_gguf_cached(path: Path):
 
 
 def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", quantize: str | None = None,
-            threads: int | None = None, base_url: str | None = None, api_key: str | None = None):
+            threads: int | None = None, kernels: str = "auto", base_url: str | None = None,
+            api_key: str | None = None):
     """Load a language model by store name, .gguf path, HF directory, or cached HF hub id.
 
-    ``openai:NAME`` returns a remote model (OpenAI-compatible API) with the same interface."""
+    ``kernels``: "auto" uses oneDNN prepacked float32 linears where available (same arithmetic, faster for 1-16
+    rows), "torch" keeps plain ``nn.Linear``. ``openai:NAME`` returns a remote model (OpenAI-compatible API) with
+    the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
 
@@ -188,6 +192,8 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
         raise AigcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize not in (None, "int8", "int4"):
         raise AigcError(f"quantize must be int8 or int4, got {quantize!r}")
+    if kernels not in ("auto", "torch"):
+        raise AigcError(f"kernels must be 'auto' or 'torch', got {kernels!r}")
     if threads is not None:
         if threads < 1:
             raise AigcError(f"threads must be >= 1, got {threads}")
@@ -214,5 +220,12 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
             quant.quantize_model(net, "int4", skip=lambda name, _: name == "lm_head")
         quant.quantize_model(net, "int8")
     net.requires_grad_(False)
-    return LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
-              source=str(res.path))
+    used = "torch"
+    if kernels == "auto" and dtype == "float32" and quantize is None:
+        from aigckit.text import fastpath
+
+        used = "onednn" if fastpath.use_onednn(net) else "torch"
+    lm = LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
+            source=str(res.path))
+    lm.kernels = used
+    return lm
