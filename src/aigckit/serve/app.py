@@ -271,6 +271,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if registry.state == "loading":
+            loop = asyncio.get_running_loop()
+
             def _load():
                 try:
                     registry.load()
@@ -278,6 +280,9 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
                     log.error("loading models failed: %s", registry.error)
                     if on_load_error is not None:
                         on_load_error(e)
+                    return
+                # workers start on the event-loop thread, not on this loading thread (see Registry.start_workers)
+                loop.call_soon_threadsafe(registry.start_workers)
 
             if load_in_background:
                 threading.Thread(target=_load, name="aigc-load", daemon=True).start()
