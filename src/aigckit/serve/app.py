@@ -409,23 +409,30 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
         ctx = lm.config.block_size if params.num_beams > 1 else sm.worker.context
         params.budget(len(ids), ctx)  # raises when the prompt leaves no room
 
-    async def run_rows(sm: Served, ids: list[int], params) -> tuple[list[_Row], float | None]:
-        """Non-streaming generation of params.num_return_sequences rows for one prompt."""
-        t0 = time.perf_counter()
+    async def run_rows(sm: Served, prompts: list[list[int]], params) -> list[list[_Row]]:
+        """Non-streaming generation: params.num_return_sequences rows per prompt. All prompts are submitted
+        before any is read, so the scheduler decodes them together."""
+        n = params.num_return_sequences
         if params.num_beams > 1:
-            res = await _to_thread(sm.worker.beam, ids, params, limiter=stream_limiter)
-            rows = []
-            for s in res.sequences:
-                r = _Row()
-                r.text, r.ids, r.finish = [s.text], list(s.token_ids), s.finish_reason
-                rows.append(r)
-            return rows, None
-        handle = sm.worker.stream(ids, params)
+            out = []
+            for ids in prompts:
+                res = await _to_thread(sm.worker.beam, ids, params, limiter=stream_limiter)
+                rows = []
+                for s in res.sequences:
+                    r = _Row()
+                    r.text, r.ids, r.finish = [s.text], list(s.token_ids), s.finish_reason
+                    rows.append(r)
+                out.append(rows)
+            return out
+        handles = []
         try:
-            rows = await _to_thread(_collect, handle, params.num_return_sequences, limiter=stream_limiter)
+            for ids in prompts:
+                handles.append(sm.worker.stream(ids, params))
+            return list(await asyncio.gather(*(_to_thread(_collect, h, n, limiter=stream_limiter)
+                                               for h in handles)))
         finally:
-            handle.cancel()
-        return rows, time.perf_counter() - t0
+            for h in handles:
+                h.cancel()
 
     def count(sm: Served, prompt_tokens: int, completion_tokens: int, ttft: float | None = None) -> None:
         metrics.tokens.labels(sm.id, "prompt").inc(prompt_tokens)
@@ -509,8 +516,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
 
         if not req.stream:
             choices, completion_tokens = [], 0
-            for j, ids in enumerate(prompts_ids):
-                rows, _ = await run_rows(sm, ids, params)
+            for j, rows in enumerate(await run_rows(sm, prompts_ids, params)):
                 for i, r in enumerate(rows):
                     text = "".join(r.text)
                     choices.append({"index": j * n + i, "text": (texts[j] + text) if req.echo else text,
@@ -591,7 +597,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
                                 for t, lp in zip(token_texts(sm, tokens), lps)]}
 
         if not req.stream:
-            rows, _ = await run_rows(sm, ids, params)
+            rows = (await run_rows(sm, [ids], params))[0]
             completion_tokens = sum(len(r.ids) for r in rows)
             count(sm, len(ids), completion_tokens)
             return {"id": cid, "object": "chat.completion", "created": created, "model": sm.id,
