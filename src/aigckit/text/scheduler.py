@@ -87,6 +87,7 @@ class Scheduler:
         self.closed = False
         self.steps = 0
         self.tokens_generated = 0
+        self._threads = torch.get_num_threads()  # OpenMP settings are per thread: carry them into the worker
         self.thread = threading.Thread(target=self._loop, name="aigc-scheduler", daemon=True)
         self.thread.start()
 
@@ -126,6 +127,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ worker
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             with self.lock:
                 while not self.closed and not self.waiting and self.active == 0:
