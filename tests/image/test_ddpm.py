@@ -148,6 +148,8 @@ def test_sample_with_guidance_is_seeded_and_bounded():
     a = sample(m, 3, labels=y, guidance=3.0, steps=5, generator=torch.Generator().manual_seed(1))
     b = sample(m, 3, labels=y, guidance=3.0, steps=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (3, 1, 8, 8) and a.abs().max() <= 1
+    d = sample(m, 3, labels=y, guidance=3.0, steps=5, generator=torch.Generator().manual_seed(1), dtype="bfloat16")
+    assert d.dtype == torch.float32 and (d - a).abs().mean() < 0.2  # bf16 network, float32 sampler arithmetic
     c = sample(m, 2, sampler="ddpm", generator=torch.Generator().manual_seed(1))
     assert c.shape == (2, 1, 8, 8)
     with pytest.raises(AigcError, match="ddpm sampler"):

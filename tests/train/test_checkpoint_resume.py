@@ -117,3 +117,9 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert step >= 6
     out = train(TrainArgs(model="vae", out=str(run), steps=step + 2), resume=True, progress=False)
     assert out.name == f"step-{step + 2:09d}"
+    # killed before the first checkpoint: --resume starts the same run again from step 0
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text((last / "config.json").read_text().replace(str(run), str(early)))
+    assert train(TrainArgs(model="vae", out=str(early), steps=2), resume=True, progress=False).name == \
+        "step-000000002"

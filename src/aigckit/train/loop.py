@@ -103,10 +103,16 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
     run = Path(args.out).expanduser()
     ckpt = None
     if resume:
-        ckpt = ck.latest_checkpoint(run)
-        saved = ck.read_config(ckpt)["train"]
-        saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads)  # only the stopping rule changes
-        args = TrainArgs(**saved)
+        if ck.list_checkpoints(run):
+            ckpt = ck.latest_checkpoint(run)
+            saved = ck.read_config(ckpt)["train"]
+        elif (run / "config.json").exists():  # killed before its first checkpoint: start it again from step 0
+            saved = ck.read_config(run)["train"]
+        else:
+            raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json")
+        # only the stopping rule (and the folder, if the run was moved) may change on resume
+        saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
+        args = args_from_dict(saved)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     if args.threads:
