@@ -90,3 +90,27 @@ def test_api_sample_and_interpolate(tmp_path):
         assert m.interpolate(6, seed=1).tensor.shape == (6, 1, 28, 28)
     assert main(["image", "interpolate", str(tmp_path / "vae"), "--steps", "4", "--rows", "2",
                  "--out", str(tmp_path / "i.png")]) == 0
+
+
+def test_train_on_rgb_image_folder(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from aigckit import load_image_model
+
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        d = tmp_path / "pics" / ("red" if i % 2 else "blue")
+        d.mkdir(parents=True, exist_ok=True)
+        a = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+        a[..., 0 if i % 2 else 2] += 180
+        Image.fromarray(a).save(d / f"{i}.jpg" if i % 3 else d / f"{i}.png")
+    run = tmp_path / "rgb"
+    assert main(["image", "train", "--model", "ddpm", "--data", str(tmp_path / "pics"), "--resolution", "16",
+                 "--size", "tiny", "--conditional", "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--timesteps", "20", "--grid-n", "4", "--quiet"]) == 0
+    m = load_image_model(run)
+    assert m.class_names == ["blue", "red"]
+    out = m.sample(2, classes="red", steps=3, seed=0)
+    assert out.tensor.shape == (2, 3, 16, 16) and out.images[0].mode == "RGB"

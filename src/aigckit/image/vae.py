@@ -65,14 +65,12 @@ class VAE(nn.Module):
         self.mu = nn.Linear(cfg.fc, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.fc, cfg.latent_dim)
         self.dec_fc = nn.Sequential(nn.Linear(cfg.latent_dim + k, cfg.fc), nn.SiLU(), nn.Linear(cfg.fc, flat), nn.SiLU())
-        dec = []
+        # each decoder layer also sees the label as constant one-hot channels, so samples follow the requested class
+        self.decoder = nn.ModuleList()
         rev = chans[::-1]
         for i, c in enumerate(rev):
             cout = rev[i + 1] if i + 1 < len(rev) else cfg.channels
-            dec.append(nn.ConvTranspose2d(c, cout, 4, stride=2, padding=1))
-            if i + 1 < len(rev):
-                dec.append(nn.SiLU())
-        self.decoder = nn.Sequential(*dec)
+            self.decoder.append(nn.ConvTranspose2d(c + k, cout, 4, stride=2, padding=1))
         self._top = chans[-1]
 
     def _onehot(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -91,8 +89,15 @@ class VAE(nn.Module):
         return self.mu(h), self.logvar(h)
 
     def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.dec_fc(torch.cat([z, self._onehot(labels, z.shape[0])], 1))
-        return self.decoder(h.view(-1, self._top, self.s, self.s))
+        onehot = self._onehot(labels, z.shape[0])
+        h = self.dec_fc(torch.cat([z, onehot], 1)).view(-1, self._top, self.s, self.s)
+        for i, conv in enumerate(self.decoder):
+            if self.cfg.num_classes:
+                h = torch.cat([h, onehot[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])], 1)
+            h = conv(h)
+            if i + 1 < len(self.decoder):
+                h = F.silu(h)
+        return h
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z -> the mean of p(x|z), as an image in [-1, 1]."""

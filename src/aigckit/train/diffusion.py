@@ -49,4 +49,4 @@ class Trainer:
         ema.eval()
         n = args.grid_n if labels is None else labels.shape[0]
         return sample(ema, n, labels=labels, guidance=3.0 if labels is not None else 1.0, sampler="ddim",
-                      steps=args.grid_steps, eta=0.0, generator=gen)
+                      steps=min(args.grid_steps, ema.cfg.timesteps), eta=0.0, generator=gen)
