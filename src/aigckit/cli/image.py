@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image-folder URL (fsspec)")
     t.add_argument("--out", required=True, help="run folder (runs/NAME)")
     t.add_argument("--steps", type=int, help="stop after N optimiser steps")
-    t.add_argument("--minutes", type=float, help="stop after M minutes of training steps (grids and checkpoints not counted)")
+    t.add_argument("--minutes", type=float, 
+                   help="stop after M minutes of training steps (grids and checkpoints not counted)")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (labelled data)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")

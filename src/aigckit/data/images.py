@@ -1,9 +1,9 @@
 """Image datasets as one uint8 tensor in memory: Fashion-MNIST and folders of PNG/JPEG files.
 
-A dataset argument is either ``fashion-mnist`` or an fsspec URL of a folder (a plain path, ``file://``, ``zip://*::a.zip``,
-``http(s)://`` and ``s3://`` when the matching fsspec backend is installed). Images are decoded once into a
-``N x C x H x W`` uint8 tensor (kept per process, and for folders also cached on disk under the store's cache), so
-epochs never re-decode files.
+A dataset argument is either ``fashion-mnist`` or an fsspec URL of a folder (a plain path, ``file://``,
+``zip://*::a.zip``, ``http(s)://`` and ``s3://`` when the matching fsspec backend is installed). Images are decoded
+once into a ``N x C x H x W`` uint8 tensor (kept per process, and for folders also cached on disk under the store's
+cache), so epochs never re-decode files.
 
 Folders: images directly in the folder are unlabelled; one sub-folder per class gives labels (class names = folder
 names, sorted). A folder with ``train/`` and ``test/`` sub-folders provides those splits; otherwise every tenth file

@@ -64,7 +64,8 @@ class VAE(nn.Module):
         self.enc_fc = nn.Sequential(nn.Linear(flat + k, cfg.fc), nn.SiLU())
         self.mu = nn.Linear(cfg.fc, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.fc, cfg.latent_dim)
-        self.dec_fc = nn.Sequential(nn.Linear(cfg.latent_dim + k, cfg.fc), nn.SiLU(), nn.Linear(cfg.fc, flat), nn.SiLU())
+        self.dec_fc = nn.Sequential(nn.Linear(cfg.latent_dim + k, cfg.fc), nn.SiLU(),
+                                    nn.Linear(cfg.fc, flat), nn.SiLU())
         # each decoder layer also sees the label as constant one-hot channels, so samples follow the requested class
         self.decoder = nn.ModuleList()
         rev = chans[::-1]
