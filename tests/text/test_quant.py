@@ -15,8 +15,9 @@ from aigckit.text.quant import (
     save_quantized,
 )
 
-SHAPES = [(64, 32), (37, 5), (100, 33), (33, 64), (576, 192)]  # (in, out), odd sizes included
-ROWS = [1, 3, 5, 16, 40]
+# (in, out), odd sizes included: out < 4, out % 4 != 0 and out % 16 != 0 exercise the kernels' partial tiles
+SHAPES = [(64, 32), (37, 5), (100, 33), (33, 64), (576, 192), (19, 3), (96, 18)]
+ROWS = [1, 2, 3, 4, 5, 8, 16, 17, 40]
 needs_numba = pytest.mark.skipif(quant._numba is None, reason="numba not installed")
 
 
@@ -116,6 +117,39 @@ def test_kernel_matches_float_reference(kind, bias, shape):
         torch.testing.assert_close(y.double(), _reference(mod, x), atol=2e-5, rtol=1e-4)
         # the dequantise + F.linear fallback gives the same result
         torch.testing.assert_close(mod(x, use_kernel=False), y, atol=2e-5, rtol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_kernel_sees_replaced_and_updated_buffers(kind):
+    # the modules cache numpy views of their buffers: assigning new tensors (load_state_dict(assign=True)) and
+    # updating in place (load_state_dict without assign) must both reach the kernel
+    a, b = _make(kind, _linear(48, 20, True, seed=1)), _make(kind, _linear(48, 20, True, seed=2))
+    x = torch.randn(3, 48)
+    ya = a(x, use_kernel=True)
+    a.load_state_dict(b.state_dict(), assign=True)
+    torch.testing.assert_close(a(x, use_kernel=True), b(x, use_kernel=True))
+    c = _make(kind, _linear(48, 20, True, seed=1))
+    a.load_state_dict(c.state_dict())  # copies into the current tensors
+    torch.testing.assert_close(a(x, use_kernel=True), ya)
+
+
+@needs_numba
+def test_kernels_compiled_once_with_slp_and_frozen():
+    import numba
+
+    before = numba.config.SLP_VECTORIZE
+    mod = _make("int4", _linear(64, 8, False))
+    mod(torch.randn(2, 64), use_kernel=True)
+    assert numba.config.SLP_VECTORIZE == before  # the switch is restored after compiling
+    assert len(quant._int4_kernel.signatures) == 1 and not quant._int4_kernel._can_compile
+
+
+@needs_numba
+def test_kernel_zero_rows():
+    mod = _make("int8", _linear(16, 4, True))
+    assert mod(torch.randn(0, 16), use_kernel=True).shape == (0, 4)
+    assert mod(torch.randn(2, 0, 16)).shape == (2, 0, 4)
 
 
 @needs_numba

@@ -180,29 +180,32 @@ if _numba is not None:
             for k in range(K):
                 dst[k] = _f32(src[k]) * s
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_kernel(x, w, scale, bias, has_bias, y):  # pragma: no cover - compiled
-        # x [M, K] f32, w [N, K] i8, scale [N] f32, bias [N] f32, y [M, N] f32 (written)
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _int8_block(x, w, scale, bias, has_bias, y, b):  # pragma: no cover - compiled
+        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ (w [N, K] i8 * scale [N] f32).T + bias -> y [M, N]
         M, K = x.shape
         N = w.shape[0]
-        nblocks = (N + _ROW_BLOCK - 1) // _ROW_BLOCK
-        for b in prange(nblocks):
-            o0 = b * _ROW_BLOCK
-            o1 = min(o0 + _ROW_BLOCK, N)
-            if M == 1:  # GEMV: one row at a time (LLVM interleaves the single reduction; fastest measured)
-                x0 = x[0]
-                for o in range(o0, o1):
-                    row = w[o]
-                    acc = _f32(0.0)
-                    for k in range(K):
-                        acc += _f32(row[k]) * x0[k]
-                    y[0, o] = acc * scale[o] + (bias[o] if has_bias else _f32(0.0))
-            else:  # dequantise 4 rows into a scratch tile, then the 4x4 register tile over all M inputs
-                buf = np.empty((4, K), dtype=np.float32)
-                for p in range(o0, o1, 4):
-                    nr = min(4, o1 - p)
-                    _dequant8_rows(w, scale, p, nr, buf)
-                    _tile(x, buf, nr, p, bias, has_bias, y)
+        o0 = b * _ROW_BLOCK
+        o1 = min(o0 + _ROW_BLOCK, N)
+        if M == 1:  # GEMV: one row at a time (LLVM interleaves the single reduction; fastest measured)
+            x0 = x[0]
+            for o in range(o0, o1):
+                row = w[o]
+                acc = _f32(0.0)
+                for k in range(K):
+                    acc += _f32(row[k]) * x0[k]
+                y[0, o] = acc * scale[o] + (bias[o] if has_bias else _f32(0.0))
+        else:  # dequantise 4 rows into a scratch tile, then the 4x4 register tile over all M inputs
+            buf = np.empty((4, K), dtype=np.float32)
+            for p in range(o0, o1, 4):
+                nr = min(4, o1 - p)
+                _dequant8_rows(w, scale, p, nr, buf)
+                _tile(x, buf, nr, p, bias, has_bias, y)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _int8_kernel(x, w, scale, bias, has_bias, y):  # pragma: no cover - compiled
+        for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            _int8_block(x, w, scale, bias, has_bias, y, b)
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _dequant4_rows(qw, scales, mins, o0, nr, buf):  # pragma: no cover - compiled
@@ -267,38 +270,43 @@ if _numba is not None:
                         dst[g * G + j] = _f32(byte & _u8(15)) * s + mn
                         dst[g * G + H + j] = _f32(byte >> _u8(4)) * s + mn
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int4_kernel(x, qw, scales, mins, bias, has_bias, y):  # pragma: no cover - compiled
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _int4_block(x, qw, scales, mins, bias, has_bias, y, b):  # pragma: no cover - compiled
         # x [M, K] f32, qw [N, G*H] u8, scales/mins [N, G] f32, y [M, N] f32 (written); H = group_size / 2
         M, K = x.shape
         N = qw.shape[0]
         Kp = 2 * qw.shape[1]  # padded row length; only the first K columns are read
-        nblocks = (N + _ROW_BLOCK - 1) // _ROW_BLOCK
-        for b in prange(nblocks):
-            o0 = b * _ROW_BLOCK
-            o1 = min(o0 + _ROW_BLOCK, N)
-            if M == 1:  # dequantise one row (stays in L1) and dot it at once
-                buf = np.empty((1, Kp), dtype=np.float32)
-                b0 = buf[0]
-                x0 = x[0]
-                for o in range(o0, o1):
-                    _dequant4_rows(qw, scales, mins, o, 1, buf)
-                    acc = _f32(0.0)
-                    for k in range(K):
-                        acc += b0[k] * x0[k]
-                    y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
-            else:
-                buf = np.empty((4, Kp), dtype=np.float32)
-                for p in range(o0, o1, 4):
-                    nr = min(4, o1 - p)
-                    _dequant4_rows(qw, scales, mins, p, nr, buf)
-                    _tile(x, buf, nr, p, bias, has_bias, y)
+        o0 = b * _ROW_BLOCK
+        o1 = min(o0 + _ROW_BLOCK, N)
+        if M == 1:  # dequantise one row (stays in L1) and dot it at once
+            buf = np.empty((1, Kp), dtype=np.float32)
+            b0 = buf[0]
+            x0 = x[0]
+            for o in range(o0, o1):
+                _dequant4_rows(qw, scales, mins, o, 1, buf)
+                acc = _f32(0.0)
+                for k in range(K):
+                    acc += b0[k] * x0[k]
+                y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
+        else:
+            buf = np.empty((4, Kp), dtype=np.float32)
+            for p in range(o0, o1, 4):
+                nr = min(4, o1 - p)
+                _dequant4_rows(qw, scales, mins, p, nr, buf)
+                _tile(x, buf, nr, p, bias, has_bias, y)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _int4_kernel(x, qw, scales, mins, bias, has_bias, y):  # pragma: no cover - compiled
+        for b in prange((qw.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            _int4_block(x, qw, scales, mins, bias, has_bias, y, b)
 
     _F2 = _numba.float32[:, ::1]
     _F1 = _numba.float32[::1]
+    _SIG8 = (_F2, _numba.int8[:, ::1], _F1, _F1, _numba.boolean, _F2)
+    _SIG4 = (_F2, _numba.uint8[:, ::1], _F2, _F2, _F1, _numba.boolean, _F2)
     _KERNEL_SIGS = {
-        "int8": (_int8_kernel, [(_F2, _numba.int8[:, ::1], _F1, _F1, _numba.boolean, _F2)]),
-        "int4": (_int4_kernel, [(_F2, _numba.uint8[:, ::1], _F2, _F2, _F1, _numba.boolean, _F2)]),
+        "int8": ((_int8_kernel,), _SIG8),
+        "int4": ((_int4_kernel,), _SIG4),
     }
 
 _COMPILED: set[str] = set()
@@ -310,17 +318,18 @@ def _compile_kernels(kind: str) -> None:
     freeze the dispatcher so that no other, unvectorised specialisation is ever compiled behind our back."""
     if kind in _COMPILED:
         return
-    kernel, sigs = _KERNEL_SIGS[kind]
+    kernels, sig = _KERNEL_SIGS[kind]
     cfg = _numba.config
     old = getattr(cfg, "SLP_VECTORIZE", None)
     try:
         cfg.SLP_VECTORIZE = 1
-        for sig in sigs:
+        for kernel in kernels:
             kernel.compile(sig)
     finally:
         if old is not None:
             cfg.SLP_VECTORIZE = old
-    kernel.disable_compile()
+    for kernel in kernels:
+        kernel.disable_compile()
     _COMPILED.add(kind)
 
 
