@@ -66,3 +66,14 @@ def test_classifier_store_verify_and_eval(tmp_path, monkeypatch):
     (d / "model.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     with pytest.raises(CorruptFileError, match="sha256"):
         load_classifier()
+
+
+@needs_data
+def test_classifier_training_is_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
+    from aigckit.eval.classifier import train_classifier
+
+    a = train_classifier(epochs=1, limit=512, threads=1, progress=False, store_dir=tmp_path / "a")
+    b = train_classifier(epochs=1, limit=512, threads=1, progress=False, store_dir=tmp_path / "b")
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma["sha256"] == mb["sha256"]

@@ -144,9 +144,7 @@ def _store(model: Classifier, cfg: ClassifierConfig, meta: dict, dest: Path) -> 
     from aigckit import store
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = store.home() / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix="classifier-", dir=tmp_root))
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))  # same filesystem: atomic rename
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stage / "model.safetensors"))
         (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
