@@ -9,7 +9,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, CLASSES
+from serveutil import API_KEY, CLASSES
 
 
 def test_models_and_health(served, client):

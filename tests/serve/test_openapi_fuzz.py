@@ -7,7 +7,7 @@ answer each with a 2xx/4xx (or 503 while loading), never a crash. Driven through
 from __future__ import annotations
 
 import schemathesis
-from conftest import API_KEY
+from serveutil import API_KEY
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode

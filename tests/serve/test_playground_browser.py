@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import API_KEY, LiveServer, free_port
+from serveutil import API_KEY, LiveServer, free_port
 
 CHROMIUM = os.environ.get("AIGC_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import API_KEY
+from serveutil import API_KEY
 
 from aigckit.errors import AigcError
 from aigckit.text.lm import load_lm

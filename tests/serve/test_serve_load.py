@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import API_KEY, free_port
+from serveutil import API_KEY, free_port
 from fastapi.testclient import TestClient
 
 from aigckit.errors import AigcError
@@ -130,7 +130,7 @@ def test_error_after_stream_start_is_in_band(tiny_chat_dir):
 
 
 def test_client_disconnect_cancels_generation(served, tiny_chat_dir):
-    from conftest import LiveServer
+    from serveutil import LiveServer
 
     app, worker = _app_with(load_lm(tiny_chat_dir), _EndlessHandle)
     srv = LiveServer(app, free_port()).start()

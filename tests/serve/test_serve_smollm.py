@@ -4,7 +4,7 @@ equal the library."""
 from __future__ import annotations
 
 import pytest
-from conftest import LiveServer, free_port
+from serveutil import LiveServer, free_port
 
 pytestmark = pytest.mark.integration
 
