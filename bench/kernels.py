@@ -113,12 +113,12 @@ def main() -> None:
     cols = {
         "fp32 F.linear": lambda xs: [F.linear(xs[k], w) for k, w in zip(ins, w32)],
         "bf16 F.linear": lambda xs: [F.linear(xs16[k], w) for k, w in zip(ins, w16)],
-        "int8 numba": lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, q8)],
-        "int4 numba": lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, q4)],
+        "int8 numba": lambda xs: [m(xs[k]) for k, m in zip(ins, q8)],
+        "int4 numba": lambda xs: [m(xs[k]) for k, m in zip(ins, q4)],
     }
     if base is not None:
-        cols[f"int8 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, b8)]
-        cols[f"int4 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k], use_kernel=True) for k, m in zip(ins, b4)]
+        cols[f"int8 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k]) for k, m in zip(ins, b8)]
+        cols[f"int4 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k]) for k, m in zip(ins, b4)]
     if not args.no_dequant:
         cols["int8 dequant+BLAS"] = lambda xs: [m(xs[k], use_kernel=False) for k, m in zip(ins, q8)]
         cols["int4 dequant+BLAS"] = lambda xs: [m(xs[k], use_kernel=False) for k, m in zip(ins, q4)]

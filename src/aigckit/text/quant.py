@@ -58,7 +58,7 @@ _META_KEY = "aigckit.quant"
 
 # At and above this many input rows (prefill), dequantise + BLAS beats the numba kernels on this machine.
 # Measured with bench/kernels.py (see the module's report); override with AIGC_QUANT_FALLBACK_ROWS.
-FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "48"))
+FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "1024"))
 
 # --------------------------------------------------------------------------------------------- kernels (numba)
 
@@ -449,7 +449,8 @@ class _QuantLinear(nn.Module):
         return cached[1]
 
     def _buffer_key(self) -> tuple:
-        return tuple((id(t), t.data_ptr()) if t is not None else None for t in self._buffers.values())
+        # ids suffice: the cached numpy views keep their tensors alive, so an id cannot be reused meanwhile
+        return tuple(map(id, self._buffers.values()))
 
     def forward(self, x: Tensor, *, use_kernel: bool | None = None) -> Tensor:
         """``x [..., in] -> [..., out]`` in ``x``'s dtype (computed in fp32).
@@ -458,6 +459,17 @@ class _QuantLinear(nn.Module):
         dequantise-and-matmul path; True forces the numba kernel (raises if numba is missing; no autograd).
         The automatic choice also falls back when ``x`` needs a gradient (the fallback is differentiable in ``x``).
         """
+        if use_kernel is None and x.dtype == torch.float32 and HAVE_NUMBA and x.is_cpu and not x.requires_grad:
+            # fast path for inference (decode calls this ~200 times per token): no extra tensor objects
+            shape = x.shape
+            if shape[-1] != self.in_features:
+                raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(shape)}")
+            x2 = x.reshape(-1, self.in_features)
+            m = x2.shape[0]
+            if 0 < m < FALLBACK_MIN_ROWS:
+                yn = np.empty((*shape[:-1], self.out_features), dtype=np.float32)
+                self._run_kernel((x2 if x2.is_contiguous() else x2.contiguous()).numpy(), yn.reshape(m, -1))
+                return torch.from_numpy(yn)
         lead = x.shape[:-1]
         x2 = _as_rows(x, self.in_features)
         m = x2.shape[0]
