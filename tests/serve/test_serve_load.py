@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from serveutil import API_KEY, free_port
 from fastapi.testclient import TestClient
 

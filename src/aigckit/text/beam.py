@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from aigckit.text.kvcache import KVCache
 from aigckit.text.sampling import apply_no_repeat_ngram, apply_repetition_penalty

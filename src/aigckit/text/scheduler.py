@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aigckit.errors import AigcError
-from aigckit.text.engine import GenerationParams, RowState, TokenEvent, make_generator, sample_rows
+from aigckit.text.engine import GenerationParams, RowState, make_generator, sample_rows
 from aigckit.text.kvcache import KVCache
 
 
