@@ -26,8 +26,9 @@ demo: install
 	@$(AIGC) pull smollm2-135m-instruct --quiet
 	@echo "Write a short poem about a cat sitting by the window." | $(AIGC) chat --max-new-tokens 96 --temperature 0.7 --seed 0
 
+# one thread per test process (and the servers it starts): behaviour, not speed, is tested
 test: models
-	@$(VPY) -m pytest -q $(PYTEST_ARGS)
+	@OMP_NUM_THREADS=$${AIGC_TEST_THREADS:-1} $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests check behaviour, not speed: one thread keeps them fast and steady on a busy machine (two OpenMP threads
+# competing with other processes were measured 30x slower here). AIGC_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("AIGC_TEST_THREADS", "1")))
+
 STORE_HOME = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache" / "aigckit"))
 SMOLLM_GGUF = STORE_HOME / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_DIR = STORE_HOME / "models" / "minilm-l6-v2"
