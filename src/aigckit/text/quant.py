@@ -13,10 +13,18 @@ Two formats, both weight-only (activations stay fp32):
   When ``in_features`` is not a multiple of ``group_size`` the last group is padded (with a copy of the row's
   last value, so min/max stay those of the real values); the kernels never read the padded elements.
 
-Kernels: numba ``@njit(parallel=True, fastmath=True, cache=True)``. Each call reads the packed weights once for
-all M = B*T input rows: a parallel loop over blocks of output rows; each row is dequantised into a small
-fp32 scratch row (per block) and then dotted with every input row. Without numba, or when M >= the
-prefill threshold (:data:`FALLBACK_MIN_ROWS`), the layer dequantises to fp32 and calls ``F.linear`` (BLAS).
+Kernels: numba ``@njit(parallel=True, fastmath=True, cache=True)``, one call per layer that reads the packed
+weights once for all M = B*T input rows; a parallel loop over blocks of 16 output rows.
+
+* M = 1 (decode): int8 rows are converted and dotted in one loop; int4 rows are unpacked into an L1-resident
+  fp32 row (the 16 bytes of a group -> two 16-float vectors: zero-extend, convert, ``q*scale + min``) and dotted.
+* M > 1: 4 rows are dequantised into a small fp32 tile, then a 4 (weight rows) x 4 (input rows) register tile
+  of 16 accumulators, each vectorised along ``in``, computes all M outputs (16 FMAs per 8 loads).
+
+The int4 unpacking is straight-line code that only LLVM's SLP vectoriser turns into vector instructions; numba
+leaves SLP off by default, so the kernels are compiled once, with it switched on, for their one signature
+(:func:`_compile_kernels`). Without numba, for M >= :data:`FALLBACK_MIN_ROWS`, for inputs that need a gradient
+or with ``use_kernel=False``, the layer dequantises to fp32 and calls ``F.linear`` instead.
 
 Cache packed weights with :func:`save_quantized` / :func:`load_quantized` (safetensors + a JSON layout in the
 file's metadata; no pickle).
@@ -56,8 +64,9 @@ QuantMode = Literal["int8", "int4"]
 _MODES = ("int8", "int4")
 _META_KEY = "aigckit.quant"
 
-# At and above this many input rows (prefill), dequantise + BLAS beats the numba kernels on this machine.
-# Measured with bench/kernels.py (see the module's report); override with AIGC_QUANT_FALLBACK_ROWS.
+# At and above this many input rows the layer dequantises and calls F.linear instead of the numba kernels. On the
+# 2-core AVX-512 dev machine the kernels were still ~1.7x faster than dequantise + fp32 F.linear at M = 512
+# (bench/kernels.py --rows 256 512), so this only bounds very long prefills. Override: AIGC_QUANT_FALLBACK_ROWS.
 FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "1024"))
 
 # --------------------------------------------------------------------------------------------- kernels (numba)
