@@ -84,11 +84,45 @@ def test_queue_full_and_cancel(lm):
         sched.close()
 
 
-def test_rejects_beam_search_and_bad_params(lm):
+def test_beam_search_shares_the_batched_step(lm):
+    """Beam requests run in the same decode steps as sampled ones and give lm.generate's beams exactly."""
+    sched = Scheduler(lm, max_batch=12, max_queue=16)
+    try:
+        beam_cases = [dict(num_beams=3, num_return_sequences=2, max_new_tokens=9),
+                      dict(num_beams=4, length_penalty=0.5, early_stopping=True, max_new_tokens=7),
+                      dict(num_beams=2, no_repeat_ngram_size=2, max_new_tokens=10)]
+        out = {}
+
+        def run_beam(i):
+            out[("beam", i)] = sched.generate_beam(PROMPTS[i], GenerationParams(temperature=0, **beam_cases[i]))
+
+        def run_greedy(i):
+            out[("greedy", i)] = collect(sched.submit(PROMPTS[i], GenerationParams(temperature=0, max_new_tokens=8)))
+
+        threads = [threading.Thread(target=run_beam, args=(i,)) for i in range(3)]
+        threads += [threading.Thread(target=run_greedy, args=(i,)) for i in (3, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for i, case in enumerate(beam_cases):
+            want = lm.generate(PROMPTS[i], temperature=0, **case).sequences
+            got = out[("beam", i)]
+            assert [s.token_ids for s in got] == [s.token_ids for s in want], i
+            assert [s.text for s in got] == [s.text for s in want]
+            assert [s.score for s in got] == pytest.approx([s.score for s in want], abs=1e-5)
+        for i in (3, 4):
+            assert out[("greedy", i)][0][0] == lm.generate(PROMPTS[i], temperature=0, max_new_tokens=8).token_ids
+        assert sched.active == 0
+    finally:
+        sched.close()
+
+
+def test_rejects_bad_params(lm):
     sched = Scheduler(lm, max_batch=2)
     try:
-        with pytest.raises(ValueError, match="beam"):
-            sched.submit(PROMPTS[0], GenerationParams(num_beams=2))
+        with pytest.raises(ValueError, match="num_beams must be <= 2"):
+            sched.submit(PROMPTS[0], GenerationParams(num_beams=3))
         bad = GenerationParams(temperature=0)
         bad.top_p = 3.0
         with pytest.raises(ValueError, match="top_p"):

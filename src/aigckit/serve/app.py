@@ -406,7 +406,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        ctx = lm.config.block_size if params.num_beams > 1 else sm.worker.context
+        ctx = sm.worker.context if params.num_beams == 1 or sm.worker.beams_in_scheduler else lm.config.block_size
         params.budget(len(ids), ctx)  # raises when the prompt leaves no room
 
     async def run_rows(sm: Served, prompts: list[list[int]], params) -> list[list[_Row]]:

@@ -174,8 +174,19 @@ class TextWorker:
             raise QueueFull(str(e) or "queue full") from None
         return _Rows(handles)
 
+    @property
+    def beams_in_scheduler(self) -> bool:
+        return hasattr(self.scheduler, "generate_beam")
+
     def beam(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
-        """Beam search (blocking; one at a time per model, bounded waiting)."""
+        """Beam search (blocking). With the batching scheduler, the beams decode in the same batched steps as the
+        sampled requests; otherwise one beam search at a time per model, with bounded waiting."""
+        if self.beams_in_scheduler:
+            try:
+                seqs = self.scheduler.generate_beam(list(prompt_ids), params)
+            except self._queue_full as e:
+                raise QueueFull(str(e) or "queue full") from None
+            return GenerationResult(self.lm.name, seqs, len(prompt_ids), {})
         with self._beam_count_lock:
             if self._beam_waiting >= self.max_queue:
                 raise QueueFull(f"{self._beam_waiting} beam-search requests already waiting")

@@ -27,99 +27,132 @@ class Hypothesis:
     ended_with_eos: bool
 
 
+class BeamState:
+    """One beam search in progress, advanced one step at a time by whoever runs the model (``beam_search`` below, or
+    the continuous-batching scheduler, which decodes beams in the same batched step as sampled requests).
+
+    ``step(logits)`` takes the next-token logits of the ``num_beams`` running rows ([nb, V]) and returns the row
+    reorder (row i continues from row ``reorder[i]``; the caller permutes its KV cache rows accordingly) and whether
+    the search is done. ``next_tokens()`` are the tokens to feed next, at position ``cur_len - 1``."""
+
+    def __init__(self, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids: list[int],
+                 length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
+                 repetition_penalty: float = 1.0, num_return_sequences: int = 1) -> None:
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if not 1 <= num_return_sequences <= num_beams:
+            raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
+        self.nb, self.eos_ids = num_beams, list(eos_ids)
+        self.length_penalty, self.early_stopping = length_penalty, early_stopping
+        self.no_repeat_ngram_size, self.repetition_penalty = no_repeat_ngram_size, repetition_penalty
+        self.num_return_sequences = num_return_sequences
+        self.prompt_len = len(prompt)
+        self.max_length = self.prompt_len + max_new_tokens
+        nb = num_beams
+        self.eos = torch.tensor(self.eos_ids, dtype=torch.long)
+        self.beams_to_keep = max(2, 1 + len(self.eos_ids)) * nb
+        self.top_nb_mask = torch.arange(self.beams_to_keep) < nb
+        self.running = torch.full((nb, self.max_length), -1, dtype=torch.long)
+        self.running[:, :self.prompt_len] = torch.tensor(prompt)
+        self.running_scores = torch.full((nb,), NEG)
+        self.running_scores[0] = 0.0  # all beams start equal: only the first may expand at step one
+        self.final = self.running.clone()
+        self.final_scores = torch.full((nb,), NEG)
+        self.final_len = torch.zeros(nb, dtype=torch.long)
+        self.finished = torch.zeros(nb, dtype=torch.bool)
+        self.improvable = True
+        self.cur_len = self.prompt_len
+        self.done = False
+
+    def next_tokens(self) -> torch.Tensor:
+        return self.running[:, self.cur_len - 1]
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        nb, cur_len, prompt_len = self.nb, self.cur_len, self.prompt_len
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        if self.repetition_penalty != 1.0:
+            seen = torch.zeros_like(log_probs, dtype=torch.bool)
+            seen.scatter_(1, self.running[:, :cur_len], True)
+            log_probs = apply_repetition_penalty(log_probs, seen, self.repetition_penalty)
+        if self.no_repeat_ngram_size > 0:
+            log_probs = apply_no_repeat_ngram(log_probs.clone(), self.running[:, :cur_len].tolist(),
+                                              self.no_repeat_ngram_size)
+        V = log_probs.shape[-1]
+        acc = (log_probs + self.running_scores[:, None]).reshape(-1)
+        topk_lp, topk_idx = torch.topk(acc, self.beams_to_keep)
+        src_beam, tok = topk_idx // V, topk_idx % V
+        topk_seqs = self.running[src_beam]
+        topk_seqs[:, cur_len] = tok
+        hits = torch.isin(tok, self.eos) | (cur_len + 1 >= self.max_length)
+
+        # the best num_beams continuations that did not finish keep running
+        masked = topk_lp + hits.float() * NEG
+        sel = torch.topk(masked, nb).indices
+        self.running, self.running_scores, reorder = topk_seqs[sel], masked[sel], src_beam[sel]
+
+        # finished candidates (only among the top num_beams) compete for the finished slots
+        just_done = hits & self.top_nb_mask
+        cand = topk_lp / ((cur_len + 1 - prompt_len) ** self.length_penalty)
+        if bool(self.finished.all()) and self.early_stopping is True:
+            cand = cand + NEG
+        if not self.improvable:
+            cand = cand + NEG
+        cand = cand + (~just_done).float() * NEG
+        merged_scores = torch.cat((self.final_scores, cand))
+        keep = torch.topk(merged_scores, nb).indices
+        self.final = torch.cat((self.final, topk_seqs))[keep]
+        self.final_scores = merged_scores[keep]
+        self.final_len = torch.cat((self.final_len, torch.full_like(cand, cur_len + 1, dtype=torch.long)))[keep]
+        self.finished = torch.cat((self.finished, just_done))[keep]
+        self.cur_len = cur_len = cur_len + 1
+
+        # can a running beam still beat the worst finished hypothesis?
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_len = self.max_length - prompt_len
+        else:
+            best_len = cur_len - prompt_len
+        best_running = self.running_scores[0] / (best_len ** self.length_penalty)
+        worst_final = torch.where(self.finished, self.final_scores.min(), torch.tensor(NEG))
+        self.improvable = self.improvable and bool((best_running > worst_final).any())
+        exists_open = not (bool(self.finished.all()) and self.early_stopping is True)
+        self.done = not (self.improvable and exists_open and not bool(hits.all()))
+        return reorder, self.done
+
+    def results(self) -> list[Hypothesis]:
+        out = []
+        for i in range(self.num_return_sequences):
+            if self.final_scores[i] <= NEG / 2:  # fewer finished hypotheses than requested
+                break
+            ids = self.final[i, self.prompt_len:self.final_len[i]].tolist()
+            out.append(Hypothesis(ids, float(self.final_scores[i]), bool(ids) and ids[-1] in self.eos_ids))
+        return out
+
+
 def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids: list[int],
                 length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
                 repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-                cache_dtype: torch.dtype | None = None, on_step=None) -> list[Hypothesis]:
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
-    cfg = model.config
-    prompt_len = len(prompt)
-    max_length = prompt_len + max_new_tokens
-    nb, dev = num_beams, next(model.parameters()).device
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
-    beams_to_keep = max(2, 1 + len(eos_ids)) * nb
-    top_nb_mask = torch.arange(beams_to_keep, device=dev) < nb
-
-    cache = KVCache.for_model(cfg, nb, max_length, cache_dtype or next(model.parameters()).dtype)
-    running = torch.full((nb, max_length), -1, dtype=torch.long, device=dev)
-    running[:, :prompt_len] = torch.tensor(prompt, device=dev)
-    running_scores = torch.full((nb,), NEG, device=dev)
-    running_scores[0] = 0.0
-    final = running.clone()
-    final_scores = torch.full((nb,), NEG, device=dev)
-    final_len = torch.zeros(nb, dtype=torch.long, device=dev)
-    finished = torch.zeros(nb, dtype=torch.bool, device=dev)
-    improvable = True
-
+                cache_dtype: torch.dtype | None = None) -> list[Hypothesis]:
+    """Run a whole beam search on its own KV cache (one batched forward of all beams per step)."""
+    state = BeamState(prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                      length_penalty=length_penalty, early_stopping=early_stopping,
+                      no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                      num_return_sequences=num_return_sequences)
+    nb, L = num_beams, len(prompt)
+    cache = KVCache.for_model(model.config, nb, state.max_length, cache_dtype or next(model.parameters()).dtype)
     with torch.inference_mode():
         # prefill once and share the prompt's cache with every beam
-        logits = model(running[:1, :prompt_len], torch.arange(prompt_len, device=dev), cache, last_only=True)[:, -1]
+        logits = model(torch.tensor([prompt]), torch.arange(L), cache, last_only=True)[:, -1]
         for k, v in zip(cache.k, cache.v):
-            k[1:, :, :prompt_len] = k[:1, :, :prompt_len]
-            v[1:, :, :prompt_len] = v[:1, :, :prompt_len]
+            k[1:, :, :L] = k[:1, :, :L]
+            v[1:, :, :L] = v[:1, :, :L]
         logits = logits.expand(nb, -1)
-        cur_len = prompt_len
         while True:
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            if repetition_penalty != 1.0:
-                seen = torch.zeros_like(log_probs, dtype=torch.bool)
-                seen.scatter_(1, running[:, :cur_len], True)
-                log_probs = apply_repetition_penalty(log_probs, seen, repetition_penalty)
-            if no_repeat_ngram_size > 0:
-                log_probs = apply_no_repeat_ngram(log_probs.clone(), running[:, :cur_len].tolist(), no_repeat_ngram_size)
-            V = log_probs.shape[-1]
-            acc = (log_probs + running_scores[:, None]).reshape(-1)
-            topk_lp, topk_idx = torch.topk(acc, beams_to_keep)
-            src_beam, tok = topk_idx // V, topk_idx % V
-            topk_seqs = running[src_beam]
-            topk_seqs[:, cur_len] = tok
-            hits = torch.isin(tok, eos) | (cur_len + 1 >= max_length)
-
-            # the best num_beams continuations that did not finish keep running
-            sel = torch.topk(topk_lp + hits.float() * NEG, nb).indices
-            running, running_scores, reorder = topk_seqs[sel], (topk_lp + hits.float() * NEG)[sel], src_beam[sel]
-
-            # finished candidates (only among the top num_beams) compete for the finished slots
-            just_done = hits & top_nb_mask
-            cand = topk_lp / ((cur_len + 1 - prompt_len) ** length_penalty)
-            if bool(finished.all()) and early_stopping is True:
-                cand = cand + NEG
-            if not improvable:
-                cand = cand + NEG
-            cand = cand + (~just_done).float() * NEG
-            merged_scores = torch.cat((final_scores, cand))
-            keep = torch.topk(merged_scores, nb).indices
-            final = torch.cat((final, topk_seqs))[keep]
-            final_scores = merged_scores[keep]
-            final_len = torch.cat((final_len, torch.full_like(cand, cur_len + 1, dtype=torch.long)))[keep]
-            finished = torch.cat((finished, just_done))[keep]
-
+            reorder, done = state.step(logits)
             cache.reorder(reorder)
-            cur_len += 1
-            if on_step is not None:
-                on_step(cur_len - prompt_len)
-            # can a running beam still beat the worst finished hypothesis?
-            if early_stopping == "never" and length_penalty > 0.0:
-                best_len = max_length - prompt_len
-            else:
-                best_len = cur_len - prompt_len
-            best_running = running_scores[0] / (best_len ** length_penalty)
-            worst_final = torch.where(finished, final_scores.min(), torch.tensor(NEG, device=dev))
-            improvable = improvable and bool((best_running > worst_final).any())
-            exists_open = not (bool(finished.all()) and early_stopping is True)
-            if not (improvable and exists_open and not bool(hits.all())):
+            if done:
                 break
-            logits = model(running[:, cur_len - 1:cur_len], torch.tensor([cur_len - 1], device=dev), cache)[:, -1]
-
-    out = []
-    for i in range(num_return_sequences):
-        if final_scores[i] <= NEG / 2:  # fewer finished hypotheses than requested (cannot happen at max_length)
-            break
-        ids = final[i, prompt_len:final_len[i]].tolist()
-        out.append(Hypothesis(ids, float(final_scores[i]), bool(ids) and ids[-1] in eos_ids))
-    return out
+            pos = state.cur_len - 1
+            logits = model(state.next_tokens()[:, None], torch.tensor([pos]), cache)[:, -1]
+    return state.results()

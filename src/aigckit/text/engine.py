@@ -130,6 +130,7 @@ class TokenEvent:
     logprob: float | None
     text: str  # text delta made visible by this event
     finish_reason: str | None = None
+    score: float | None = None  # beam search: the finished sequence's score (on its final event)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

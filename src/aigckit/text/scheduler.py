@@ -2,7 +2,9 @@
 
 One worker thread owns the model and a KV cache of ``max_batch`` slots. Each step it admits waiting requests into
 free slots (prefilling them one by one), then runs ONE batched decode step for every active sequence, samples each
-request with its own parameters and private RNG, and hands the tokens to the requests' queues. Active slots are kept
+request with its own parameters and private RNG, and hands the tokens to the requests' queues. A beam-search
+request holds ``num_beams`` slots and advances its ``BeamState`` in that same step (its slots' caches are permuted
+after each step); it reports its sequences when it ends. Active slots are kept
 compact (0..A-1): when a sequence in the middle ends, the last one moves into its slot, so the decode step reads a
 contiguous cache prefix without gathering.
 
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from aigckit.errors import AigcError
-from aigckit.text.engine import GenerationParams, RowState, make_generator, sample_rows
+from aigckit.text.beam import BeamState
+from aigckit.text.engine import GenerationParams, RowState, Sequence, TokenEvent, make_generator, sample_rows
 from aigckit.text.kvcache import KVCache
 
 
@@ -42,6 +45,7 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
     rows: list[RowState] = field(default_factory=list)
+    beam: BeamState | None = None
     slots: list[int] = field(default_factory=list)  # current cache slot of each row
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
@@ -102,12 +106,13 @@ class Scheduler:
 
     def submit(self, prompt: list[int], params: GenerationParams) -> RequestHandle:
         params.validate()
-        if params.num_beams > 1:
-            raise AigcError("the batching scheduler does not run beam search; call LM.generate for beams")
         if not prompt:
             raise AigcError("empty prompt: give at least one token of text")
-        if params.num_return_sequences > self.max_batch:
-            raise AigcError(f"n must be <= {self.max_batch} on this server")
+        if self._slots_needed(params) > self.max_batch:
+            what = "num_beams" if params.num_beams > 1 else "n"
+            raise AigcError(f"{what} must be <= {self.max_batch} on this server")
+        if params.num_beams > 1 and params.stop:
+            raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS")
         budget = params.budget(len(prompt), self.max_seq_len)
         req = _Request(list(prompt), params, budget, generator=make_generator(params.seed))
         with self.lock:
@@ -118,6 +123,17 @@ class Scheduler:
             self.waiting.append(req)
             self.lock.notify()
         return RequestHandle(req)
+
+    def generate_beam(self, prompt: list[int], params: GenerationParams) -> list[Sequence]:
+        """Beam search through the shared batched step; blocks until done, returns the sequences best first."""
+        seqs: dict[int, Sequence] = {}
+        ids: dict[int, list[int]] = {}
+        for ev in self.submit(prompt, params):
+            if ev.token_id is not None:
+                ids.setdefault(ev.row, []).append(ev.token_id)
+            if ev.finish_reason:
+                seqs[ev.row] = Sequence(ev.text, ids.get(ev.row, []), ev.finish_reason, ev.score)
+        return [seqs[i] for i in sorted(seqs)]
 
     def close(self) -> None:
         with self.lock:
@@ -144,10 +160,14 @@ class Scheduler:
     def _free_slots(self) -> int:
         return self.max_batch - self.active
 
+    @staticmethod
+    def _slots_needed(params: GenerationParams) -> int:
+        return params.num_beams if params.num_beams > 1 else params.num_return_sequences
+
     def _admit(self) -> None:
         while True:
             with self.lock:
-                if not self.waiting or self.waiting[0].params.num_return_sequences > self._free_slots():
+                if not self.waiting or self._slots_needed(self.waiting[0].params) > self._free_slots():
                     return
                 req = self.waiting.popleft()
             if req.cancelled.is_set():
@@ -156,7 +176,7 @@ class Scheduler:
             self._prefill(req)
 
     def _prefill(self, req: _Request) -> None:
-        n = req.params.num_return_sequences
+        n = self._slots_needed(req.params)
         first = self.active
         slots = list(range(first, first + n))
         L = len(req.prompt)
@@ -167,12 +187,21 @@ class Scheduler:
                 for k, v in zip(self.cache.k, self.cache.v):
                     k[s, :, :L] = k[slots[0], :, :L]
                     v[s, :, :L] = v[slots[0], :, :L]
-        vocab = self.model.config.vocab_size
-        req.rows = [RowState(i, req.prompt, req.params, self.tokenizer, req.budget, vocab) for i in range(n)]
         req.slots = slots
         for i, s in enumerate(slots):
             self.slot_row[s] = (req, i)
             self.pos[s] = L
+        if req.params.num_beams > 1:
+            p = req.params
+            eos = [] if p.ignore_eos else sorted(self.tokenizer.eos_token_ids)
+            req.beam = BeamState(req.prompt, num_beams=n, max_new_tokens=req.budget, eos_ids=eos,
+                                 length_penalty=p.length_penalty, early_stopping=p.early_stopping,
+                                 no_repeat_ngram_size=p.no_repeat_ngram_size,
+                                 repetition_penalty=p.repetition_penalty, num_return_sequences=p.num_return_sequences)
+            self._beam_step(req, logits.expand(n, -1))
+            return
+        vocab = self.model.config.vocab_size
+        req.rows = [RowState(i, req.prompt, req.params, self.tokenizer, req.budget, vocab) for i in range(n)]
         self._emit(req, logits.expand(n, -1))
 
     def _step(self) -> None:
@@ -183,7 +212,7 @@ class Scheduler:
         pos = torch.empty(A, 1, dtype=torch.long)
         for s in range(A):
             req, i = self.slot_row[s]
-            tokens[s, 0] = req.rows[i].seq[-1]
+            tokens[s, 0] = req.beam.next_tokens()[i] if req.beam is not None else req.rows[i].seq[-1]
             pos[s, 0] = self.pos[s]
         with torch.inference_mode():
             logits = self.model(tokens, pos, self.cache)[:, -1]
@@ -197,7 +226,10 @@ class Scheduler:
             groups.setdefault(req, []).append((i, s))
         for req, pairs in groups.items():
             pairs.sort()
-            self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
+            if req.beam is not None:
+                self._beam_step(req, logits[[s for _, s in pairs]])
+            else:
+                self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
 
     def _emit(self, req: _Request, logits: torch.Tensor, only: list[int] | None = None) -> None:
         """Sample the next token for the request's active rows, publish events, release finished rows."""
@@ -220,6 +252,37 @@ class Scheduler:
                 self._release(req, r.row)
         if not any(r.active for r in req.rows):
             req.out.put(_DONE)
+
+    def _beam_step(self, req: _Request, logits: torch.Tensor) -> None:
+        """Advance a beam search by one token: permute its slots' caches, finish when the search is done."""
+        if req.cancelled.is_set():
+            for i in reversed(range(len(req.slots))):
+                self._release(req, i)
+            req.out.put(TokenEvent(0, None, None, "", "cancelled"))
+            req.out.put(_DONE)
+            return
+        reorder, done = req.beam.step(logits)
+        if req.first_token_s is None:
+            req.first_token_s = time.perf_counter() - req.submitted
+        slots = torch.tensor(req.slots)
+        n = self.pos[req.slots[0]]
+        if not done:
+            if not torch.equal(reorder, torch.arange(len(req.slots))):
+                src = slots[reorder]
+                for k, v in zip(self.cache.k, self.cache.v):
+                    k[slots, :, :n] = k[src, :, :n]
+                    v[slots, :, :n] = v[src, :, :n]
+            return
+        for i in reversed(range(len(req.slots))):
+            self._release(req, i)
+        for i, h in enumerate(req.beam.results()):
+            ids = h.token_ids[:-1] if h.ended_with_eos else h.token_ids
+            for t in ids:
+                req.out.put(TokenEvent(i, t, None, ""))
+            self.tokens_generated += len(ids)
+            req.out.put(TokenEvent(i, None, None, self.tokenizer.decode(ids),
+                                   "stop" if h.ended_with_eos else "length", h.score))
+        req.out.put(_DONE)
 
     def _release(self, req: _Request, row: int) -> None:
         """Free the slot of ``row``; move the last active slot into it to keep slots 0..A-1 compact."""
