@@ -150,9 +150,9 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
         logits = logits.expand(nb, -1)
         while True:
             reorder, done = state.step(logits)
-            cache.reorder(reorder)
             if done:
                 break
+            cache.reorder(reorder, state.cur_len - 1)  # slots 0..cur_len-2 are filled
             pos = state.cur_len - 1
             logits = model(state.next_tokens()[:, None], torch.tensor([pos]), cache)[:, -1]
     return state.results()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class OneDNNLinear(nn.Module):
@@ -23,15 +23,16 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float().contiguous()
-        self.packed = w.to_mkldnn()
-        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous().to_mkldnn()
+        self.packed = w.to_mkldnn()  # oneDNN's blocked layout, packed once
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.requires_grad or x.device.type != "cpu":
             raise RuntimeError("OneDNNLinear is for float32 CPU inference only")
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous().to_mkldnn()
-        y = torch._C._nn.mkldnn_linear(x2, self.packed, self.bias).to_dense()
+        # dense in, dense out: no per-call layout conversions of the activations
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed, self.bias,
+                                               "none", [], "")
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

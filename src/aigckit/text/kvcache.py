@@ -51,7 +51,11 @@ class KVCache:
             return kc[:b, :, :length], vc[:b, :, :length]
         return kc[rows, :, :length], vc[rows, :, :length]
 
-    def reorder(self, index: Tensor) -> None:
-        """Permute batch rows in place (beam search: row i takes the cache of row index[i])."""
+    def reorder(self, index: Tensor, length: int | None = None) -> None:
+        """Permute batch rows in place (beam search: row i takes the cache of row index[i]); only the first
+        ``length`` slots are copied when given."""
+        if torch.equal(index, torch.arange(len(index), device=index.device)):
+            return
+        n = self.max_len if length is None else length
         for t in self.k + self.v:
-            t.copy_(t.index_select(0, index))
+            t[:, :, :n] = t[:, :, :n].index_select(0, index)
