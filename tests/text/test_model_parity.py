@@ -71,3 +71,20 @@ def test_onednn_kernels_match_torch_linears(fixture, request):
         torch.testing.assert_close(fast.model(tokens), plain.model(tokens), atol=1e-5, rtol=1e-5)
     assert fast.generate([5, 6, 7], temperature=0, max_new_tokens=12).token_ids == \
         plain.generate([5, 6, 7], temperature=0, max_new_tokens=12).token_ids
+
+
+def test_sharded_safetensors_load(tmp_path):
+    """A checkpoint split over several safetensors files with an index loads like the single file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    _, ours = load_hf(tmp_path)
+    tokens = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=1e-4)
