@@ -23,11 +23,16 @@ class KVCache:
     def for_model(cls, cfg, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
         return cls(cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim, dtype)
 
-    def write(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> None:
+    def write(self, layer: int, input_pos: Tensor | slice, k: Tensor, v: Tensor, rows: Tensor | None = None) -> None:
         """Store ``k, v`` ([B, T, H, D]) at ``input_pos`` ([T] contiguous range shared by all rows, or [B, T]).
 
         ``rows`` maps the B batch rows onto cache rows (default: rows 0..B-1)."""
         kc, vc = self.k[layer], self.v[layer]
+        if isinstance(input_pos, slice):  # shared contiguous positions, already resolved by the caller
+            B = k.shape[0]
+            kc[:B, :, input_pos] = k.transpose(1, 2)
+            vc[:B, :, input_pos] = v.transpose(1, 2)
+            return
         if rows is None and input_pos.dim() == 1:  # shared positions: a contiguous range -> slice copy
             B, T = k.shape[:2]
             p0 = int(input_pos[0])
@@ -39,8 +44,8 @@ class KVCache:
             rows = torch.arange(B, device=k.device)
         pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)
         r = rows[:, None].expand(B, T)
-        kc[r, :, pos] = k  # advanced indices -> value shape [B, T, H, D]
-        vc[r, :, pos] = v
+        kc[r, :, pos] = k.to(kc.dtype)  # advanced indices -> value shape [B, T, H, D]
+        vc[r, :, pos] = v.to(vc.dtype)
 
     def read(self, layer: int, length: int, rows: Tensor | None = None, batch: int | None = None
              ) -> tuple[Tensor, Tensor]:

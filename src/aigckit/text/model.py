@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
+        xf = x.float()  # lower precision: normalise in float32 like transformers, then cast back
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -80,7 +82,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, g*T, S]
     if mask is not None:
         scores = scores.view(B, Hkv, g, T, S).masked_fill(~mask.unsqueeze(1), float("-inf")).view(B, Hkv, g * T, S)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
     return torch.matmul(probs, v).view(B, H, T, D)
 
 
@@ -97,14 +101,19 @@ class Attention(nn.Module):
                 mask: Tensor | None, cache: KVCache | None, rows: Tensor | None, kv_len: int) -> Tensor:
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x)
+        if rope is not None:  # q and k are adjacent in the fused projection: rotate them in one go
+            qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), *rope)
+            q, k = qk.split([nh, nkv], dim=2)
+            v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd)
+        else:
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
         if cache is not None:
-            cache.write(layer, input_pos, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype), rows)
+            cache.write(layer, input_pos, k, v, rows)
             k, v = cache.read(layer, kv_len, rows, B)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
@@ -199,6 +208,9 @@ class Transformer(nn.Module):
         if int(pos.max()) >= self.config.block_size:
             raise ValueError(f"sequence longer than the context window ({self.config.block_size} tokens)")
         mask = self._mask(pos2d, start, kv_len)
+        if cache is not None and input_pos.dim() == 1 and rows is None:
+            p0 = int(input_pos[0])  # shared contiguous positions: the cache writes a slice (read once here)
+            input_pos = slice(p0, p0 + T)
 
         x = self.tok_emb(tokens)
         rope = None
