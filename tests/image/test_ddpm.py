@@ -9,15 +9,6 @@ from aigckit.image.diffusion import (DiffusionConfig, DiffusionModel, ddim_step,
 from aigckit.image.unet import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, oversubscribed OpenMP threads make these tests 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(1,), groups=4)
 
 

@@ -1,24 +1,11 @@
 import json
-from pathlib import Path
 
-import pytest
-import torch
 
 from aigckit.cli import main
 from aigckit.image.io import read_png_metadata
+from imageutil import needs_data
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, oversubscribed OpenMP threads make these tests 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed")
 
 
 def _err(capsys) -> str:

@@ -7,15 +7,6 @@ from aigckit.image.vae import VAE, VAEConfig
 from aigckit.train.gan import Trainer as GanTrainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, oversubscribed OpenMP threads make these tests 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("res", [28, 32])
 def test_vae_shapes_loss_and_step(res):
     torch.manual_seed(0)
