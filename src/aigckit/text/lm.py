@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -157,7 +158,7 @@ def _load_gguf_cached(path: Path):
         model = load_into_model(cfg, load_file(str(cdir / "model.safetensors")), torch.float32)
         return cfg, model, Tokenizer.load_cache(cdir)
     reader = open_gguf(path)
-    cfg, model = load_gguf(path, reader=reader)
+    cfg, model = load_gguf(path, reader=reader, progress=sys.stderr.isatty())  # first load only: show progress
     tok = Tokenizer.from_gguf(reader)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
           if not (cfg.tie_embeddings and k == "lm_head.weight")}

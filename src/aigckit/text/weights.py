@@ -290,9 +290,20 @@ def open_gguf(path: Path):
         raise CorruptFileError(f"{path}: not a valid GGUF file ({e})") from e
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32, reader=None) -> tuple[LMConfig, torch.nn.Module]:
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, reader=None, progress: bool = False
+              ) -> tuple[LMConfig, torch.nn.Module]:
+    import sys
+
+    from tqdm import tqdm
+
     reader = reader or open_gguf(path)
     cfg = gguf_config(reader, Path(path).stem)
     tensors = {t.name: t for t in reader.tensors}
-    sd = build_state_dict(cfg, GGUF_LLAMA, lambda n: gguf_tensor(tensors[n]), set(tensors), GGUF_LLAMA_IGNORED)
+    with tqdm(total=len(tensors), desc="dequantise GGUF", unit="tensor", disable=not progress, leave=False,
+              file=sys.stderr) as bar:
+        def get(name: str) -> Tensor:
+            bar.update(1)
+            return gguf_tensor(tensors[name])
+
+        sd = build_state_dict(cfg, GGUF_LLAMA, get, set(tensors), GGUF_LLAMA_IGNORED)
     return cfg, load_into_model(cfg, sd, dtype)
