@@ -246,3 +246,74 @@ def test_load_without_metadata_raises(tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="metadata"):
         load_quantized(_Tiny(), tmp_path / "plain.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ w8a8 and float32
+
+
+def _w8a8_reference(mod: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    # integer arithmetic written out: per-row int8 activations, int8 weights, exact products, then the scales
+    s = x.abs().amax(dim=1, keepdim=True) / 127.0
+    xq = torch.round(x / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127)
+    acc = xq.double() @ mod.qweight.double().T
+    y = acc * s.double() * mod.scale.double()
+    return y + mod.bias.double() if mod.bias is not None else y
+
+
+@needs_numba
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_w8a8_kernel_matches_integer_reference_and_is_batch_invariant(bias, shape):
+    k, n = shape
+    mod = Int8Linear.from_linear(_linear(k, n, bias), act_quant=True)
+    for m in ROWS:
+        x = torch.randn(m, k)
+        x[0, 0] = 0.0
+        y = mod(x)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), _w8a8_reference(mod, x), atol=1e-5, rtol=1e-5)
+        # each row's result is the same whatever else is in the batch (exact integer accumulation)
+        assert torch.equal(torch.cat([mod(x[i:i + 1]) for i in range(m)]), y)
+        # the float fallback computes the same thing
+        torch.testing.assert_close(mod(x, use_kernel=False), y, atol=1e-4, rtol=1e-4)
+    assert torch.equal(mod(torch.zeros(2, k)), (mod.bias if bias else torch.zeros(n)).expand(2, n))
+
+
+def test_w8a8_differs_from_weight_only_by_activation_rounding():
+    lin = _linear(64, 16, True)
+    a, w = Int8Linear.from_linear(lin, act_quant=True), Int8Linear.from_linear(lin)
+    x = torch.randn(4, 64)
+    ya, yw = a(x), w(x)
+    assert not torch.equal(ya, yw)  # activations really are quantised
+    assert (ya - yw).abs().max() < 0.05 * yw.abs().max()
+    assert "act_quant=True" in repr(a) and "act_quant" not in repr(w)
+
+
+@pytest.mark.parametrize("mode", ["w8a8"])
+def test_w8a8_model_round_trip_keeps_mode(tmp_path, mode):
+    torch.manual_seed(0)
+    model = quantize_model(_Tiny(), "w8a8", skip=lambda name, _: name == "lm_head")
+    quantize_model(model, "int8")
+    layout = quant.quant_layout(model)
+    assert layout["blocks.0.attn"]["mode"] == "w8a8" and layout["lm_head"]["mode"] == "int8"
+    tok = torch.randint(0, 11, (3, 4))
+    want = model(tok)
+    save_quantized(model, tmp_path / "q.safetensors")
+    with torch.device("meta"):
+        fresh = _Tiny()
+    load_quantized(fresh, tmp_path / "q.safetensors")
+    assert fresh.blocks[1]["mlp"].act_quant and not fresh.lm_head.act_quant
+    assert torch.equal(fresh(tok), want)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_f32_matches_f_linear(shape):
+    k, n = shape
+    lin = _linear(k, n, True)
+    w, b = lin.weight.detach().contiguous(), lin.bias.detach().contiguous()
+    for m in ROWS:
+        x = torch.randn(m, k)
+        want = x.double() @ w.double().T + b.double()
+        torch.testing.assert_close(quant.linear_f32(x, w, b).double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(quant.linear_f32(x, w).double(), want - b.double(), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Quality guard for weight-only quantisation on the real SmolLM2: perplexity close to fp32; greedy still sane."""
+"""Quality guard for quantisation (weight-only int8/int4, and w8a8) on the real SmolLM2: perplexity close to fp32; greedy still sane."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ TEXTS = [
     "Photosynthesis converts light energy into chemical energy. Plants take in carbon dioxide and water and, using "
     "sunlight, produce glucose and release oxygen into the atmosphere.",
     "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "The river rises in the mountains, flows east through farmland and two large cities, and reaches the sea in a "
+    "wide delta where fishermen, birds and ships share the shallow water.",
+    "Dear customer, thank you for your order. Your package was shipped this morning and should arrive within three "
+    "working days. Please contact us if anything is missing or damaged.",
+    "Water boils at one hundred degrees Celsius at sea level. At higher altitudes the air pressure is lower, so "
+    "water boils at a lower temperature and food takes longer to cook.",
+    "She opened the old wooden box slowly. Inside, wrapped in faded blue paper, was a letter her grandmother had "
+    "written sixty years earlier but never sent.",
 ]
 
 
@@ -22,7 +30,7 @@ def ppl(smollm_gguf):
     from aigckit.text.lm import load_lm
 
     out = {}
-    for mode in (None, "int8", "int4"):
+    for mode in (None, "int8", "int4", "w8a8"):
         lm = load_lm(str(smollm_gguf), quantize=mode)
         scores = [lm.score(t) for t in TEXTS]
         total = sum(s.nll * s.n_tokens for s in scores) / sum(s.n_tokens for s in scores)
@@ -37,6 +45,14 @@ def test_int8_perplexity_within_1_percent(ppl):
     assert abs(q / base - 1) <= 0.01, (base, q)
 
 
+def test_w8a8_perplexity_within_3_percent(ppl):
+    # int8 activations cost more than int8 weights alone (measured +2.3% on this set vs +0.8% for int8)
+    import math
+
+    base, q = math.exp(ppl[None][0]), math.exp(ppl["w8a8"][0])
+    assert abs(q / base - 1) <= 0.03, (base, q)
+
+
 def test_int4_perplexity_within_5_percent(ppl):
     import math
 
@@ -45,7 +61,7 @@ def test_int4_perplexity_within_5_percent(ppl):
 
 
 def test_quantised_models_answer_sensibly(ppl):
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "w8a8"):
         lm = ppl[mode][1]
         assert lm.run_config["quantize"] == mode
         res = lm.chat([{"role": "user", "content": "What is the capital of France? One word."}],

@@ -69,14 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_interpolate)
 
     e = isub.add_parser("eval", help="classifier-FID/KID of a run against Fashion-MNIST, with the real-data floor")
-    e.add_argument("run")
-    e.add_argument("--n", type=int, default=10000)
-    e.add_argument("--sampler", default="ddim")
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--eta", type=float, default=0.0)
-    e.add_argument("--guidance", type=float)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("run", help="run folder (its latest checkpoint) or a checkpoint folder")
+    e.add_argument("--n", type=int, default=10000, help="generated samples to score (default 10000; the floor uses "
+                   "as many held-out test images, at most 10000)")
+    e.add_argument("--sampler", default="ddim", help="diffusion sampler: ddim or ddpm (default ddim)")
+    e.add_argument("--steps", type=int, default=50, help="diffusion sampling steps (default 50)")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance scale for conditional diffusion runs")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    e.add_argument("--json", action="store_true", help="print the report as one JSON object")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
     e.set_defaults(func=_eval)
 

@@ -15,7 +15,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="store name, .gguf file, HF directory, cached HF hub id (e.g. gpt2-medium), or openai:NAME "
                         "(default: smollm2-135m-instruct)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
-    g.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of linears")
+    g.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="quantise the linears: int8 (per-row weights), int4 (group-32 weights, 8-bit head), w8a8 (int8 weights and per-row int8 activations, integer matmul: fastest for batches)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--kernels", choices=["auto", "torch"], default="auto",
                    help="auto: oneDNN prepacked float32 linears where available; torch: plain nn.Linear")

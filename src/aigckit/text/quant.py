@@ -58,10 +58,12 @@ __all__ = [
     "set_num_threads",
     "HAVE_NUMBA",
     "FALLBACK_MIN_ROWS",
+    "fake_quant_act",
+    "linear_f32",
 ]
 
-QuantMode = Literal["int8", "int4"]
-_MODES = ("int8", "int4")
+QuantMode = Literal["int8", "int4", "w8a8"]
+_MODES = ("int8", "int4", "w8a8")
 _META_KEY = "aigckit.quant"
 
 # At and above this many input rows the layer dequantises and calls F.linear instead of the numba kernels. On the
@@ -309,6 +311,71 @@ if _numba is not None:
         for b in prange((qw.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
             _int4_block(x, qw, scales, mins, bias, has_bias, y, b)
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _f32_block(x, w, bias, has_bias, y, b):  # pragma: no cover - compiled
+        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ w [N, K] f32 .T + bias -> y [M, N]
+        M, K = x.shape
+        N = w.shape[0]
+        o0 = b * _ROW_BLOCK
+        o1 = min(o0 + _ROW_BLOCK, N)
+        if M == 1:
+            x0 = x[0]
+            for o in range(o0, o1):
+                row = w[o]
+                acc = _f32(0.0)
+                for k in range(K):
+                    acc += row[k] * x0[k]
+                y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
+        else:  # the weight rows are already float32: the register tile reads them in place
+            for p in range(o0, o1, 4):
+                nr = min(4, o1 - p)
+                _tile(x, w[p:p + nr], nr, p, bias, has_bias, y)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _f32_kernel(x, w, bias, has_bias, y):  # pragma: no cover - compiled
+        for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            _f32_block(x, w, bias, has_bias, y, b)
+
+    @njit(fastmath=False, cache=True, nogil=True)
+    def _quant_act(x, xq, xs):  # pragma: no cover - compiled
+        # per-row symmetric int8 activations: xs[m] = max|x[m]| / 127, xq[m] = round(x[m] / xs[m])
+        M, K = x.shape
+        for m in range(M):
+            row = x[m]
+            amax = _f32(0.0)
+            for k in range(K):
+                a = abs(row[k])
+                if a > amax:
+                    amax = a
+            s = amax / _f32(127.0)
+            xs[m] = s
+            dst = xq[m]
+            if s > 0:  # a true division (not * 1/s), so rounding matches torch.round(x / s) exactly
+                for k in range(K):
+                    dst[k] = np.int8(np.rint(row[k] / s))
+            else:
+                for k in range(K):
+                    dst[k] = 0
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _dequant_out(yi, xs, ws, bias, has_bias, y):  # pragma: no cover - compiled
+        # y[m, n] = yi[m, n] * xs[m] * ws[n] + bias[n]  (int32 accumulators -> float32)
+        M, N = yi.shape
+        nb = (N + 1023) // 1024
+        for i in prange(M * nb):
+            m = i // nb
+            n0 = (i % nb) * 1024
+            n1 = min(n0 + 1024, N)
+            s = xs[m]
+            src = yi[m]
+            dst = y[m]
+            if has_bias:
+                for n in range(n0, n1):
+                    dst[n] = _f32(src[n]) * (s * ws[n]) + bias[n]
+            else:
+                for n in range(n0, n1):
+                    dst[n] = _f32(src[n]) * (s * ws[n])
+
     _F2 = _numba.float32[:, ::1]
     _F1 = _numba.float32[::1]
     _SIG8 = (_F2, _numba.int8[:, ::1], _F1, _F1, _numba.boolean, _F2)
@@ -316,6 +383,9 @@ if _numba is not None:
     _KERNEL_SIGS = {
         "int8": ((_int8_kernel,), _SIG8),
         "int4": ((_int4_kernel,), _SIG4),
+        "f32": ((_f32_kernel,), (_F2, _F2, _F1, _numba.boolean, _F2)),
+        "w8a8": ((_quant_act, _dequant_out),
+                 [(_F2, _numba.int8[:, ::1], _F1), (_numba.int32[:, ::1], _F1, _F1, _F1, _numba.boolean, _F2)]),
     }
 
 _COMPILED: set[str] = set()
@@ -332,8 +402,9 @@ def _compile_kernels(kind: str) -> None:
     old = getattr(cfg, "SLP_VECTORIZE", None)
     try:
         cfg.SLP_VECTORIZE = 1
-        for kernel in kernels:
-            kernel.compile(sig)
+        sigs = sig if isinstance(sig, list) else [sig] * len(kernels)
+        for kernel, one in zip(kernels, sigs):
+            kernel.compile(one)
     finally:
         if old is not None:
             cfg.SLP_VECTORIZE = old
@@ -343,6 +414,19 @@ def _compile_kernels(kind: str) -> None:
 
 
 _EMPTY_BIAS = torch.zeros(1, dtype=torch.float32)
+
+
+def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` for float32 CPU inference through the numba register-tile kernel (reads each weight row once
+    for all input rows; the fastest float32 path measured here for 2-8 rows). ``x [M, K]``, ``weight [N, K]``,
+    both float32 and contiguous."""
+    if _numba is None or not HAVE_NUMBA:
+        return F.linear(x, weight, bias)
+    _compile_kernels("f32")
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    b, has_b = (_EMPTY_BIAS, False) if bias is None else (bias, True)
+    _f32_kernel(x.numpy(), weight.numpy(), b.numpy(), has_b, y)
+    return torch.from_numpy(y)
 
 
 def set_num_threads(n: int) -> None:
@@ -513,12 +597,28 @@ class _QuantLinear(nn.Module):
         return self.bias.numpy(), True
 
 
-class Int8Linear(_QuantLinear):
-    """``nn.Linear`` replacement holding int8 weights with a per-row scale (buffers ``qweight``, ``scale``, ``bias``)."""
+def fake_quant_act(x: Tensor) -> Tensor:
+    """What ``w8a8`` does to activations, in float: per-row symmetric int8 round trip (``round(x / s) * s`` with
+    ``s = max|x| / 127`` over the last dimension). Gradients pass straight through."""
+    s = x.detach().abs().amax(dim=-1, keepdim=True).float() / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    fq = (torch.round(x.detach().float() / safe).clamp_(-127, 127) * s).to(x.dtype)
+    return x + (fq - x.detach())
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None) -> None:
+
+class Int8Linear(_QuantLinear):
+    """``nn.Linear`` replacement holding int8 weights with a per-row scale (buffers ``qweight``, ``scale``, ``bias``).
+
+    ``act_quant=True`` is the ``w8a8`` mode: activations are quantised too, per input row (symmetric int8, scale
+    ``max|x| / 127``), and the product runs as an exact int8 x int8 -> int32 matrix multiply (``torch._int_mm``:
+    oneDNN's VNNI kernels on x86), then ``y = acc * x_scale * w_scale + bias``. Integer accumulation is exact and
+    each row has its own scale, so a row's output does not depend on which other rows share the batch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, act_quant: bool = False,
+                 device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.act_quant = act_quant
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         if bias:
@@ -527,8 +627,9 @@ class Int8Linear(_QuantLinear):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    def from_linear(cls, linear: nn.Linear, *, act_quant: bool = False) -> Int8Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, act_quant=act_quant,
+                  device="meta")
         q, s = quantize_int8(linear.weight)
         mod.qweight, mod.scale = q, s
         if linear.bias is not None:
@@ -543,12 +644,43 @@ class Int8Linear(_QuantLinear):
         return self.qweight.contiguous().numpy(), self.scale.contiguous().numpy(), b, has_b
 
     def _run_kernel(self, xn, yn) -> None:
-        _compile_kernels("int8")
         w, s, b, has_b = self._kernel_args()
+        if self.act_quant:
+            _compile_kernels("w8a8")
+            m = xn.shape[0]
+            xq = np.empty((m, self.in_features), dtype=np.int8)
+            xs = np.empty(m, dtype=np.float32)
+            _quant_act(xn, xq, xs)
+            acc = torch._int_mm(torch.from_numpy(xq), self._wt())
+            _dequant_out(acc.numpy(), xs, s, b, has_b, yn)
+            return
+        _compile_kernels("int8")
         _int8_kernel(xn, w, s, b, has_b, yn)
 
+    def _wt(self) -> Tensor:
+        """The int8 weight as the [in, out] right-hand matrix of ``torch._int_mm`` (a transposed view)."""
+        return self.qweight.t()
+
+    def forward(self, x: Tensor, *, use_kernel: bool | None = None) -> Tensor:
+        if not self.act_quant:
+            return super().forward(x, use_kernel=use_kernel)
+        if use_kernel and _numba is None:
+            raise RuntimeError("numba is not installed; the quantised kernels are unavailable")
+        if use_kernel is False or not HAVE_NUMBA or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+            # float reference of the same arithmetic: fake-quantised activations x dequantised weights
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(fake_quant_act(x.float()), self._dequantized(), b).to(x.dtype)
+        x2 = _as_rows(x, self.in_features)  # every row count takes the integer path (batch-invariant results)
+        m = x2.shape[0]
+        yn = np.empty((m, self.out_features), dtype=np.float32)
+        if m:
+            self._run_kernel(x2.detach().numpy(), yn)
+        y = torch.from_numpy(yn)
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (", act_quant=True" if self.act_quant else ""))
 
 
 class Int4Linear(_QuantLinear):
@@ -634,7 +766,10 @@ def quantize_model(
     for name, lin in targets:
         if lin.weight.is_meta:
             raise ValueError(f"{name}.weight is on the meta device; load weights first or use prepare_quantized")
-        new = Int8Linear.from_linear(lin) if mode == "int8" else Int4Linear.from_linear(lin, group_size)
+        if mode == "int4":
+            new = Int4Linear.from_linear(lin, group_size)
+        else:
+            new = Int8Linear.from_linear(lin, act_quant=mode == "w8a8")
         _set_submodule(model, name, new)
     return model
 
@@ -644,7 +779,7 @@ def quant_layout(model: nn.Module) -> dict[str, dict]:
     layout: dict[str, dict] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, Int8Linear):
-            layout[name] = {"mode": "int8", "in": mod.in_features, "out": mod.out_features, "bias": mod.bias is not None}
+            layout[name] = {"mode": "w8a8" if mod.act_quant else "int8", "in": mod.in_features, "out": mod.out_features, "bias": mod.bias is not None}
         elif isinstance(mod, Int4Linear):
             layout[name] = {
                 "mode": "int4",
@@ -666,8 +801,8 @@ def prepare_quantized(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         if (old.in_features, old.out_features, old.bias is not None) != (spec["in"], spec["out"], spec["bias"]):
             raise ValueError(f"{name}: layout {spec} does not match {old}")
         _check_mode(spec["mode"])
-        if spec["mode"] == "int8":
-            new: nn.Module = Int8Linear(spec["in"], spec["out"], spec["bias"])
+        if spec["mode"] in ("int8", "w8a8"):
+            new: nn.Module = Int8Linear(spec["in"], spec["out"], spec["bias"], act_quant=spec["mode"] == "w8a8")
         else:
             new = Int4Linear(spec["in"], spec["out"], spec["bias"], group_size=int(spec["group_size"]))
         _set_submodule(model, name, new)
