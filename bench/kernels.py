@@ -1,4 +1,4 @@
-"""Time weight-only quantised linear kernels against fp32 / bf16 F.linear on the 211 SmolLM2-135M matrices.
+"""Time the linear kernels (weight-only int8/int4, w8a8, float32 numba tile and oneDNN) against fp32 / bf16 F.linear on the 211 SmolLM2-135M matrices.
 
     .venv/bin/python bench/kernels.py [--rows 1 5 16] [--repeats 7] [--threads N] [--blocks 30] [--baseline]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aigckit.text import quant
+from aigckit.text import fastpath, quant
 
 
 def smollm2_shapes(blocks: int = 30) -> list[tuple[int, int]]:
@@ -86,6 +86,8 @@ def main() -> None:
     t = time.perf_counter()
     q8 = [quant.Int8Linear.from_linear(lin) for lin in lins]
     t_q8 = time.perf_counter() - t
+    a8 = [quant.Int8Linear.from_linear(lin, act_quant=True) for lin in lins]
+    packed = [w.to_mkldnn() for w in w32] if fastpath.available() else None
     t = time.perf_counter()
     q4 = [quant.Int4Linear.from_linear(lin, args.group_size) for lin in lins]
     t_q4 = time.perf_counter() - t
@@ -115,7 +117,12 @@ def main() -> None:
         "bf16 F.linear": lambda xs: [F.linear(xs16[k], w) for k, w in zip(ins, w16)],
         "int8 numba": lambda xs: [m(xs[k]) for k, m in zip(ins, q8)],
         "int4 numba": lambda xs: [m(xs[k]) for k, m in zip(ins, q4)],
+        "w8a8 (int_mm)": lambda xs: [m(xs[k]) for k, m in zip(ins, a8)],
+        "fp32 numba tile": lambda xs: [quant.linear_f32(xs[k], w) for k, w in zip(ins, w32)],
     }
+    if packed is not None:
+        cols["fp32 oneDNN packed"] = lambda xs: [torch.ops.mkldnn._linear_pointwise(xs[k], p, None, "none", [], "")
+                                                 for k, p in zip(ins, packed)]
     if base is not None:
         cols[f"int8 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k]) for k, m in zip(ins, b8)]
         cols[f"int4 numba @{args.baseline_rev}"] = lambda xs: [m(xs[k]) for k, m in zip(ins, b4)]

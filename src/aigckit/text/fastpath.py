@@ -1,15 +1,27 @@
-"""Inference-only fast path for float32 linears on CPU: oneDNN (mkldnn) with prepacked weights.
+"""Inference-only fast path for float32 linears on CPU: a numba register-tile kernel for few rows, oneDNN
+(mkldnn) with prepacked weights for many.
 
-Measured on the development machine (all SmolLM2 linears, 1 thread, best of 6, loaded machine): torch's default
-F.linear 43 / 79 / 106 ms for 1 / 5 / 16 rows; oneDNN prepacked 35 / 50 / 70 ms. The rows that matter are exactly
-decode (1), beam search (5) and batched serving (16). Same float32 arithmetic, different kernel; parity tests run on
-both paths.
+Measured on the development machine (all SmolLM2-135M linears of one step as the model fuses them, 2 threads,
+quiet machine, best of 5; ``bench/kernels.py`` has the same columns for the unfused shapes):
+
+    rows            1      5      16     64     512
+    oneDNN packed   18.3   21.7   27.3   57.3   377   ms
+    numba tile      12.9   17.7   26.3   59.0   508   ms
+    F.linear (MKL)  -      -      -      122    732   ms
+
+so rows <= SMALL_ROWS (decode, beam search, batched serving) take the numba kernel and prefill takes oneDNN. Both
+are float32 arithmetic (different summation order); parity tests run on both paths. The layer keeps both weight
+copies (plain and packed): float32 costs twice its weight bytes in memory for the speed.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from aigckit.text import quant
+
+SMALL_ROWS = 16  # at or below this many rows the numba kernel is as fast or faster (table above)
 
 
 def available() -> bool:
@@ -25,14 +37,17 @@ class OneDNNLinear(nn.Module):
         w = linear.weight.detach().float().contiguous()
         self.packed = w.to_mkldnn()  # oneDNN's blocked layout, packed once
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.weight = w if quant.HAVE_NUMBA else None  # plain rows for the small-M kernel
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.requires_grad or x.device.type != "cpu":
             raise RuntimeError("OneDNNLinear is for float32 CPU inference only")
         shape = x.shape
-        # dense in, dense out: no per-call layout conversions of the activations
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed, self.bias,
-                                               "none", [], "")
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        if self.weight is not None and x2.shape[0] <= SMALL_ROWS:
+            y = quant.linear_f32(x2, self.weight, self.bias)
+        else:  # dense in, dense out: no per-call layout conversions of the activations
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -17,12 +17,38 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aigckit.text import decode_kernels
 from aigckit.text.config import LMConfig
 from aigckit.text.kvcache import KVCache
+
+
+class _FusedDecode:
+    """What the fused decode-attention kernel needs, worked out once per forward (see ``decode_kernels``)."""
+
+    __slots__ = ("pos", "lo", "rope")
+
+    def __init__(self, pos, lo, rope) -> None:
+        self.pos, self.lo, self.rope = pos, lo, rope
+
+    @classmethod
+    def make(cls, x: Tensor, pos2d: Tensor, start: Tensor | None, rope, cache: KVCache | None,
+             rows: Tensor | None) -> _FusedDecode | None:
+        if (cache is None or rows is not None or pos2d.shape[1] != 1 or x.dtype != torch.float32
+                or cache.k[0].dtype != torch.float32 or not _use_kernels(x)):
+            return None
+        pos = pos2d[:, 0].numpy().astype(np.int64)
+        lo = np.zeros_like(pos) if start is None else start.numpy().astype(np.int64)
+        if (pos < lo).any():  # a padding query: leave it to the masked reference path
+            return None
+        if rope is not None:
+            B, D = x.shape[0], rope[0].shape[-1]
+            rope = (rope[0].reshape(B, D).contiguous(), rope[1].reshape(B, D).contiguous())
+        return cls(pos, lo, rope)
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +59,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
+            if _use_kernels(x) and x.is_contiguous():
+                return decode_kernels.rms_norm(x, self.weight, self.eps)  # one numba call (inference only)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()  # lower precision: normalise in float32 like transformers, then cast back
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -68,6 +96,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def _use_kernels(x: Tensor) -> bool:
+    """The fused numba kernels serve float32 CPU inference; autograd and other devices take the PyTorch ops."""
+    return decode_kernels.AVAILABLE and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 SMALL_T = 32  # below this many new tokens (decode, beam steps) the explicit grouped kernel is faster on CPU
 
 
@@ -98,10 +131,15 @@ class Attention(nn.Module):
         self.use_rope = cfg.arch == "llama"
 
     def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope: tuple[Tensor, Tensor] | None,
-                mask: Tensor | None, cache: KVCache | None, rows: Tensor | None, kv_len: int) -> Tensor:
+                mask: Tensor | None, cache: KVCache | None, rows: Tensor | None, kv_len: int,
+                fused: _FusedDecode | None = None) -> Tensor:
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         qkv = self.qkv(x)
+        if fused is not None:  # one new token per row, float32 CPU: rope + cache write + attention in one call
+            y = decode_kernels.attend_decode(qkv.reshape(B, -1).contiguous(), fused.rope, cache.k[layer],
+                                             cache.v[layer], fused.pos, fused.lo, nh, nkv)
+            return self.proj(y.view(B, 1, nh * hd))
         if rope is not None:  # q and k are adjacent in the fused projection: rotate them in one go
             qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), *rope)
             q, k = qk.split([nh, nkv], dim=2)
@@ -156,8 +194,9 @@ class Block(nn.Module):
         self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), layer, input_pos, rope, mask, cache, rows, kv_len)
+    def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
+                fused: _FusedDecode | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), layer, input_pos, rope, mask, cache, rows, kv_len, fused)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -220,8 +259,9 @@ class Transformer(nn.Module):
             angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
             angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
             rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        fused = _FusedDecode.make(x, pos2d, start, rope, cache, rows)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, input_pos, rope, mask, cache, rows, kv_len)
+            x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
