@@ -1,7 +1,10 @@
 import json
 
+import pytest
+import torch
 
 from aigckit.cli import main
+from aigckit.errors import AigcError
 from aigckit.image.io import read_png_metadata
 from imageutil import needs_data
 
@@ -56,6 +59,8 @@ def test_train_sample_and_corrupt_checkpoint(tmp_path, capsys):
     assert "unknown class" in _err(capsys)
     assert main(["image", "interpolate", str(run), "--out", str(grid)]) == 2
     assert "vae and dcgan" in _err(capsys)
+    assert main(["image", "sample", str(run), "--n", "2", "--out", str(grid), "--temperature", "0.5"]) == 2
+    assert "temperature applies to VAE and GAN" in _err(capsys)
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     (ckpt / "ema.safetensors").write_bytes(b"not a safetensors file")
     assert main(["image", "sample", str(run), "--n", "2", "--out", str(grid)]) == 2
@@ -75,6 +80,16 @@ def test_api_sample_and_interpolate(tmp_path):
         assert out.tensor.shape == (5, 1, 28, 28) and len(out.images) == 5
         assert (out.tensor == m.sample(5, seed=0).tensor).all()
         assert m.interpolate(6, seed=1).tensor.shape == (6, 1, 28, 28)
+        # temperature scales the latent: near 0 every seed decodes the same (the prior's mean), at 1 they differ
+        cold = [m.sample(2, seed=s, temperature=1e-6).tensor for s in (1, 2)]
+        assert torch.allclose(cold[0], cold[1], atol=1e-4)
+        assert not torch.allclose(m.sample(2, seed=1).tensor, m.sample(2, seed=2).tensor, atol=1e-4)
+        assert m.sample(2, seed=1, temperature=0.5).params["temperature"] == 0.5
+        with pytest.raises(AigcError, match="temperature"):
+            m.sample(2, temperature=0)
+    g = tmp_path / "cold.png"
+    assert main(["image", "sample", str(tmp_path / "vae"), "--n", "2", "--temperature", "0.7", "--out", str(g)]) == 0
+    assert json.loads(read_png_metadata(g)["temperature"]) == 0.7
     assert main(["image", "interpolate", str(tmp_path / "vae"), "--steps", "4", "--rows", "2",
                  "--out", str(tmp_path / "i.png")]) == 0
 

@@ -16,7 +16,8 @@ from aigckit.errors import AigcError
 
 def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                  guidance: float | None = None, seed: int = 0, progress: bool = True,
-                 classifier_path=None, reference_n: int | None = None, dtype: str = "float32") -> dict:
+                 classifier_path=None, reference_n: int | None = None, dtype: str = "float32",
+                 temperature: float = 1.0) -> dict:
     from aigckit.data.images import load_dataset, to_float
     from aigckit.eval.classifier import load_classifier, predict
     from aigckit.eval.fid import fid, kid
@@ -36,7 +37,7 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
 
     t0 = time.perf_counter()
     out = m.sample(n, classes="all" if m.conditional else None, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                   guidance=guidance, progress=progress, dtype=dtype)
+                   guidance=guidance, progress=progress, dtype=dtype, temperature=temperature)
     sample_s = time.perf_counter() - t0
     f_gen, pred = predict(clf, out.tensor)
 

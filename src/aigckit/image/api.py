@@ -107,9 +107,14 @@ class ImageModel:
 
     def sample(self, n: int = 16, *, classes=None, seed: int | None = None, sampler: str = "ddim",
                steps: int | None = 50, eta: float = 0.0, guidance: float | None = None, batch_size: int = 250,
-               progress: bool = False, dtype: str = "float32") -> SampleResult:
+               progress: bool = False, dtype: str = "float32", temperature: float = 1.0) -> SampleResult:
+        """``temperature`` scales the latent noise of VAEs and GANs (1 = the trained prior); diffusion runs refuse it."""
         if not 1 <= n <= MAX_SAMPLES:
             raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}")
+        if not 0 < temperature <= 10:
+            raise AigcError(f"temperature must be in (0, 10], got {temperature}")
+        if temperature != 1.0 and self.family == "ddpm":
+            raise AigcError("temperature applies to VAE and GAN latents; diffusion runs use --guidance / --eta")
         if seed is None:
             seed = secrets.randbits(31)
         labels = self.labels_for(classes, n)
@@ -131,11 +136,13 @@ class ImageModel:
                                                  generator=gen, progress=progress and n <= batch_size,
                                                  dtype=dtype))
                 else:
-                    outs.append(self.model.sample(b, y, generator=gen))
+                    outs.append(self.model.sample(b, y, generator=gen, temperature=temperature))
         params = {"model": self.family, "run": str(self.checkpoint), "seed": seed, "n": n}
         if self.family == "ddpm":
             params.update(sampler=sampler, steps=self.model.cfg.timesteps if sampler == "ddpm" else (steps or 50),
                           eta=eta, guidance=guidance, dtype=dtype)
+        elif temperature != 1.0:
+            params["temperature"] = temperature
         if labels is not None:
             params["classes"] = sorted({self.class_names[i] if self.class_names else str(i) for i in labels.tolist()})
         return SampleResult(torch.cat(outs), labels, params)

@@ -105,8 +105,9 @@ class DCGAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        z = torch.randn((n, self.cfg.nz, 1, 1), generator=generator)
+               generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Generate from ``z ~ N(0, temperature^2 I)`` (temperature < 1: the 'truncation trick' in its simplest form)."""
+        z = torch.randn((n, self.cfg.nz, 1, 1), generator=generator) * temperature
         return self.generator(z, labels)
 
     @torch.no_grad()

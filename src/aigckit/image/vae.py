@@ -120,8 +120,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        z = torch.randn((n, self.cfg.latent_dim), generator=generator)
+               generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Decode ``z ~ N(0, temperature^2 I)``; temperature < 1 trades variety for typical, cleaner samples."""
+        z = torch.randn((n, self.cfg.latent_dim), generator=generator) * temperature
         return self.decode(z, labels)
 
     @torch.no_grad()
