@@ -48,7 +48,7 @@ def run_aigckit(gguf: str, variant: str, a) -> dict:
     from aigckit.text.lm import load_lm
 
     dtype = "bfloat16" if variant == "bf16" else "float32"
-    quant = variant if variant in ("int8", "int4") else None
+    quant = variant if variant in ("int8", "int4", "w8a8") else None
     t0 = time.perf_counter()
     lm = load_lm(gguf, dtype=dtype, quantize=quant, threads=a.threads)
     lm.generate("Hello", temperature=0, max_new_tokens=1)
@@ -158,7 +158,7 @@ COLS = [("load_ttft_s", "load->1st tok s"), ("prefill_tok_s", "prefill tok/s"), 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=str(DEFAULT_GGUF))
-    ap.add_argument("--variants", default="fp32", help="aigckit variants: fp32,bf16,int8,int4")
+    ap.add_argument("--variants", default="fp32", help="aigckit variants: fp32,bf16,int8,int4,w8a8")
     ap.add_argument("--peers", default="transformers,llama-cpp")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--decode-tokens", type=int, default=64)

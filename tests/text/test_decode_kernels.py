@@ -83,3 +83,38 @@ def test_fused_path_not_taken_with_grad_or_bf16():
         assert _FusedDecode.make(x, pos2d, torch.tensor([5]), None, cache, None) is None  # padding query
     with torch.enable_grad():
         assert _FusedDecode.make(x, pos2d, None, None, cache, None) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatch):
+    from aigckit.text import quant
+
+    model = _model("llama", n_kv_head)
+    quant.quantize_model(model, mode)
+    assert all(decode_kernels.fused_block_kind(b) == mode for b in model.blocks)
+    calls = []
+    fn = f"{mode}_block_step"
+    real = getattr(decode_kernels, fn)
+    monkeypatch.setattr(decode_kernels, fn, lambda *a: calls.append(1) or real(*a))
+    ref, _ = _decode_run(model, False, monkeypatch)
+    assert not calls
+    got, _ = _decode_run(model, True, monkeypatch)
+    assert len(calls) == 6 * model.config.n_layer
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_block_ok_only_for_weight_only_int8_llama():
+    from aigckit.text import quant
+
+    llama, gpt2 = _model("llama", 2), _model("gpt2", 4)
+    assert not decode_kernels.int8_block_ok(llama.blocks[0])  # float32 linears
+    quant.quantize_model(gpt2, "int8")
+    assert not decode_kernels.int8_block_ok(gpt2.blocks[0])  # LayerNorm / GELU block
+    quant.quantize_model(llama, "w8a8", skip=lambda name, _: name.endswith("qkv"))
+    assert decode_kernels.fused_block_kind(llama.blocks[0]) is None  # mixed modes: the per-op path
+    quant.quantize_model(llama, "int8")
+    assert decode_kernels.fused_block_kind(llama.blocks[0]) is None
+    assert decode_kernels.fused_block_kind(gpt2.blocks[0]) is None

@@ -253,8 +253,9 @@ def test_load_without_metadata_raises(tmp_path):
 
 def _w8a8_reference(mod: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     # integer arithmetic written out: per-row int8 activations, int8 weights, exact products, then the scales
-    s = x.abs().amax(dim=1, keepdim=True) / 127.0
-    xq = torch.round(x / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s = amax / 127.0
+    xq = torch.round(x * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
     acc = xq.double() @ mod.qweight.double().T
     y = acc * s.double() * mod.scale.double()
     return y + mod.bias.double() if mod.bias is not None else y

@@ -187,12 +187,12 @@ def _source_key(res: store.Resolved) -> str:
     return "hf-" + res.path.name + "-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _quantize(net, res: store.Resolved, mode: str) -> None:
+def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
     """Quantisation of the linears (weight-only int8/int4, or w8a8 with int8 activations), cached in the store per (source, mode, kernel code version)."""
     from aigckit.text import quant
 
     # the key covers the kernel code and the recipe below (which linears get which format)
-    recipe = {"int8": "int8", "int4": "int4-blocks+int8-head", "w8a8": "w8a8-but-qkv+int8-qkv"}[mode]
+    recipe = {"int8": "int8", "int4": "int4-blocks+int8-head", "w8a8": "smoothquant0.5+w8a8"}[mode]
     code = hashlib.sha256(Path(quant.__file__).read_bytes() + recipe.encode()).hexdigest()[:12]
     path = store.cache_dir(f"{_source_key(res)}-{mode}-{code}") / "model.safetensors"
     if path.exists():
@@ -202,9 +202,12 @@ def _quantize(net, res: store.Resolved, mode: str) -> None:
         # the output head keeps 8 bits: a 4-bit head costs SmolLM2 ~7% perplexity, 4-bit blocks ~0%
         quant.quantize_model(net, "int4", skip=lambda name, _: name == "lm_head")
     if mode == "w8a8":
-        # the attention input carries the residual stream's outlier channels: int8 activations there cost
-        # SmolLM2 ~3% perplexity, elsewhere ~0.4%. So q/k/v keep weight-only int8; all other linears are w8a8.
-        quant.quantize_model(net, "w8a8", skip=lambda name, _: name.endswith("attn.qkv"))
+        # int8 activations straight away cost SmolLM2 ~4% perplexity (outlier channels in the residual stream);
+        # SmoothQuant's folds (alpha 0.5, fixed calibration text) bring all linears to +0.5%
+        from aigckit.text import smoothquant
+
+        smoothquant.smooth_llama(net, tok.encode(smoothquant.CALIBRATION_TEXT), alpha=0.5)
+        quant.quantize_model(net, "w8a8")
     quant.quantize_model(net, "int8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,7 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
 
         if threads is not None:
             quant.set_num_threads(threads)
-        _quantize(net, res, quantize)
+        _quantize(net, res, quantize, tok)
     net.requires_grad_(False)
     used = "torch"
     if kernels == "auto" and dtype == "float32" and quantize is None:

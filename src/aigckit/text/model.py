@@ -196,8 +196,24 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
                 fused: _FusedDecode | None = None) -> Tensor:
+        if fused is not None:  # int8 / w8a8 Llama blocks: the whole block in a few fused calls (decode_kernels)
+            kind = self._fused_kind()
+            if kind == "int8":
+                return decode_kernels.int8_block_step(self, x, layer, cache, fused)
+            if kind == "w8a8":
+                return decode_kernels.w8a8_block_step(self, x, layer, cache, fused)
         x = x + self.attn(self.attn_norm(x), layer, input_pos, rope, mask, cache, rows, kv_len, fused)
         return x + self.mlp(self.mlp_norm(x))
+
+    def _fused_kind(self) -> str | None:
+        # cached per set of linear modules (quantisation swaps them after construction)
+        key = (id(self.attn.qkv), id(self.attn.proj), id(getattr(self.mlp, "gate_up", None)),
+               id(getattr(self.mlp, "down", None)))
+        hit = self.__dict__.get("_fusable")
+        if hit is None or hit[0] != key:
+            hit = (key, decode_kernels.fused_block_kind(self))
+            self.__dict__["_fusable"] = hit
+        return hit[1]
 
 
 class Transformer(nn.Module):

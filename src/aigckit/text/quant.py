@@ -336,27 +336,31 @@ if _numba is not None:
         for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
             _f32_block(x, w, bias, has_bias, y, b)
 
-    # reassociation lets the max-reduction vectorise; no 'arcp', so x / s stays a true division
+    # reassociation lets the max-reduction vectorise; no 'arcp', so 127 / amax stays a correctly rounded division
+    # (the torch reference computes the same float32 reciprocal). Not inlined: callers keep these flags.
     @njit(fastmath={"reassoc", "nnan", "ninf", "nsz"}, cache=True, nogil=True)
-    def _quant_act(x, xq, xs):  # pragma: no cover - compiled
-        # per-row symmetric int8 activations: xs[m] = max|x[m]| / 127, xq[m] = round(x[m] / xs[m])
-        M, K = x.shape
-        for m in range(M):
-            row = x[m]
-            amax = _f32(0.0)
+    def _quant_row(row, dst):  # pragma: no cover - compiled
+        # dst = round(row * (127 / max|row|)) as int8; returns the row's scale max|row| / 127
+        K = row.shape[0]
+        amax = _f32(0.0)
+        for k in range(K):
+            a = abs(row[k])
+            if a > amax:
+                amax = a
+        if amax > 0:
+            inv = _f32(127.0) / amax
             for k in range(K):
-                a = abs(row[k])
-                if a > amax:
-                    amax = a
-            s = amax / _f32(127.0)
-            xs[m] = s
-            dst = xq[m]
-            if s > 0:  # a true division (not * 1/s), so rounding matches torch.round(x / s) exactly
-                for k in range(K):
-                    dst[k] = np.int8(np.rint(row[k] / s))
-            else:
-                for k in range(K):
-                    dst[k] = 0
+                dst[k] = np.int8(np.rint(row[k] * inv))
+        else:
+            for k in range(K):
+                dst[k] = 0
+        return amax / _f32(127.0)
+
+    @njit(cache=True, nogil=True)
+    def _quant_act(x, xq, xs):  # pragma: no cover - compiled
+        # per-row symmetric int8 activations (see _quant_row)
+        for m in range(x.shape[0]):
+            xs[m] = _quant_row(x[m], xq[m])
 
     @njit(fastmath=True, cache=True, nogil=True)
     def _dequant_out(yi, xs, ws, bias, has_bias, y):  # pragma: no cover - compiled
@@ -596,19 +600,20 @@ class _QuantLinear(nn.Module):
 
 
 def fake_quant_act(x: Tensor) -> Tensor:
-    """What ``w8a8`` does to activations, in float: per-row symmetric int8 round trip (``round(x / s) * s`` with
-    ``s = max|x| / 127`` over the last dimension). Gradients pass straight through."""
-    s = x.detach().abs().amax(dim=-1, keepdim=True).float() / 127.0
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    fq = (torch.round(x.detach().float() / safe).clamp_(-127, 127) * s).to(x.dtype)
+    """What ``w8a8`` does to activations, in float: per-row symmetric int8 round trip
+    (``round(x * (127 / max|x|)) * max|x| / 127`` over the last dimension). Gradients pass straight through."""
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    fq = (torch.round(xf * inv).clamp_(-127, 127) * (amax / 127.0)).to(x.dtype)
     return x + (fq - x.detach())
 
 
 class Int8Linear(_QuantLinear):
     """``nn.Linear`` replacement holding int8 weights with a per-row scale (buffers ``qweight``, ``scale``, ``bias``).
 
-    ``act_quant=True`` is the ``w8a8`` mode: activations are quantised too, per input row (symmetric int8, scale
-    ``max|x| / 127``), and the product runs as an exact int8 x int8 -> int32 matrix multiply (``torch._int_mm``:
+    ``act_quant=True`` is the ``w8a8`` mode: activations are quantised too, per input row (symmetric int8,
+    ``round(x * 127 / max|x|)``, scale ``max|x| / 127``), and the product runs as an exact int8 x int8 -> int32 matrix multiply (``torch._int_mm``:
     oneDNN's VNNI kernels on x86), then ``y = acc * x_scale * w_scale + bias``. Integer accumulation is exact and
     each row has its own scale, so a row's output does not depend on which other rows share the batch."""
 
@@ -639,7 +644,10 @@ class Int8Linear(_QuantLinear):
 
     def _np_args(self) -> tuple:
         b, has_b = self._bias_np()
-        return self.qweight.contiguous().numpy(), self.scale.contiguous().numpy(), b, has_b
+        # w8a8 reads the weight through torch (``_wt``), not numba: no numpy view (and no contiguous copy of the
+        # transposed storage) is needed
+        w = None if self.act_quant else self.qweight.contiguous().numpy()
+        return w, self.scale.contiguous().numpy(), b, has_b
 
     def _run_kernel(self, xn, yn) -> None:
         w, s, b, has_b = self._kernel_args()
