@@ -45,12 +45,12 @@ def test_int8_perplexity_within_1_percent(ppl):
     assert abs(q / base - 1) <= 0.01, (base, q)
 
 
-def test_w8a8_perplexity_within_3_percent(ppl):
-    # int8 activations cost more than int8 weights alone (measured +2.3% on this set vs +0.8% for int8)
+def test_w8a8_perplexity_within_1_percent(ppl):
+    # with SmoothQuant's folds (without them: ~+4% on this set)
     import math
 
     base, q = math.exp(ppl[None][0]), math.exp(ppl["w8a8"][0])
-    assert abs(q / base - 1) <= 0.03, (base, q)
+    assert abs(q / base - 1) <= 0.01, (base, q)
 
 
 def test_int4_perplexity_within_5_percent(ppl):
