@@ -1,7 +1,8 @@
 """Text-generation speed, side by side in one run: aigckit vs transformers (and llama-cpp-python when installed).
 
 Rows: load-to-first-token (s), prefill tok/s (512-token prompt), decode tok/s at batch 1, beam search (5 beams)
-tok/s, aggregate tok/s for 16 prompts x 64 tokens, peak RSS (MB). Same GGUF file for every engine.
+tok/s, aggregate tok/s for 16 prompts x 64 tokens as one batched generate, the same 16 requests submitted at
+once to aigckit's continuous-batching scheduler (the server's path), peak RSS (MB). Same GGUF file for every engine.
 
     .venv/bin/python bench/text_speed.py                      # aigckit fp32 vs transformers fp32 (+ llama.cpp)
     .venv/bin/python bench/text_speed.py --variants fp32,bf16,int8,int4 --json bench/text_speed.json
@@ -69,8 +70,27 @@ def run_aigckit(gguf: str, variant: str, a) -> dict:
                                                                      max_new_tokens=a.beam_tokens, ignore_eos=True))
     res["batch16_tok_s"] = 16 * 64 / best(a, lambda: lm.generate_batch(PROMPTS16, temperature=0, max_new_tokens=64,
                                                                        ignore_eos=True))
+    from aigckit.text.scheduler import Scheduler
+
+    sched = Scheduler(lm, max_batch=16, max_seq_len=256)  # one long-lived scheduler, as in `aigc serve`
+    try:
+        concurrent16(lm, sched)  # warm-up: the scheduler thread's first round
+        res["concurrent16_tok_s"] = 16 * 64 / best(a, lambda: concurrent16(lm, sched))
+    finally:
+        sched.close()
     res["peak_rss_mb"] = rss_mb()
     return res
+
+
+def concurrent16(lm, sched) -> None:
+    """16 requests submitted at once to the continuous-batching scheduler (what `aigc serve` runs): admitted
+    together, prefilled in one forward, then decoded together; returns when every request has its 64 tokens."""
+    from aigckit.text.engine import GenerationParams
+
+    params = GenerationParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+    handles = [sched.submit(lm.tokenizer.encode(p), params) for p in PROMPTS16]
+    n = sum(ev.token_id is not None for h in handles for ev in h)
+    assert n == 16 * 64, n
 
 
 def run_transformers(gguf: str, a) -> dict:
@@ -152,7 +172,8 @@ def run_llamacpp(gguf: str, a) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver
 COLS = [("load_ttft_s", "load->1st tok s"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
-        ("beam5_tok_s", "beam-5 tok/s"), ("batch16_tok_s", "16 prompts tok/s"), ("peak_rss_mb", "peak RSS MB")]
+        ("beam5_tok_s", "beam-5 tok/s"), ("batch16_tok_s", "16 prompts tok/s"),
+        ("concurrent16_tok_s", "16 concurrent tok/s"), ("peak_rss_mb", "peak RSS MB")]
 
 
 def main() -> None:

@@ -129,3 +129,25 @@ def test_rejects_bad_params(lm):
             sched.submit(PROMPTS[0], bad)
     finally:
         sched.close()
+
+
+def test_requests_waiting_together_are_prefilled_in_one_forward(lm):
+    sched = Scheduler(lm, max_batch=8, max_queue=16)
+    sizes = []
+    real = sched._prefill
+    sched._prefill = lambda reqs: sizes.append(len(reqs)) or real(reqs)
+    try:
+        greedy = GenerationParams(temperature=0, max_new_tokens=6)
+        beams = GenerationParams(num_beams=3, max_new_tokens=5, ignore_eos=True)
+        with sched.lock:  # the worker cannot admit until all four are queued
+            handles = [sched.submit(p, greedy) for p in PROMPTS[:3]]
+            beam_handle = sched.submit(PROMPTS[3], beams)
+        got = [collect(h)[0][0] for h in handles]
+        beam_ids, _, _ = collect(beam_handle)
+    finally:
+        sched.close()
+    assert sizes == [4]  # one prefill for prompts of lengths 5, 3, 9 and 1 (right-padded)
+    for p, ids in zip(PROMPTS, got):
+        assert ids == lm.generate(p, temperature=0, max_new_tokens=6).token_ids
+    solo = lm.generate(PROMPTS[3], num_beams=3, max_new_tokens=5, ignore_eos=True)
+    assert beam_ids[0] == solo.token_ids

@@ -244,7 +244,8 @@ class Transformer(nn.Module):
             self.inv_freq = rope_inv_freq(self.config).float()
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                start: Tensor | None = None, rows: Tensor | None = None, last_only: bool = False) -> Tensor:
+                start: Tensor | None = None, rows: Tensor | None = None, last_only: bool = False,
+                logits_at: Tensor | None = None) -> Tensor:
         B, T = tokens.shape
         dev = tokens.device
         if input_pos is None:
@@ -280,6 +281,8 @@ class Transformer(nn.Module):
             x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:  # [B] one position per row (ragged prompts): logits [B, 1, V]
+            x = x[torch.arange(B), logits_at].unsqueeze(1)
         return self.lm_head(self.norm(x))
 
     @staticmethod

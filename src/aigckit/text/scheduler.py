@@ -1,7 +1,7 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
 One worker thread owns the model and a KV cache of ``max_batch`` slots. Each step it admits waiting requests into
-free slots (prefilling them one by one), then runs ONE batched decode step for every active sequence, samples each
+free slots (prefilling all of them in one forward), then runs ONE batched decode step for every active sequence, samples each
 request with its own parameters and private RNG, and hands the tokens to the requests' queues. A beam-search
 request holds ``num_beams`` slots and advances its ``BeamState`` in that same step (its slots' caches are permuted
 after each step); it reports its sequences when it ends. Active slots are kept
@@ -26,6 +26,7 @@ import torch
 from aigckit.errors import AigcError
 from aigckit.text.beam import BeamState
 from aigckit.text.engine import GenerationParams, RowState, Sequence, TokenEvent, make_generator, sample_rows
+from aigckit.text import omp
 from aigckit.text.kvcache import KVCache
 
 
@@ -92,6 +93,9 @@ class Scheduler:
         self.steps = 0
         self.tokens_generated = 0
         self._threads = torch.get_num_threads()  # OpenMP settings are per thread: carry them into the worker
+        # the model was most likely loaded on this thread: its idle OpenMP workers would make libgomp throttle the
+        # worker's spin-waits (see aigckit.text.omp); from here on only the scheduler thread computes
+        omp.release_idle_workers()
         self.thread = threading.Thread(target=self._loop, name="aigc-scheduler", daemon=True)
         self.thread.start()
 
@@ -165,28 +169,51 @@ class Scheduler:
         return params.num_beams if params.num_beams > 1 else params.num_return_sequences
 
     def _admit(self) -> None:
+        """Take every waiting request that fits into free slots and prefill them together."""
+        batch: list[_Request] = []
+        free = self._free_slots()
         while True:
             with self.lock:
-                if not self.waiting or self._slots_needed(self.waiting[0].params) > self._free_slots():
-                    return
+                if not self.waiting or self._slots_needed(self.waiting[0].params) > free:
+                    break
                 req = self.waiting.popleft()
             if req.cancelled.is_set():
                 req.out.put(_DONE)
                 continue
-            self._prefill(req)
+            free -= self._slots_needed(req.params)
+            batch.append(req)
+        if batch:
+            self._prefill(batch)
 
-    def _prefill(self, req: _Request) -> None:
-        n = self._slots_needed(req.params)
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One forward for all newly admitted prompts, right-padded to the longest: a real token only attends to
+        earlier slots, so padding never reaches it, and each row's padding slots are overwritten by its own decode
+        steps before they could be read (a row attends to slots 0..pos only). Logits are taken at each prompt's
+        last token."""
         first = self.active
-        slots = list(range(first, first + n))
-        L = len(req.prompt)
+        slots_of, s0 = [], first
+        for req in reqs:
+            n = self._slots_needed(req.params)
+            slots_of.append(list(range(s0, s0 + n)))
+            s0 += n
+        lens = [len(r.prompt) for r in reqs]
+        T = max(lens)
+        tokens = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            tokens[i, :lens[i]] = torch.tensor(r.prompt)
         with torch.inference_mode():
-            logits = self.model(torch.tensor([req.prompt]), torch.arange(L), self.cache,
-                                rows=torch.tensor([slots[0]]), last_only=True)[:, -1]
-            for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
-                for k, v in zip(self.cache.k, self.cache.v):
-                    k[s, :, :L] = k[slots[0], :, :L]
-                    v[s, :, :L] = v[slots[0], :, :L]
+            logits = self.model(tokens, torch.arange(T), self.cache, rows=torch.tensor([s[0] for s in slots_of]),
+                                logits_at=torch.tensor(lens) - 1)[:, 0]
+            for slots, L in zip(slots_of, lens):
+                for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
+                    for k, v in zip(self.cache.k, self.cache.v):
+                        k[s, :, :L] = k[slots[0], :, :L]
+                        v[s, :, :L] = v[slots[0], :, :L]
+        for i, (req, slots, L) in enumerate(zip(reqs, slots_of, lens)):
+            self._start(req, slots, L, logits[i:i + 1])
+
+    def _start(self, req: _Request, slots: list[int], L: int, logits: torch.Tensor) -> None:
+        n = len(slots)
         req.slots = slots
         for i, s in enumerate(slots):
             self.slot_row[s] = (req, i)
