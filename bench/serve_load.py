@@ -101,6 +101,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="aigc serve --quantize")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -114,6 +115,8 @@ def main() -> int:
                "--log-level", "warning", "--max-batch", str(args.max_batch), "--max-queue", "256"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
         proc = subprocess.Popen(cmd)
     try:
         deadline = time.monotonic() + 300
