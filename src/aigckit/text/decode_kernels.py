@@ -32,19 +32,6 @@ __all__ = ["AVAILABLE", "rms_norm", "attend_decode", "int8_block_step", "w8a8_bl
 if _numba is not None:
     _f32 = np.float32
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def _rms_norm(x, w, eps, y):  # pragma: no cover - compiled
-        M, K = x.shape
-        for m in range(M):
-            row = x[m]
-            ss = _f32(0.0)
-            for k in range(K):
-                ss += row[k] * row[k]
-            r = _f32(1.0) / np.sqrt(ss / _f32(K) + eps)
-            dst = y[m]
-            for k in range(K):
-                dst[k] = row[k] * r * w[k]
-
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _rotate(src, dst, cos, sin, half):  # pragma: no cover - compiled
         # HF rotate_half convention: dst = src * cos + cat(-src[half:], src[:half]) * sin
@@ -125,19 +112,22 @@ if _numba is not None:
 
     # ---- w8a8 blocks: the integer matmuls are torch._int_mm (oneDNN); these do everything in between
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _rms_row(row, w, eps, dst):  # pragma: no cover - compiled
+        K = row.shape[0]
+        ss = _f32(0.0)
+        for k in range(K):
+            ss += row[k] * row[k]
+        r = _f32(1.0) / np.sqrt(ss / _f32(K) + eps)
+        for k in range(K):
+            dst[k] = row[k] * r * w[k]
+
     @njit(fastmath=True, cache=True, nogil=True)
     def _rms_quant(x, w, eps, xq, xs):  # pragma: no cover - compiled
         # xq, xs = per-row int8 of rms_norm(x) * w
-        M, K = x.shape
-        h = np.empty(K, dtype=np.float32)
-        for m in range(M):
-            row = x[m]
-            ss = _f32(0.0)
-            for k in range(K):
-                ss += row[k] * row[k]
-            r = _f32(1.0) / np.sqrt(ss / _f32(K) + eps)
-            for k in range(K):
-                h[k] = row[k] * r * w[k]
+        h = np.empty(x.shape[1], dtype=np.float32)
+        for m in range(x.shape[0]):
+            _rms_row(x[m], w, eps, h)
             xs[m] = _quant_row(h, xq[m])
 
     @njit(fastmath=True, cache=True, nogil=True)
@@ -152,16 +142,12 @@ if _numba is not None:
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _rms_rows(x, w, eps, y):  # pragma: no cover - compiled
-        M, K = x.shape
-        for m in range(M):
-            row = x[m]
-            ss = _f32(0.0)
-            for k in range(K):
-                ss += row[k] * row[k]
-            r = _f32(1.0) / np.sqrt(ss / _f32(K) + eps)
-            dst = y[m]
-            for k in range(K):
-                dst[k] = row[k] * r * w[k]
+        for m in range(x.shape[0]):
+            _rms_row(x[m], w, eps, y[m])
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _rms_norm(x, w, eps, y):  # pragma: no cover - compiled
+        _rms_rows(x, w, eps, y)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _int8_attn_layer(x, nw, eps, wq, sq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale,
