@@ -263,7 +263,6 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is outside the cache ({cache.max_len} slots)")
         if int(pos.max()) >= self.config.block_size:
             raise ValueError(f"sequence longer than the context window ({self.config.block_size} tokens)")
-        mask = self._mask(pos2d, start, kv_len)
         if cache is not None and input_pos.dim() == 1 and rows is None:
             p0 = int(input_pos[0])  # shared contiguous positions: the cache writes a slice (read once here)
             input_pos = slice(p0, p0 + T)
@@ -277,6 +276,7 @@ class Transformer(nn.Module):
             angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
             rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
         fused = _FusedDecode.make(x, pos2d, start, rope, cache, rows)
+        mask = None if fused is not None else self._mask(pos2d, start, kv_len)  # the fused kernel bounds rows itself
         for i, block in enumerate(self.blocks):
             x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)
         if last_only:
