@@ -240,6 +240,8 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     guided = labels is not None and guidance != 1.0
     null = torch.full((n,), cfg.num_classes, dtype=torch.long) if cfg.num_classes else None
     x = torch.randn((n, cfg.channels, cfg.resolution, cfg.resolution), generator=generator)  # x_T
+    # channels-last activations: oneDNN's convolutions run ~1.5x faster on CPU (same values, other memory order)
+    x = x.contiguous(memory_format=torch.channels_last)
     for i, t in enumerate(tqdm(ts, desc=sampler, leave=False, disable=not progress)):
         tt = torch.full((n,), t, dtype=torch.long)
         if guided:
