@@ -18,7 +18,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="quantise the linears: int8 (per-row weights), int4 (group-32 weights, 8-bit head), w8a8 (int8 weights and per-row int8 activations, integer matmul: fastest for batches)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--kernels", choices=["auto", "torch"], default="auto",
-                   help="auto: oneDNN prepacked float32 linears where available; torch: plain nn.Linear")
+                   help="float32 linears -- auto: numba tile kernel for <= 16 rows, oneDNN prepacked for more; "
+                        "torch: plain nn.Linear (AIGC_NO_NUMBA=1 also turns off the fused numba decode kernels)")
     g.add_argument("--base-url", default=None, help="API base URL for openai:NAME models")
 
 

@@ -221,8 +221,9 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
             api_key: str | None = None):
     """Load a language model by store name, .gguf path, HF directory, or cached HF hub id.
 
-    ``kernels``: "auto" uses oneDNN prepacked float32 linears where available (same arithmetic, faster for 1-16
-    rows), "torch" keeps plain ``nn.Linear``. ``openai:NAME`` returns a remote model (OpenAI-compatible API) with
+    ``kernels``: "auto" runs float32 linears through the numba tile kernel (<= 16 rows) and oneDNN prepacked
+    weights (more rows), "torch" keeps plain ``nn.Linear``. (``AIGC_NO_NUMBA=1`` turns off all numba kernels.)
+    ``quantize``: None, "int8", "int4" or "w8a8" (see README). ``openai:NAME`` returns a remote model (OpenAI-compatible API) with
     the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
