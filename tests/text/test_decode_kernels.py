@@ -118,3 +118,34 @@ def test_int8_block_ok_only_for_weight_only_int8_llama():
     quant.quantize_model(llama, "int8")
     assert decode_kernels.fused_block_kind(llama.blocks[0]) is None
     assert decode_kernels.fused_block_kind(gpt2.blocks[0]) is None
+
+
+@needs_kernels
+def test_fused_float32_block_at_batch_1_equals_reference_path(monkeypatch):
+    from aigckit.text import fastpath
+
+    model = _model("llama", 2)
+    if not fastpath.use_onednn(model):
+        pytest.skip("oneDNN unavailable")
+    assert all(decode_kernels.fused_block_kind(b) == "f32" for b in model.blocks)
+    calls = []
+    real = decode_kernels.int8_block_step
+    monkeypatch.setattr(decode_kernels, "int8_block_step", lambda *a: calls.append(1) or real(*a))
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(decode_kernels, "AVAILABLE", fused)
+        cache = KVCache.for_model(model.config, 1, 32)
+        g = torch.Generator().manual_seed(3)
+        out = []
+        with torch.inference_mode():
+            out.append(model(torch.randint(0, 50, (1, 7), generator=g), torch.arange(7), cache)[:, -1])
+            for p in range(7, 12):
+                out.append(model(torch.randint(0, 50, (1, 1), generator=g), torch.tensor([p]), cache)[:, -1])
+        return out
+
+    ref = run(False)
+    assert not calls
+    got = run(True)
+    assert len(calls) == 5 * model.config.n_layer
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -218,9 +218,28 @@ def attend_decode(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | N
     return torch.from_numpy(out)
 
 
+def _row_args(lin) -> tuple:
+    """(weight rows, per-row scale, bias, has_bias) of an int8 or float32 linear for the row-block kernels. Float32
+    weights go through the same kernels with unit scales: converting float32 to float32 is free, so one pair of
+    layer kernels (compiled once per weight dtype) serves both."""
+    from aigckit.text.quant import Int8Linear
+
+    if isinstance(lin, Int8Linear):
+        return lin._kernel_args()
+    hit = lin.__dict__.get("_row_args")
+    if hit is None or hit[0] is not lin.weight:
+        bias = lin.bias
+        args = (lin.weight.numpy(), np.ones(lin.out_features, dtype=np.float32),
+                bias.numpy() if bias is not None else np.zeros(1, dtype=np.float32), bias is not None)
+        hit = (lin.weight, args)
+        lin.__dict__["_row_args"] = hit
+    return hit[1]
+
+
 def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
-    """One whole Llama block for one new token per row with int8 weight-only linears: two numba calls (attention
-    half, MLP half), each doing norm + matmuls + the pointwise work + the residual add. ``x [B, 1, C]`` float32."""
+    """One whole Llama block for one new token per row with int8 weight-only (or float32, see ``_row_args``)
+    linears: two numba calls (attention half, MLP half), each doing norm + matmuls + the pointwise work + the
+    residual add. ``x [B, 1, C]`` float32."""
     attn, mlp = block.attn, block.mlp
     B, _, C = x.shape
     x2 = x.reshape(B, C)
@@ -231,14 +250,14 @@ def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
         cos = sin = np.empty((B, D), dtype=np.float32)
     else:
         cos, sin = fused.rope[0].numpy(), fused.rope[1].numpy()
-    wq, sq, bq, hbq = attn.qkv._kernel_args()
-    wo, so, bo, hbo = attn.proj._kernel_args()
+    wq, sq, bq, hbq = _row_args(attn.qkv)
+    wo, so, bo, hbo = _row_args(attn.proj)
     mid = np.empty((B, C), dtype=np.float32)
     _int8_attn_layer(x2.numpy(), block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps), wq, sq, bq, hbq,
                      cos, sin, fused.rope is not None, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
                      fused.lo, attn.n_head, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), wo, so, bo, hbo, mid)
-    wgu, sgu, bgu, hbgu = mlp.gate_up._kernel_args()
-    wd, sd, bd, hbd = mlp.down._kernel_args()
+    wgu, sgu, bgu, hbgu = _row_args(mlp.gate_up)
+    wd, sd, bd, hbd = _row_args(mlp.down)
     out = np.empty((B, C), dtype=np.float32)
     _int8_mlp_layer(mid, block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps), wgu, sgu, bgu, hbgu,
                     wd, sd, bd, hbd, out)
@@ -246,13 +265,18 @@ def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
 
 
 def fused_block_kind(block) -> str | None:
-    """Which fused block step can run this block: "int8" (``int8_block_step``), "w8a8" (``w8a8_block_step``) or
-    None. Llama blocks (RMSNorm, SwiGLU) whose four linears are all int8, all weight-only or all w8a8."""
+    """Which fused block step can run this block: "int8" or "f32" (``int8_block_step``), "w8a8"
+    (``w8a8_block_step``) or None. Llama blocks (RMSNorm, SwiGLU) whose four linears are all weight-only int8, all
+    w8a8, or all float32 ``OneDNNLinear`` (which keep plain weight rows)."""
+    from aigckit.text.fastpath import OneDNNLinear
     from aigckit.text.quant import Int8Linear
 
     lins = (block.attn.qkv, block.attn.proj, getattr(block.mlp, "gate_up", None), getattr(block.mlp, "down", None))
-    if not (AVAILABLE and block.mlp.arch == "llama" and block.attn_norm.weight.dtype == torch.float32
-            and all(type(m) is Int8Linear for m in lins)):
+    if not (AVAILABLE and block.mlp.arch == "llama" and block.attn_norm.weight.dtype == torch.float32):
+        return None
+    if all(type(m) is OneDNNLinear and m.weight is not None for m in lins):
+        return "f32"  # float32 rows through the int8 kernels with unit scales (_row_args)
+    if not all(type(m) is Int8Linear for m in lins):
         return None
     modes = {m.act_quant for m in lins}
     if modes == {False}:

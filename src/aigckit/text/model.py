@@ -196,9 +196,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
                 fused: _FusedDecode | None = None) -> Tensor:
-        if fused is not None:  # int8 / w8a8 Llama blocks: the whole block in a few fused calls (decode_kernels)
+        if fused is not None:  # int8 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
             kind = self._fused_kind()
-            if kind == "int8":
+            # float32 only at batch 1: for more rows the int8 tile path's row copy costs more than it saves
+            if kind == "int8" or (kind == "f32" and x.shape[0] == 1):
                 return decode_kernels.int8_block_step(self, x, layer, cache, fused)
             if kind == "w8a8":
                 return decode_kernels.w8a8_block_step(self, x, layer, cache, fused)
