@@ -235,12 +235,12 @@ class Scheduler:
         A = self.active
         if A == 0:
             return
-        tokens = torch.empty(A, 1, dtype=torch.long)
-        pos = torch.empty(A, 1, dtype=torch.long)
+        toks = []
         for s in range(A):
             req, i = self.slot_row[s]
-            tokens[s, 0] = req.beam.next_tokens()[i] if req.beam is not None else req.rows[i].seq[-1]
-            pos[s, 0] = self.pos[s]
+            toks.append(int(req.beam.next_tokens()[i]) if req.beam is not None else req.rows[i].seq[-1])
+        tokens = torch.tensor(toks, dtype=torch.long).view(A, 1)
+        pos = torch.tensor(self.pos[:A], dtype=torch.long).view(A, 1)
         with torch.inference_mode():
             logits = self.model(tokens, pos, self.cache)[:, -1]
         self.steps += 1
@@ -251,15 +251,29 @@ class Scheduler:
         for s in range(A):
             req, i = self.slot_row[s]
             groups.setdefault(req, []).append((i, s))
+        # plain greedy requests (no penalties, no logprobs) need only an argmax: one call for the whole batch
+        argmax = None
         for req, pairs in groups.items():
             pairs.sort()
             if req.beam is not None:
                 self._beam_step(req, logits[[s for _, s in pairs]])
+            elif self._plain_greedy(req):
+                if argmax is None:
+                    argmax = logits.argmax(dim=-1).tolist()
+                self._emit(req, None, only=[i for i, _ in pairs], ids=[argmax[s] for _, s in pairs])
             else:
                 self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
 
-    def _emit(self, req: _Request, logits: torch.Tensor, only: list[int] | None = None) -> None:
-        """Sample the next token for the request's active rows, publish events, release finished rows."""
+    @staticmethod
+    def _plain_greedy(req: _Request) -> bool:
+        p = req.params
+        return (p.temperature == 0 and not p.logprobs and p.repetition_penalty == 1.0
+                and not p.no_repeat_ngram_size)
+
+    def _emit(self, req: _Request, logits: torch.Tensor | None, only: list[int] | None = None,
+              ids: list[int] | None = None) -> None:
+        """Sample the next token for the request's active rows (or take ``ids`` already chosen), publish events,
+        release finished rows."""
         idx = only if only is not None else [i for i, r in enumerate(req.rows) if r.active]
         rows = [req.rows[i] for i in idx]
         if req.cancelled.is_set():
@@ -268,7 +282,10 @@ class Scheduler:
                 self._release(req, r.row)
             req.out.put(_DONE)
             return
-        ids, lps = sample_rows(logits, rows, req.params, req.generator)
+        if ids is None:
+            ids, lps = sample_rows(logits, rows, req.params, req.generator)
+        else:
+            lps = [None] * len(ids)
         if req.first_token_s is None:
             req.first_token_s = time.perf_counter() - req.submitted
         for r, tok, lp in zip(rows, ids, lps):
