@@ -110,7 +110,7 @@ if _numba is not None:
 
     from aigckit.text.quant import _ROW_BLOCK, _int8_block, _quant_row
 
-    # ---- w8a8 blocks: the integer matmuls are torch._int_mm (oneDNN); these do everything in between
+    # ---- w8a8 blocks: the integer matmuls are oneDNN's (Int8Linear.int_product); these do everything in between
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _rms_row(row, w, eps, dst):  # pragma: no cover - compiled
@@ -131,13 +131,13 @@ if _numba is not None:
             xs[m] = _quant_row(h, xq[m])
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _deq_add(acc, xs, ws, bias, has_bias, res, y):  # pragma: no cover - compiled
-        # y = acc * xs[:, None] * ws + bias + res   (int32 matmul result -> float32, plus the residual)
-        M, N = acc.shape
+    def _scale_add(yw, xs, bias, has_bias, res, y):  # pragma: no cover - compiled
+        # y = yw * xs[:, None] + bias + res   (yw: integer product times the weight scales, see Int8Linear)
+        M, N = yw.shape
         for m in range(M):
             s = xs[m]
             for n in range(N):
-                v = _f32(acc[m, n]) * (s * ws[n]) + res[m, n]
+                v = yw[m, n] * s + res[m, n]
                 y[m, n] = v + bias[n] if has_bias else v
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -289,44 +289,40 @@ def int8_block_ok(block) -> bool:
 
 
 def _w8a8_plan(block) -> tuple:
-    """The numpy/tensor arguments of ``w8a8_block_step`` for this block, built once per set of weight tensors."""
+    """The numpy arguments of ``w8a8_block_step``'s epilogues for this block, built once per set of tensors."""
     lins = (block.attn.qkv, block.attn.proj, block.mlp.gate_up, block.mlp.down)
-    wts = tuple(m._wt() for m in lins)  # first call re-lays the weights out; take the ids after it
     key = tuple(id(m.qweight) for m in lins) + (id(block.attn_norm.weight), id(block.mlp_norm.weight))
     plan = block.__dict__.get("_w8a8_plan")
     if plan is None or plan[0] != key:
-        epi = tuple(m._kernel_args()[1:] for m in lins)  # (scale, bias, has_bias) each
+        epi = tuple(m._kernel_args()[2:] for m in lins)  # (bias, has_bias) each
         norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
                  block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
-        plan = (key, wts, epi, norms)
+        plan = (key, lins, epi, norms)
         block.__dict__["_w8a8_plan"] = plan
     return plan
 
 
 def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
-    """One whole Llama block for one new token per row with w8a8 linears: four ``torch._int_mm`` calls, numba
-    calls for everything between them (norm + activation quantisation, dequantisation + residual, attention) and
-    torch's SiLU; no module calls. ``x [B, 1, C]`` float32."""
-    from aigckit.text.quant import _dequant_out, _quant_act
+    """One whole Llama block for one new token per row with w8a8 linears: four integer matmuls
+    (``Int8Linear.int_product``), numba calls for everything between them (norm + activation quantisation,
+    scaling + residual, attention) and torch's SiLU; no module calls. ``x [B, 1, C]`` float32."""
+    from aigckit.text.quant import _quant_act, _rows_scale
 
-    _, (w_qkv, w_o, w_gu, w_d), (e_qkv, e_o, e_gu, e_d), (n1, eps1, n2, eps2) = _w8a8_plan(block)
+    _, (l_qkv, l_o, l_gu, l_d), (e_qkv, e_o, e_gu, e_d), (n1, eps1, n2, eps2) = _w8a8_plan(block)
     attn = block.attn
     B, _, C = x.shape
     xn = x.reshape(B, C).contiguous().numpy()
     D = cache.k[layer].shape[3]
     nh = attn.n_head
-    inter = w_d.shape[0]
+    inter = l_d.in_features
     qc = np.empty((B, C), dtype=np.int8)  # int8 activations by width: model, attention output, MLP hidden
     qa = np.empty((B, nh * D), dtype=np.int8)
     qi = np.empty((B, inter), dtype=np.int8)
     qs = np.empty(B, dtype=np.float32)
 
-    def mm(q, wt):  # int8 rows x an int8 [in, out] weight -> int32 [B, out]
-        return torch._int_mm(torch.from_numpy(q), wt).numpy()
-
     _rms_quant(xn, n1, eps1, qc, qs)
-    qkv = np.empty((B, w_qkv.shape[1]), dtype=np.float32)
-    _dequant_out(mm(qc, w_qkv), qs, *e_qkv, qkv)
+    qkv = np.empty((B, l_qkv.out_features), dtype=np.float32)
+    _rows_scale(l_qkv.int_product(qc), qs, *e_qkv, qkv)
     if fused.rope is None:
         cos = sin = np.empty((B, D), dtype=np.float32)
     else:
@@ -336,14 +332,14 @@ def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
             fused.lo, nh, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), att)
     _quant_act(att, qa, qs)
     mid = np.empty((B, C), dtype=np.float32)
-    _deq_add(mm(qa, w_o), qs, *e_o, xn, mid)
+    _scale_add(l_o.int_product(qa), qs, *e_o, xn, mid)
 
     _rms_quant(mid, n2, eps2, qc, qs)
     gu = np.empty((B, 2 * inter), dtype=np.float32)
-    _dequant_out(mm(qc, w_gu), qs, *e_gu, gu)
+    _rows_scale(l_gu.int_product(qc), qs, *e_gu, gu)
     g = torch.from_numpy(gu)
     a = F.silu(g[:, :inter]).mul_(g[:, inter:])  # torch's vectorised exp: ~2x faster than numba's scalar expf
     _quant_act(a.numpy(), qi, qs)
     out = np.empty((B, C), dtype=np.float32)
-    _deq_add(mm(qi, w_d), qs, *e_d, mid, out)
+    _scale_add(l_d.int_product(qi), qs, *e_d, mid, out)
     return torch.from_numpy(out).view(B, 1, C)
