@@ -151,3 +151,23 @@ def test_requests_waiting_together_are_prefilled_in_one_forward(lm):
         assert ids == lm.generate(p, temperature=0, max_new_tokens=6).token_ids
     solo = lm.generate(PROMPTS[3], num_beams=3, max_new_tokens=5, ignore_eos=True)
     assert beam_ids[0] == solo.token_ids
+
+
+def test_prefill_rounds_are_capped_by_a_token_budget(lm, monkeypatch):
+    from aigckit.text import scheduler as scheduler_mod
+
+    monkeypatch.setattr(scheduler_mod, "PREFILL_TOKENS", 8)
+    sched = Scheduler(lm, max_batch=8, max_queue=16)
+    sizes = []
+    real = sched._prefill
+    sched._prefill = lambda reqs: sizes.append([len(r.prompt) for r in reqs]) or real(reqs)
+    try:
+        greedy = GenerationParams(temperature=0, max_new_tokens=4)
+        with sched.lock:
+            handles = [sched.submit(p, greedy) for p in PROMPTS[:4]]  # prompt lengths 5, 3, 9, 1
+        got = [collect(h)[0][0] for h in handles]
+    finally:
+        sched.close()
+    assert sizes == [[5, 3], [9], [1]]  # a round always takes one request, even one over the budget
+    for p, ids in zip(PROMPTS, got):
+        assert ids == lm.generate(p, temperature=0, max_new_tokens=4).token_ids

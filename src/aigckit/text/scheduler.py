@@ -30,6 +30,9 @@ from aigckit.text import omp
 from aigckit.text.kvcache import KVCache
 
 
+PREFILL_TOKENS = 512  # prompt tokens prefilled together in one admission round (one forward)
+
+
 class QueueFull(AigcError):
     """The scheduler's waiting queue is full (HTTP 429)."""
 
@@ -169,14 +172,20 @@ class Scheduler:
         return params.num_beams if params.num_beams > 1 else params.num_return_sequences
 
     def _admit(self) -> None:
-        """Take every waiting request that fits into free slots and prefill them together."""
+        """Take the waiting requests that fit into free slots, up to ``PREFILL_TOKENS`` prompt tokens (at least one
+        request), and prefill them together: larger rounds would delay every request's first token behind the
+        whole burst, smaller ones re-read all weights per request."""
         batch: list[_Request] = []
         free = self._free_slots()
+        tokens = 0
         while True:
             with self.lock:
                 if not self.waiting or self._slots_needed(self.waiting[0].params) > free:
                     break
+                if batch and tokens + len(self.waiting[0].prompt) > PREFILL_TOKENS:
+                    break
                 req = self.waiting.popleft()
+            tokens += len(req.prompt)
             if req.cancelled.is_set():
                 req.out.put(_DONE)
                 continue
