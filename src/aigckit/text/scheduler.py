@@ -1,11 +1,11 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
 One worker thread owns the model and a KV cache of ``max_batch`` slots. Each step it admits waiting requests into
-free slots (prefilling all of them in one forward), then runs ONE batched decode step for every active sequence, samples each
-request with its own parameters and private RNG, and hands the tokens to the requests' queues. A beam-search
-request holds ``num_beams`` slots and advances its ``BeamState`` in that same step (its slots' caches are permuted
-after each step); it reports its sequences when it ends. Active slots are kept
-compact (0..A-1): when a sequence in the middle ends, the last one moves into its slot, so the decode step reads a
+free slots (prefilling them together, up to ``PREFILL_TOKENS`` prompt tokens per forward), then runs ONE batched
+decode step for every active sequence, samples each request with its own parameters and private RNG, and hands
+the tokens to the requests' queues. A beam-search request holds ``num_beams`` slots and advances its ``BeamState``
+in that same step (its slots' caches are permuted after each step); it reports its sequences when it ends. Active
+slots are kept compact (0..A-1): when a sequence in the middle ends, the last one moves into its slot, so the decode step reads a
 contiguous cache prefix without gathering.
 
     sched = Scheduler(lm, max_batch=16)
@@ -25,8 +25,8 @@ import torch
 
 from aigckit.errors import AigcError
 from aigckit.text.beam import BeamState
-from aigckit.text.engine import GenerationParams, RowState, Sequence, TokenEvent, make_generator, sample_rows
 from aigckit.text import omp
+from aigckit.text.engine import GenerationParams, RowState, Sequence, TokenEvent, make_generator, sample_rows
 from aigckit.text.kvcache import KVCache
 
 
@@ -260,29 +260,15 @@ class Scheduler:
         for s in range(A):
             req, i = self.slot_row[s]
             groups.setdefault(req, []).append((i, s))
-        # plain greedy requests (no penalties, no logprobs) need only an argmax: one call for the whole batch
-        argmax = None
         for req, pairs in groups.items():
             pairs.sort()
             if req.beam is not None:
                 self._beam_step(req, logits[[s for _, s in pairs]])
-            elif self._plain_greedy(req):
-                if argmax is None:
-                    argmax = logits.argmax(dim=-1).tolist()
-                self._emit(req, None, only=[i for i, _ in pairs], ids=[argmax[s] for _, s in pairs])
             else:
                 self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
 
-    @staticmethod
-    def _plain_greedy(req: _Request) -> bool:
-        p = req.params
-        return (p.temperature == 0 and not p.logprobs and p.repetition_penalty == 1.0
-                and not p.no_repeat_ngram_size)
-
-    def _emit(self, req: _Request, logits: torch.Tensor | None, only: list[int] | None = None,
-              ids: list[int] | None = None) -> None:
-        """Sample the next token for the request's active rows (or take ``ids`` already chosen), publish events,
-        release finished rows."""
+    def _emit(self, req: _Request, logits: torch.Tensor, only: list[int] | None = None) -> None:
+        """Sample the next token for the request's active rows, publish events, release finished rows."""
         idx = only if only is not None else [i for i, r in enumerate(req.rows) if r.active]
         rows = [req.rows[i] for i in idx]
         if req.cancelled.is_set():
@@ -291,10 +277,7 @@ class Scheduler:
                 self._release(req, r.row)
             req.out.put(_DONE)
             return
-        if ids is None:
-            ids, lps = sample_rows(logits, rows, req.params, req.generator)
-        else:
-            lps = [None] * len(ids)
+        ids, lps = sample_rows(logits, rows, req.params, req.generator)
         if req.first_token_s is None:
             req.first_token_s = time.perf_counter() - req.submitted
         for r, tok, lp in zip(rows, ids, lps):
