@@ -109,13 +109,13 @@ def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatc
         torch.testing.assert_close(b, a, atol=tol, rtol=1e-4)
 
 
-def test_int8_block_ok_only_for_weight_only_int8_llama():
+def test_fused_block_kind_only_for_llama_blocks_of_one_format():
     from aigckit.text import quant
 
     llama, gpt2 = _model("llama", 2), _model("gpt2", 4)
-    assert not decode_kernels.int8_block_ok(llama.blocks[0])  # float32 linears
+    assert decode_kernels.fused_block_kind(llama.blocks[0]) != "int8"  # float32 linears
     quant.quantize_model(gpt2, "int8")
-    assert not decode_kernels.int8_block_ok(gpt2.blocks[0])  # LayerNorm / GELU block
+    assert decode_kernels.fused_block_kind(gpt2.blocks[0]) != "int8"  # LayerNorm / GELU block
     quant.quantize_model(llama, "w8a8", skip=lambda name, _: name.endswith("qkv"))
     assert decode_kernels.fused_block_kind(llama.blocks[0]) is None  # mixed modes: the per-op path
     quant.quantize_model(llama, "int8")

@@ -200,45 +200,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.from_numpy(y).view(x.shape)
 
 
-def attend_decode(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, pos: np.ndarray, lo: np.ndarray, n_head: int, n_kv_head: int
-                  ) -> torch.Tensor:
-    """One new token per row: rotate q and k (when ``rope`` = (cos, sin), each [B, D]), write k and v into cache
-    rows 0..B-1 at slot ``pos[b]``, attend over slots ``lo[b]..pos[b]``. ``qkv [B, (H + 2 Hkv) * D]`` float32
-    contiguous; caches [rows, Hkv, L, D] float32 contiguous. Returns [B, H * D]."""
+def attend_decode(qkv: torch.Tensor, fused, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int,
+                  n_kv_head: int) -> torch.Tensor:
+    """One new token per row: rotate q and k (``fused.cos/sin`` [B, D] when ``fused.has_rope``), write k and v into
+    cache rows 0..B-1 at slot ``fused.pos[b]``, attend over slots ``fused.lo[b]..fused.pos[b]``.
+    ``qkv [B, (H + 2 Hkv) * D]`` float32 contiguous; caches [rows, Hkv, L, D] float32 contiguous. Returns [B, H * D]."""
     B = qkv.shape[0]
     D = k_cache.shape[3]
     out = np.empty((B, n_head * D), dtype=np.float32)
-    if rope is None:
-        cos = sin = np.empty((B, D), dtype=np.float32)
-    else:
-        cos, sin = rope[0].numpy(), rope[1].numpy()
-    _attend(qkv.numpy(), cos, sin, rope is not None, k_cache.numpy(), v_cache.numpy(), pos, lo, n_head, n_kv_head,
-            np.float32(1.0 / math.sqrt(D)), out)
+    _attend(qkv.numpy(), fused.cos, fused.sin, fused.has_rope, k_cache.numpy(), v_cache.numpy(), fused.pos,
+            fused.lo, n_head, n_kv_head, np.float32(1.0 / math.sqrt(D)), out)
     return torch.from_numpy(out)
 
 
-def _row_args(lin) -> tuple:
-    """(weight rows, per-row scale, bias, has_bias) of an int8 or float32 linear for the row-block kernels. Float32
-    weights go through the same kernels with unit scales: converting float32 to float32 is free, so one pair of
-    layer kernels (compiled once per weight dtype) serves both."""
-    from aigckit.text.quant import Int8Linear
-
-    if isinstance(lin, Int8Linear):
-        return lin._kernel_args()
-    hit = lin.__dict__.get("_row_args")
-    if hit is None or hit[0] is not lin.weight:
-        bias = lin.bias
-        args = (lin.weight.numpy(), np.ones(lin.out_features, dtype=np.float32),
-                bias.numpy() if bias is not None else np.zeros(1, dtype=np.float32), bias is not None)
-        hit = (lin.weight, args)
-        lin.__dict__["_row_args"] = hit
-    return hit[1]
-
-
 def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
-    """One whole Llama block for one new token per row with int8 weight-only (or float32, see ``_row_args``)
-    linears: two numba calls (attention half, MLP half), each doing norm + matmuls + the pointwise work + the
+    """One whole Llama block for one new token per row with int8 weight-only (or float32, with unit scales: see
+    ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls + the pointwise work + the
     residual add. ``x [B, 1, C]`` float32."""
     attn, mlp = block.attn, block.mlp
     B, _, C = x.shape
@@ -246,18 +223,14 @@ def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     D = cache.k[layer].shape[3]
-    if fused.rope is None:
-        cos = sin = np.empty((B, D), dtype=np.float32)
-    else:
-        cos, sin = fused.rope[0].numpy(), fused.rope[1].numpy()
-    wq, sq, bq, hbq = _row_args(attn.qkv)
-    wo, so, bo, hbo = _row_args(attn.proj)
+    wq, sq, bq, hbq = attn.qkv._kernel_args()
+    wo, so, bo, hbo = attn.proj._kernel_args()
     mid = np.empty((B, C), dtype=np.float32)
     _int8_attn_layer(x2.numpy(), block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps), wq, sq, bq, hbq,
-                     cos, sin, fused.rope is not None, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
+                     fused.cos, fused.sin, fused.has_rope, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
                      fused.lo, attn.n_head, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), wo, so, bo, hbo, mid)
-    wgu, sgu, bgu, hbgu = _row_args(mlp.gate_up)
-    wd, sd, bd, hbd = _row_args(mlp.down)
+    wgu, sgu, bgu, hbgu = mlp.gate_up._kernel_args()
+    wd, sd, bd, hbd = mlp.down._kernel_args()
     out = np.empty((B, C), dtype=np.float32)
     _int8_mlp_layer(mid, block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps), wgu, sgu, bgu, hbgu,
                     wd, sd, bd, hbd, out)
@@ -275,17 +248,13 @@ def fused_block_kind(block) -> str | None:
     if not (AVAILABLE and block.mlp.arch == "llama" and block.attn_norm.weight.dtype == torch.float32):
         return None
     if all(type(m) is OneDNNLinear and m.weight is not None for m in lins):
-        return "f32"  # float32 rows through the int8 kernels with unit scales (_row_args)
+        return "f32"  # float32 rows through the int8 kernels with unit scales (OneDNNLinear._kernel_args)
     if not all(type(m) is Int8Linear for m in lins):
         return None
     modes = {m.act_quant for m in lins}
     if modes == {False}:
         return "int8"
     return "w8a8" if modes == {True} else None
-
-
-def int8_block_ok(block) -> bool:
-    return fused_block_kind(block) == "int8"
 
 
 def _w8a8_plan(block) -> tuple:
@@ -323,12 +292,8 @@ def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
     _rms_quant(xn, n1, eps1, qc, qs)
     qkv = np.empty((B, l_qkv.out_features), dtype=np.float32)
     _rows_scale(l_qkv.int_product(qc), qs, *e_qkv, qkv)
-    if fused.rope is None:
-        cos = sin = np.empty((B, D), dtype=np.float32)
-    else:
-        cos, sin = fused.rope[0].numpy(), fused.rope[1].numpy()
     att = np.empty((B, nh * D), dtype=np.float32)
-    _attend(qkv, cos, sin, fused.rope is not None, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
+    _attend(qkv, fused.cos, fused.sin, fused.has_rope, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
             fused.lo, nh, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), att)
     _quant_act(att, qa, qs)
     mid = np.empty((B, C), dtype=np.float32)

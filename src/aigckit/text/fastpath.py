@@ -16,6 +16,7 @@ copies (plain and packed): float32 costs twice its weight bytes in memory for th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +50,17 @@ class OneDNNLinear(nn.Module):
         else:  # dense in, dense out: no per-call layout conversions of the activations
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+    def _kernel_args(self) -> tuple:
+        """(weight rows, per-row scale, bias, has_bias) for the row-block kernels, as ``Int8Linear._kernel_args``
+        gives them: float32 rows with unit scales go through the same fused block kernels (``decode_kernels``)."""
+        hit = self.__dict__.get("_args")
+        if hit is None:
+            b = self.bias
+            hit = (self.weight.numpy(), np.ones(self.out_features, dtype=np.float32),
+                   b.numpy() if b is not None else np.zeros(1, dtype=np.float32), b is not None)
+            self.__dict__["_args"] = hit
+        return hit
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

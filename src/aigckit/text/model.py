@@ -30,10 +30,10 @@ from aigckit.text.kvcache import KVCache
 class _FusedDecode:
     """What the fused decode-attention kernel needs, worked out once per forward (see ``decode_kernels``)."""
 
-    __slots__ = ("pos", "lo", "rope")
+    __slots__ = ("pos", "lo", "cos", "sin", "has_rope")
 
-    def __init__(self, pos, lo, rope) -> None:
-        self.pos, self.lo, self.rope = pos, lo, rope
+    def __init__(self, pos, lo, cos, sin, has_rope: bool) -> None:
+        self.pos, self.lo, self.cos, self.sin, self.has_rope = pos, lo, cos, sin, has_rope
 
     @classmethod
     def make(cls, x: Tensor, pos2d: Tensor, start: Tensor | None, rope, cache: KVCache | None,
@@ -45,10 +45,12 @@ class _FusedDecode:
         lo = np.zeros_like(pos) if start is None else start.numpy().astype(np.int64)
         if (pos < lo).any():  # a padding query: leave it to the masked reference path
             return None
-        if rope is not None:
+        if rope is None:  # GPT-2: the kernels take (unused) arrays of the right type
+            cos = sin = np.zeros((x.shape[0], 1), dtype=np.float32)
+        else:  # [B, 1, 1, D] -> [B, D] numpy views, shared by every layer of this step
             B, D = x.shape[0], rope[0].shape[-1]
-            rope = (rope[0].reshape(B, D).contiguous(), rope[1].reshape(B, D).contiguous())
-        return cls(pos, lo, rope)
+            cos, sin = (r.reshape(B, D).contiguous().numpy() for r in rope)
+        return cls(pos, lo, cos, sin, rope is not None)
 
 
 class RMSNorm(nn.Module):
@@ -137,8 +139,8 @@ class Attention(nn.Module):
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         qkv = self.qkv(x)
         if fused is not None:  # one new token per row, float32 CPU: rope + cache write + attention in one call
-            y = decode_kernels.attend_decode(qkv.reshape(B, -1).contiguous(), fused.rope, cache.k[layer],
-                                             cache.v[layer], fused.pos, fused.lo, nh, nkv)
+            y = decode_kernels.attend_decode(qkv.reshape(B, -1).contiguous(), fused, cache.k[layer], cache.v[layer],
+                                             nh, nkv)
             return self.proj(y.view(B, 1, nh * hd))
         if rope is not None:  # q and k are adjacent in the fused projection: rotate them in one go
             qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), *rope)
