@@ -188,7 +188,8 @@ def _source_key(res: store.Resolved) -> str:
 
 
 def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
-    """Quantisation of the linears (weight-only int8/int4, or w8a8 with int8 activations), cached in the store per (source, mode, kernel code version)."""
+    """Quantisation of the linears (weight-only int8/int4, or w8a8 with int8 activations), cached in the store
+    per (source, mode, kernel code + recipe)."""
     from aigckit.text import quant
 
     # the key covers the kernel code and the recipe below (which linears get which format)
@@ -223,8 +224,8 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
 
     ``kernels``: "auto" runs float32 linears through the numba tile kernel (<= 16 rows) and oneDNN prepacked
     weights (more rows), "torch" keeps plain ``nn.Linear``. (``AIGC_NO_NUMBA=1`` turns off all numba kernels.)
-    ``quantize``: None, "int8", "int4" or "w8a8" (see README). ``openai:NAME`` returns a remote model (OpenAI-compatible API) with
-    the same interface."""
+    ``quantize``: None, "int8", "int4" or "w8a8" (see README). ``openai:NAME`` returns a remote model
+    (OpenAI-compatible API) with the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
 
