@@ -152,3 +152,22 @@ def test_fused_float32_block_at_batch_1_equals_reference_path(monkeypatch):
     assert len(calls) == 5 * model.config.n_layer
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_fused_float32_block_on_a_ragged_batch_equals_reference_path(monkeypatch):
+    """Several rows (beam search, batched serving): the float32 block kernel reads the weight rows in place."""
+    from aigckit.text import fastpath
+
+    model = _model("llama", 2)
+    if not fastpath.use_onednn(model):
+        pytest.skip("oneDNN unavailable")
+    calls = []
+    real = decode_kernels.int8_block_step
+    monkeypatch.setattr(decode_kernels, "int8_block_step", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    ref, _ = _decode_run(model, False, monkeypatch)
+    assert not calls
+    got, _ = _decode_run(model, True, monkeypatch)
+    assert calls == [3] * (6 * model.config.n_layer)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -108,7 +108,21 @@ if _numba is not None:
         for i in prange(qkv.shape[0] * nkv):
             _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out)
 
-    from aigckit.text.quant import _ROW_BLOCK, _int8_block, _quant_row
+    from numba.core import types as _types
+    from numba.extending import overload as _overload
+
+    from aigckit.text.quant import _ROW_BLOCK, _f32_block, _int8_block, _quant_row
+
+    def _rows_block(x, w, scale, bias, has_bias, y, b):  # pragma: no cover - typed by the overload below
+        raise NotImplementedError
+
+    @_overload(_rows_block, inline="always")
+    def _rows_block_impl(x, w, scale, bias, has_bias, y, b):
+        # output rows of block b of one linear inside a fused block kernel, by weight type at compile time:
+        # int8 rows (times per-row scales) or float32 rows read in place (their unit scales unused)
+        if isinstance(w.dtype, _types.Float):
+            return lambda x, w, scale, bias, has_bias, y, b: _f32_block(x, w, bias, has_bias, y, b)
+        return lambda x, w, scale, bias, has_bias, y, b: _int8_block(x, w, scale, bias, has_bias, y, b)
 
     # ---- w8a8 blocks: the integer matmuls are oneDNN's (Int8Linear.int_product); these do everything in between
 
@@ -159,12 +173,12 @@ if _numba is not None:
         _rms_rows(x, nw, eps, h)
         qkv = np.empty((B, wq.shape[0]), dtype=np.float32)
         for blk in prange((wq.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int8_block(h, wq, sq, bq, has_bq, qkv, blk)
+            _rows_block(h, wq, sq, bq, has_bq, qkv, blk)
         att = np.empty((B, nh * D), dtype=np.float32)
         for i in prange(B * nkv):
             _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att)
         for blk in prange((wo.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int8_block(att, wo, so, bo, has_bo, out, blk)
+            _rows_block(att, wo, so, bo, has_bo, out, blk)
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]
@@ -178,14 +192,14 @@ if _numba is not None:
         _rms_rows(x, nw, eps, h)
         gu = np.empty((B, 2 * inter), dtype=np.float32)
         for blk in prange((wgu.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int8_block(h, wgu, sgu, bgu, has_bgu, gu, blk)
+            _rows_block(h, wgu, sgu, bgu, has_bgu, gu, blk)
         a = np.empty((B, inter), dtype=np.float32)
         for b in range(B):
             for j in range(inter):
                 gt = gu[b, j]
                 a[b, j] = gt / (_f32(1.0) + np.exp(-gt)) * gu[b, inter + j]
         for blk in prange((wd.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int8_block(a, wd, sd, bd, has_bd, out, blk)
+            _rows_block(a, wd, sd, bd, has_bd, out, blk)
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]

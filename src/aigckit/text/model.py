@@ -103,6 +103,7 @@ def _use_kernels(x: Tensor) -> bool:
     return decode_kernels.AVAILABLE and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
+_F32_FUSED_ROWS = 16  # = fastpath.SMALL_ROWS (not imported: fastpath depends on quant, model stays light)
 SMALL_T = 32  # below this many new tokens (decode, beam steps) the explicit grouped kernel is faster on CPU
 
 
@@ -200,8 +201,8 @@ class Block(nn.Module):
                 fused: _FusedDecode | None = None) -> Tensor:
         if fused is not None:  # int8 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
             kind = self._fused_kind()
-            # float32 only at batch 1: for more rows the int8 tile path's row copy costs more than it saves
-            if kind == "int8" or (kind == "f32" and x.shape[0] == 1):
+            # float32 up to the rows where its tile kernel beats oneDNN (fastpath.SMALL_ROWS)
+            if kind == "int8" or (kind == "f32" and x.shape[0] <= _F32_FUSED_ROWS):
                 return decode_kernels.int8_block_step(self, x, layer, cache, fused)
             if kind == "w8a8":
                 return decode_kernels.w8a8_block_step(self, x, layer, cache, fused)
