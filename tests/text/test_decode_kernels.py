@@ -71,18 +71,22 @@ def test_fused_decode_equals_reference_path(arch, n_kv_head, monkeypatch):
 def test_fused_path_not_taken_with_grad_or_bf16():
     model = _model("llama", 2)
     cache = KVCache.for_model(model.config, 1, 16)
-    x = torch.zeros(1, 1, 32)
+    tok = torch.zeros(1, 1, dtype=torch.long)
     pos2d = torch.tensor([[3]])
     from aigckit.text.model import _FusedDecode
 
     with torch.inference_mode():
-        assert _FusedDecode.make(x, pos2d, None, None, cache, None) is not None
-        assert _FusedDecode.make(x.bfloat16(), pos2d, None, None, cache, None) is None
-        assert _FusedDecode.make(x, torch.tensor([[3, 4]]), None, None, cache, None) is None  # 2 tokens: prefill
-        assert _FusedDecode.make(x, pos2d, None, None, cache, torch.tensor([0])) is None  # explicit cache rows
-        assert _FusedDecode.make(x, pos2d, torch.tensor([5]), None, cache, None) is None  # padding query
+        assert _FusedDecode.make(model, tok, pos2d, None, cache, None) is not None
+        bf16 = _model("llama", 2).to(torch.bfloat16)
+        assert _FusedDecode.make(bf16, tok, pos2d, None, cache, None) is None
+        assert _FusedDecode.make(model, tok, pos2d, None, KVCache.for_model(model.config, 1, 16, torch.bfloat16),
+                                 None) is None
+        two = torch.zeros(1, 2, dtype=torch.long)
+        assert _FusedDecode.make(model, two, torch.tensor([[3, 4]]), None, cache, None) is None  # prefill
+        assert _FusedDecode.make(model, tok, pos2d, None, cache, torch.tensor([0])) is None  # explicit cache rows
+        assert _FusedDecode.make(model, tok, pos2d, torch.tensor([5]), cache, None) is None  # padding query
     with torch.enable_grad():
-        assert _FusedDecode.make(x, pos2d, None, None, cache, None) is None
+        assert _FusedDecode.make(model, tok, pos2d, None, cache, None) is None
 
 
 @needs_kernels
@@ -171,3 +175,91 @@ def test_fused_float32_block_on_a_ragged_batch_equals_reference_path(monkeypatch
     assert calls == [3] * (6 * model.config.n_layer)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _fused_model(n_layer: int, mode: str) -> Transformer:
+    from aigckit.text import fastpath, quant
+
+    cfg = LMConfig(arch="llama", vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
+                   intermediate_size=48, block_size=64)
+    torch.manual_seed(1)
+    m = Transformer(cfg)
+    m.init_weights(std=0.2)
+    m.eval()
+    if mode == "f32":
+        if not fastpath.use_onednn(m):
+            pytest.skip("oneDNN unavailable")
+    else:
+        quant.quantize_model(m, mode)
+    return m
+
+
+_NUMPY_ALLOCATORS = {"empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like", "array",
+                     "ascontiguousarray", "copy", "astype", "concatenate", "stack"}
+
+
+def _step_allocations(model: Transformer, rows: int) -> tuple[int, int]:
+    """Allocations of one decode step after a few warm-up steps: (torch tensors, numpy arrays made from Python).
+    (The numba kernels themselves allocate nothing: their scratch is passed in.)"""
+    import sys
+
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = KVCache.for_model(model.config, rows, 32)
+    tok = torch.randint(0, 50, (rows, 1), generator=torch.Generator().manual_seed(0))
+    numpy_calls = []
+
+    def watch(frame, event, fn):
+        if event == "c_call" and fn.__name__ in _NUMPY_ALLOCATORS and (
+                getattr(fn, "__module__", None) == "numpy" or isinstance(getattr(fn, "__self__", None), np.ndarray)):
+            numpy_calls.append(fn.__name__)
+
+    with torch.inference_mode():
+        model(torch.randint(0, 50, (rows, 5)), torch.arange(5), cache)
+        for p in range(5, 8):
+            model(tok, torch.tensor([p]), cache)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(tok, torch.tensor([8]), cache)
+        sys.setprofile(watch)
+        try:
+            model(tok, torch.tensor([9]), cache)
+        finally:
+            sys.setprofile(None)
+    n_torch = sum(1 for e in prof.events() if e.self_cpu_memory_usage > 0)
+    return n_torch, len(numpy_calls)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("mode", ["f32", "int8", "w8a8"])
+def test_fused_decode_step_allocates_nothing_per_layer(mode, rows):
+    """The fused blocks take every intermediate from the per-thread workspace: a decode step of a 4-layer model
+    allocates exactly as much as one of a 2-layer model (what remains per step: the logits and a few scalars).
+    w8a8's four integer products per layer are oneDNN's own outputs."""
+    shallow = _step_allocations(_fused_model(2, mode), rows)
+    deep = _step_allocations(_fused_model(4, mode), rows)
+    assert deep[1] == shallow[1]  # numpy arrays made in Python
+    assert deep[0] - shallow[0] == (2 * 4 if mode == "w8a8" else 0)  # torch tensors
+    assert shallow[0] - (2 * 4 if mode == "w8a8" else 0) <= 6 and shallow[1] <= 4
+
+
+def test_workspace_reuses_buffers_step_after_step():
+    model = _fused_model(2, "int8")
+    cache = KVCache.for_model(model.config, 4, 32)
+    with torch.inference_mode():
+        model(torch.randint(0, 50, (4, 5)), torch.arange(5), cache)
+        model(torch.zeros(4, 1, dtype=torch.long), torch.tensor([5]), cache)
+        ws = model.workspace()
+        n = ws.allocations
+        assert n > 0
+        for p in range(6, 12):  # same or fewer rows: views of the same buffers
+            model(torch.zeros(4 - p % 3, 1, dtype=torch.long), torch.tensor([p]), cache)
+        assert ws.allocations == n
+    import threading
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(model.workspace()))
+    t.start()
+    t.join()
+    assert seen[0] is not ws  # another thread gets its own scratch

@@ -42,8 +42,9 @@ if _numba is not None:
             dst[d + half] = b * cos[d + half] + a * sin[d + half]
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out):  # pragma: no cover
-        # work item i = (row b, kv head h): rope + cache write of k/v, then attention of its g query heads
+    def _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc):  # pragma: no cover
+        # work item i = (row b, kv head h): rope + cache write of k/v, then attention of its g query heads;
+        # aq/asc/aacc: the workspace's rows for item i (rotated query [D], scores [>= slots], output [D])
         D = kc.shape[3]
         half = D // 2
         g = nh // nkv
@@ -64,9 +65,9 @@ if _numba is not None:
             vdst[d] = row[v_off + d]
         s0 = lo[b]
         n = p + 1 - s0
-        q = np.empty(D, dtype=np.float32)
-        scores = np.empty(n, dtype=np.float32)
-        acc = np.empty(D, dtype=np.float32)
+        q = aq[i]
+        scores = asc[i]
+        acc = aacc[i]
         for j in range(g):
             hq = h * g + j
             qs = row[hq * D:(hq + 1) * D]
@@ -103,26 +104,27 @@ if _numba is not None:
                 o[hq * D + d] = acc[d] * inv
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _attend(qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out):  # pragma: no cover - compiled
-        # qkv [B, (nh + 2 nkv) * D]; kc/vc [Bc, nkv, L, D]; pos/lo [B]; out [B, nh * D]
+    def _attend(qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc):  # pragma: no cover
+        # qkv [B, (nh + 2 nkv) * D]; kc/vc [Bc, nkv, L, D]; pos/lo [B]; out [B, nh * D]; aq/asc/aacc scratch rows
         for i in prange(qkv.shape[0] * nkv):
-            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out)
+            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc)
 
     from numba.core import types as _types
     from numba.extending import overload as _overload
 
     from aigckit.text.quant import _ROW_BLOCK, _f32_block, _int8_block, _quant_row
 
-    def _rows_block(x, w, scale, bias, has_bias, y, b):  # pragma: no cover - typed by the overload below
+    def _rows_block(x, w, scale, bias, has_bias, y, b, buf):  # pragma: no cover - typed by the overload below
         raise NotImplementedError
 
-    @_overload(_rows_block, inline="always")
-    def _rows_block_impl(x, w, scale, bias, has_bias, y, b):
+    @_overload(_rows_block)
+    def _rows_block_impl(x, w, scale, bias, has_bias, y, b, buf):
         # output rows of block b of one linear inside a fused block kernel, by weight type at compile time:
-        # int8 rows (times per-row scales) or float32 rows read in place (their unit scales unused)
+        # int8 rows (times per-row scales, dequantised through the scratch tile buf) or float32 rows read in place
+        # (their unit scales and buf unused)
         if isinstance(w.dtype, _types.Float):
-            return lambda x, w, scale, bias, has_bias, y, b: _f32_block(x, w, bias, has_bias, y, b)
-        return lambda x, w, scale, bias, has_bias, y, b: _int8_block(x, w, scale, bias, has_bias, y, b)
+            return lambda x, w, scale, bias, has_bias, y, b, buf: _f32_block(x, w, bias, has_bias, y, b)
+        return lambda x, w, scale, bias, has_bias, y, b, buf: _int8_block(x, w, scale, bias, has_bias, y, b, buf)
 
     # ---- w8a8 blocks: the integer matmuls are oneDNN's (Int8Linear.int_product); these do everything in between
 
@@ -137,12 +139,12 @@ if _numba is not None:
             dst[k] = row[k] * r * w[k]
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _rms_quant(x, w, eps, xq, xs):  # pragma: no cover - compiled
-        # xq, xs = per-row int8 of rms_norm(x) * w
-        h = np.empty(x.shape[1], dtype=np.float32)
+    def _rms_quant(x, w, eps, xq, xs, h):  # pragma: no cover - compiled
+        # xq, xs = per-row int8 of rms_norm(x) * w; h: float32 scratch row [>= K]
+        hk = h[:x.shape[1]]
         for m in range(x.shape[0]):
-            _rms_row(x[m], w, eps, h)
-            xs[m] = _quant_row(h, xq[m])
+            _rms_row(x[m], w, eps, hk)
+            xs[m] = _quant_row(hk, xq[m])
 
     @njit(fastmath=True, cache=True, nogil=True)
     def _scale_add(yw, xs, bias, has_bias, res, y):  # pragma: no cover - compiled
@@ -165,51 +167,81 @@ if _numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _int8_attn_layer(x, nw, eps, wq, sq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale,
-                         wo, so, bo, has_bo, out):  # pragma: no cover - compiled
-        # out = x + proj(attention(rope(qkv(rms_norm(x))))) for one new token per row; x, out [B, C]
+                         wo, so, bo, has_bo, out, h, qkv, att, aq, asc, aacc, tiles):  # pragma: no cover - compiled
+        # out = x + proj(attention(rope(qkv(rms_norm(x))))) for one new token per row; x, out [B, C];
+        # h [B, C], qkv [B, Nqkv], att [B, nh * D], aq/asc/aacc (see _attend_one), tiles [threads, 4, >= C]: scratch
         B, C = x.shape
-        D = kc.shape[3]
-        h = np.empty((B, C), dtype=np.float32)
         _rms_rows(x, nw, eps, h)
-        qkv = np.empty((B, wq.shape[0]), dtype=np.float32)
         for blk in prange((wq.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(h, wq, sq, bq, has_bq, qkv, blk)
-        att = np.empty((B, nh * D), dtype=np.float32)
+            _rows_block(h, wq, sq, bq, has_bq, qkv, blk, tiles[_numba.get_thread_id()])
         for i in prange(B * nkv):
-            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att)
+            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, aq, asc, aacc)
         for blk in prange((wo.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(att, wo, so, bo, has_bo, out, blk)
+            _rows_block(att, wo, so, bo, has_bo, out, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_mlp_layer(x, nw, eps, wgu, sgu, bgu, has_bgu, wd, sd, bd, has_bd, out):  # pragma: no cover
-        # out = x + down(silu(gate) * up), [gate | up] = gate_up(rms_norm(x)); x, out [B, C]
+    def _int8_mlp_layer(x, nw, eps, wgu, sgu, bgu, has_bgu, wd, sd, bd, has_bd, out, h, gu, a,
+                        tiles):  # pragma: no cover - compiled
+        # out = x + down(silu(gate) * up), [gate | up] = gate_up(rms_norm(x)); x, out [B, C];
+        # h [B, C], gu [B, 2 inter], a [B, inter], tiles [threads, 4, >= inter]: scratch
         B, C = x.shape
         inter = wd.shape[1]
-        h = np.empty((B, C), dtype=np.float32)
         _rms_rows(x, nw, eps, h)
-        gu = np.empty((B, 2 * inter), dtype=np.float32)
         for blk in prange((wgu.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(h, wgu, sgu, bgu, has_bgu, gu, blk)
-        a = np.empty((B, inter), dtype=np.float32)
+            _rows_block(h, wgu, sgu, bgu, has_bgu, gu, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for j in range(inter):
                 gt = gu[b, j]
                 a[b, j] = gt / (_f32(1.0) + np.exp(-gt)) * gu[b, inter + j]
         for blk in prange((wd.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(a, wd, sd, bd, has_bd, out, blk)
+            _rows_block(a, wd, sd, bd, has_bd, out, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of float32 ``x [..., K]`` (contiguous) with a float32 ``weight [K]``: one call."""
+class Workspace:
+    """Scratch buffers of the fused decode path, reused step after step so that a decode step allocates nothing per
+    layer: every intermediate of a block (normalised rows, q/k/v, attention scratch, MLP hidden, the int8 tiles,
+    the block outputs) is a view of a buffer kept here. One per model and Python thread (``Transformer`` keeps them in
+    a ``threading.local``; concurrent callers never share one). Buffers grow to the largest batch / cache seen and
+    are then reused; ``allocations`` counts how often one had to be (re)allocated."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+        self.allocations = 0
+
+    def get(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """A C-contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = np.empty(max(n, 2 * buf.size if buf is not None and buf.dtype == dtype else n), dtype=dtype)
+            self._bufs[name] = buf
+            self.allocations += 1
+        return buf[:n].reshape(shape)
+
+    def attention(self, items: int, slots: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per work item (row, kv head) of ``_attend``: rotated query, scores over the cache slots, output."""
+        return (self.get("aq", (items, head_dim)), self.get("asc", (items, slots)),
+                self.get("aacc", (items, head_dim)))
+
+    def tiles(self, width: int) -> np.ndarray:
+        """One [4, width] dequantisation tile per numba thread (the int8 kernels at several rows)."""
+        return self.get("tiles", (_numba.config.NUMBA_NUM_THREADS, 4, width))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: np.ndarray | None = None) -> torch.Tensor:
+    """RMSNorm of float32 ``x [..., K]`` (contiguous) with a float32 ``weight [K]``: one call. ``out``: an optional
+    float32 buffer of x's shape (flattened to [rows, K]) to write into."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    y = np.empty(x2.shape, dtype=np.float32)
+    y = np.empty(x2.shape, dtype=np.float32) if out is None else out
     _rms_norm(x2.numpy(), weight.numpy(), np.float32(eps), y)
     return torch.from_numpy(y).view(x.shape)
 
@@ -218,36 +250,59 @@ def attend_decode(qkv: torch.Tensor, fused, k_cache: torch.Tensor, v_cache: torc
                   n_kv_head: int) -> torch.Tensor:
     """One new token per row: rotate q and k (``fused.cos/sin`` [B, D] when ``fused.has_rope``), write k and v into
     cache rows 0..B-1 at slot ``fused.pos[b]``, attend over slots ``fused.lo[b]..fused.pos[b]``.
-    ``qkv [B, (H + 2 Hkv) * D]`` float32 contiguous; caches [rows, Hkv, L, D] float32 contiguous. Returns [B, H * D]."""
+    ``qkv [B, (H + 2 Hkv) * D]`` float32 contiguous; caches [rows, Hkv, L, D] float32 contiguous. Returns [B, H * D]
+    (a view of ``fused.ws``: valid until the next layer's call)."""
     B = qkv.shape[0]
     D = k_cache.shape[3]
-    out = np.empty((B, n_head * D), dtype=np.float32)
+    ws = fused.ws
+    out = ws.get("att", (B, n_head * D))
     _attend(qkv.numpy(), fused.cos, fused.sin, fused.has_rope, k_cache.numpy(), v_cache.numpy(), fused.pos,
-            fused.lo, n_head, n_kv_head, np.float32(1.0 / math.sqrt(D)), out)
+            fused.lo, n_head, n_kv_head, np.float32(1.0 / math.sqrt(D)), out,
+            *ws.attention(B * n_kv_head, k_cache.shape[2], D))
     return torch.from_numpy(out)
+
+
+def _block_plan(block) -> tuple:
+    """The numpy arguments of ``int8_block_step`` that belong to the block (weights, scales, norms), built once per
+    set of linear modules."""
+    lins = (block.attn.qkv, block.attn.proj, block.mlp.gate_up, block.mlp.down)
+    key = tuple(id(m) for m in lins) + (id(block.attn_norm.weight), id(block.mlp_norm.weight))
+    plan = block.__dict__.get("_block_plan")
+    if plan is None or plan[0] != key:
+        args = tuple(m._kernel_args() for m in lins)
+        norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
+                 block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
+        plan = (key, args, norms)
+        block.__dict__["_block_plan"] = plan
+    return plan
 
 
 def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
     """One whole Llama block for one new token per row with int8 weight-only (or float32, with unit scales: see
-    ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls + the pointwise work + the
-    residual add. ``x [B, 1, C]`` float32."""
-    attn, mlp = block.attn, block.mlp
+    ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls +
+    the pointwise work + the residual add, all intermediates in ``fused.ws``. ``x [B, 1, C]`` float32. Returns a view
+    of the workspace (layers alternate between two output buffers: a block never overwrites its own input)."""
+    _, ((wq, sq, bq, hbq), (wo, so, bo, hbo), (wgu, sgu, bgu, hbgu), (wd, sd, bd, hbd)), (n1, eps1, n2, eps2) = \
+        _block_plan(block)
+    attn = block.attn
     B, _, C = x.shape
     x2 = x.reshape(B, C)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    D = cache.k[layer].shape[3]
-    wq, sq, bq, hbq = attn.qkv._kernel_args()
-    wo, so, bo, hbo = attn.proj._kernel_args()
-    mid = np.empty((B, C), dtype=np.float32)
-    _int8_attn_layer(x2.numpy(), block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps), wq, sq, bq, hbq,
-                     fused.cos, fused.sin, fused.has_rope, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
-                     fused.lo, attn.n_head, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), wo, so, bo, hbo, mid)
-    wgu, sgu, bgu, hbgu = mlp.gate_up._kernel_args()
-    wd, sd, bd, hbd = mlp.down._kernel_args()
-    out = np.empty((B, C), dtype=np.float32)
-    _int8_mlp_layer(mid, block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps), wgu, sgu, bgu, hbgu,
-                    wd, sd, bd, hbd, out)
+    kc, vc = cache.k[layer], cache.v[layer]
+    D = kc.shape[3]
+    nh, nkv = attn.n_head, attn.n_kv_head
+    inter = wd.shape[1]
+    ws = fused.ws
+    tiles = ws.tiles(max(C, nh * D, inter))
+    mid = ws.get("mid", (B, C))
+    _int8_attn_layer(x2.numpy(), n1, eps1, wq, sq, bq, hbq, fused.cos, fused.sin, fused.has_rope, kc.numpy(),
+                     vc.numpy(), fused.pos, fused.lo, nh, nkv, np.float32(1.0 / math.sqrt(D)), wo, so, bo, hbo, mid,
+                     ws.get("h", (B, C)), ws.get("qkv", (B, wq.shape[0])), ws.get("att", (B, nh * D)),
+                     *ws.attention(B * nkv, kc.shape[2], D), tiles)
+    out = ws.get(f"x{layer % 2}", (B, C))
+    _int8_mlp_layer(mid, n2, eps2, wgu, sgu, bgu, hbgu, wd, sd, bd, hbd, out, ws.get("h", (B, C)),
+                    ws.get("gu", (B, 2 * inter)), ws.get("a", (B, inter)), tiles)
     return torch.from_numpy(out).view(B, 1, C)
 
 
@@ -288,37 +343,44 @@ def _w8a8_plan(block) -> tuple:
 def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
     """One whole Llama block for one new token per row with w8a8 linears: four integer matmuls
     (``Int8Linear.int_product``), numba calls for everything between them (norm + activation quantisation,
-    scaling + residual, attention) and torch's SiLU; no module calls. ``x [B, 1, C]`` float32."""
+    scaling + residual, attention) and torch's SiLU; no module calls. ``x [B, 1, C]`` float32. Intermediates live in
+    ``fused.ws`` except the four integer products, which oneDNN allocates."""
     from aigckit.text.quant import _quant_act, _rows_scale
 
     _, (l_qkv, l_o, l_gu, l_d), (e_qkv, e_o, e_gu, e_d), (n1, eps1, n2, eps2) = _w8a8_plan(block)
     attn = block.attn
     B, _, C = x.shape
     xn = x.reshape(B, C).contiguous().numpy()
-    D = cache.k[layer].shape[3]
-    nh = attn.n_head
+    kc, vc = cache.k[layer], cache.v[layer]
+    D = kc.shape[3]
+    nh, nkv = attn.n_head, attn.n_kv_head
     inter = l_d.in_features
-    qc = np.empty((B, C), dtype=np.int8)  # int8 activations by width: model, attention output, MLP hidden
-    qa = np.empty((B, nh * D), dtype=np.int8)
-    qi = np.empty((B, inter), dtype=np.int8)
-    qs = np.empty(B, dtype=np.float32)
+    ws = fused.ws
+    h = ws.get("h", (max(C, nh * D, inter),))
+    qc = ws.get("qc", (B, C), np.int8)  # int8 activations by width: model, attention output, MLP hidden
+    qa = ws.get("qa", (B, nh * D), np.int8)
+    qi = ws.get("qi", (B, inter), np.int8)
+    qs = ws.get("qs", (B,))
+    xu = ws.get("xu", (B, max(C, nh * D, inter)), np.uint8)  # the uint8 (zero point 128) copy oneDNN reads
 
-    _rms_quant(xn, n1, eps1, qc, qs)
-    qkv = np.empty((B, l_qkv.out_features), dtype=np.float32)
-    _rows_scale(l_qkv.int_product(qc), qs, *e_qkv, qkv)
-    att = np.empty((B, nh * D), dtype=np.float32)
-    _attend(qkv, fused.cos, fused.sin, fused.has_rope, cache.k[layer].numpy(), cache.v[layer].numpy(), fused.pos,
-            fused.lo, nh, attn.n_kv_head, np.float32(1.0 / math.sqrt(D)), att)
+    _rms_quant(xn, n1, eps1, qc, qs, h)
+    qkv = ws.get("qkv", (B, l_qkv.out_features))
+    _rows_scale(l_qkv.int_product(qc, xu), qs, *e_qkv, qkv)
+    att = ws.get("att", (B, nh * D))
+    _attend(qkv, fused.cos, fused.sin, fused.has_rope, kc.numpy(), vc.numpy(), fused.pos, fused.lo, nh, nkv,
+            np.float32(1.0 / math.sqrt(D)), att, *ws.attention(B * nkv, kc.shape[2], D))
     _quant_act(att, qa, qs)
-    mid = np.empty((B, C), dtype=np.float32)
-    _scale_add(l_o.int_product(qa), qs, *e_o, xn, mid)
+    mid = ws.get("mid", (B, C))
+    _scale_add(l_o.int_product(qa, xu), qs, *e_o, xn, mid)
 
-    _rms_quant(mid, n2, eps2, qc, qs)
-    gu = np.empty((B, 2 * inter), dtype=np.float32)
-    _rows_scale(l_gu.int_product(qc), qs, *e_gu, gu)
+    _rms_quant(mid, n2, eps2, qc, qs, h)
+    gu = ws.get("gu", (B, 2 * inter))
+    _rows_scale(l_gu.int_product(qc, xu), qs, *e_gu, gu)
     g = torch.from_numpy(gu)
-    a = F.silu(g[:, :inter]).mul_(g[:, inter:])  # torch's vectorised exp: ~2x faster than numba's scalar expf
+    a = torch.from_numpy(ws.get("a", (B, inter)))
+    torch.ops.aten.silu.out(g[:, :inter], out=a)  # torch's vectorised exp: ~2x faster than numba's scalar expf
+    a.mul_(g[:, inter:])
     _quant_act(a.numpy(), qi, qs)
-    out = np.empty((B, C), dtype=np.float32)
-    _scale_add(l_d.int_product(qi), qs, *e_d, mid, out)
+    out = ws.get(f"x{layer % 2}", (B, C))
+    _scale_add(l_d.int_product(qi, xu), qs, *e_d, mid, out)
     return torch.from_numpy(out).view(B, 1, C)

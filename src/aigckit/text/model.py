@@ -16,6 +16,7 @@ Both use a fused QKV projection (one matmul) and, for Llama, a fused gate/up pro
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -28,29 +29,45 @@ from aigckit.text.kvcache import KVCache
 
 
 class _FusedDecode:
-    """What the fused decode-attention kernel needs, worked out once per forward (see ``decode_kernels``)."""
+    """What the fused decode kernels need, worked out once per forward (see ``decode_kernels``): each row's cache
+    slot and first valid slot, RoPE cos/sin [B, D], and the calling thread's workspace, which holds all of it."""
 
-    __slots__ = ("pos", "lo", "cos", "sin", "has_rope")
+    __slots__ = ("pos", "lo", "cos", "sin", "has_rope", "ws")
 
-    def __init__(self, pos, lo, cos, sin, has_rope: bool) -> None:
-        self.pos, self.lo, self.cos, self.sin, self.has_rope = pos, lo, cos, sin, has_rope
+    def __init__(self, pos, lo, cos, sin, has_rope: bool, ws) -> None:
+        self.pos, self.lo, self.cos, self.sin, self.has_rope, self.ws = pos, lo, cos, sin, has_rope, ws
 
     @classmethod
-    def make(cls, x: Tensor, pos2d: Tensor, start: Tensor | None, rope, cache: KVCache | None,
+    def make(cls, model: Transformer, tokens: Tensor, pos2d: Tensor, start: Tensor | None, cache: KVCache | None,
              rows: Tensor | None) -> _FusedDecode | None:
-        if (cache is None or rows is not None or pos2d.shape[1] != 1 or x.dtype != torch.float32
-                or cache.k[0].dtype != torch.float32 or not _use_kernels(x)):
+        if (cache is None or rows is not None or pos2d.shape[1] != 1 or model.tok_emb.weight.dtype != torch.float32
+                or cache.k[0].dtype != torch.float32 or not _use_kernels(tokens)):
             return None
-        pos = pos2d[:, 0].numpy().astype(np.int64)
-        lo = np.zeros_like(pos) if start is None else start.numpy().astype(np.int64)
+        B = tokens.shape[0]
+        ws = model.workspace()
+        pos, lo = ws.get("pos", (B,), np.int64), ws.get("lo", (B,), np.int64)
+        np.copyto(pos, pos2d[:, 0].numpy())
+        if start is None:
+            lo.fill(0)
+        else:
+            np.copyto(lo, start.numpy())
         if (pos < lo).any():  # a padding query: leave it to the masked reference path
             return None
-        if rope is None:  # GPT-2: the kernels take (unused) arrays of the right type
-            cos = sin = np.zeros((x.shape[0], 1), dtype=np.float32)
-        else:  # [B, 1, 1, D] -> [B, D] numpy views, shared by every layer of this step
-            B, D = x.shape[0], rope[0].shape[-1]
-            cos, sin = (r.reshape(B, D).contiguous().numpy() for r in rope)
-        return cls(pos, lo, cos, sin, rope is not None)
+        if model.config.arch != "llama":  # GPT-2: the kernels take (unused) arrays of the right type
+            cos = sin = ws.get("cos", (B, 1))
+            return cls(pos, lo, cos, sin, False, ws)
+        # RoPE tables with the reference path's float32 ops (bit-equal): (pos - lo) * inv_freq, cos/sin, both halves
+        half = model.inv_freq.shape[0]
+        rel, ang, t = (torch.from_numpy(ws.get(n, (B, w))) for n, w in (("rel", 1), ("ang", half), ("trig", half)))
+        torch.sub(pos2d, start[:, None], out=rel) if start is not None else rel.copy_(pos2d)
+        torch.mul(rel, model.inv_freq, out=ang)
+        cos, sin = ws.get("cos", (B, 2 * half)), ws.get("sin", (B, 2 * half))
+        for fn, dst in ((torch.cos, cos), (torch.sin, sin)):
+            fn(ang, out=t)
+            tn = t.numpy()
+            dst[:, :half] = tn
+            dst[:, half:] = tn
+        return cls(pos, lo, cos, sin, True, ws)
 
 
 class RMSNorm(nn.Module):
@@ -234,6 +251,24 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+        self._workspaces: dict[int, decode_kernels.Workspace] = {}  # per thread, see workspace()
+
+    def workspace(self) -> decode_kernels.Workspace:
+        """The calling thread's scratch buffers for fused decode steps (``decode_kernels.Workspace``); threads that
+        have ended leave theirs to be dropped the next time a thread takes a new one."""
+        tid = threading.get_ident()
+        ws = self._workspaces.get(tid)
+        if ws is None:
+            alive = {t.ident for t in threading.enumerate()}
+            for dead in [t for t in self._workspaces if t not in alive]:
+                self._workspaces.pop(dead, None)
+            ws = self._workspaces[tid] = decode_kernels.Workspace()
+        return ws
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) start with no scratch buffers
+        state = self.__dict__.copy()
+        state["_workspaces"] = {}
+        return state
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init (for tiny test models and training from scratch)."""
@@ -271,15 +306,23 @@ class Transformer(nn.Module):
             p0 = int(input_pos[0])  # shared contiguous positions: the cache writes a slice (read once here)
             input_pos = slice(p0, p0 + T)
 
-        x = self.tok_emb(tokens)
+        fused = _FusedDecode.make(self, tokens, pos2d, start, cache, rows)
         rope = None
-        if self.config.arch == "gpt2":
-            x = x + self.pos_emb(pos.clamp(min=0))
+        if fused is not None:  # one token per row: embeddings and RoPE tables into the workspace
+            ws = fused.ws
+            x = torch.from_numpy(ws.get("emb", (B, self.config.n_embd)))
+            torch.index_select(self.tok_emb.weight, 0, tokens.view(-1), out=x)
+            x = x.view(B, 1, -1)
+            if self.config.arch == "gpt2":
+                x = x + self.pos_emb(pos.clamp(min=0))
         else:
-            angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
-            angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
-        fused = _FusedDecode.make(x, pos2d, start, rope, cache, rows)
+            x = self.tok_emb(tokens)
+            if self.config.arch == "gpt2":
+                x = x + self.pos_emb(pos.clamp(min=0))
+            else:
+                angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
+                angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
+                rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
         mask = None if fused is not None else self._mask(pos2d, start, kv_len)  # the fused kernel bounds rows itself
         for i, block in enumerate(self.blocks):
             x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)
@@ -287,6 +330,9 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:  # [B] one position per row (ragged prompts): logits [B, 1, V]
             x = x[torch.arange(B), logits_at].unsqueeze(1)
+        if fused is not None and isinstance(self.norm, RMSNorm) and x.is_contiguous():
+            x = decode_kernels.rms_norm(x, self.norm.weight, self.norm.eps, fused.ws.get("final", (B, x.shape[-1])))
+            return self.lm_head(x)
         return self.lm_head(self.norm(x))
 
     @staticmethod

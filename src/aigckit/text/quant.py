@@ -192,8 +192,9 @@ if _numba is not None:
                 dst[k] = _f32(src[k]) * s
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _int8_block(x, w, scale, bias, has_bias, y, b):  # pragma: no cover - compiled
-        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ (w [N, K] i8 * scale [N] f32).T + bias -> y [M, N]
+    def _int8_block(x, w, scale, bias, has_bias, y, b, buf):  # pragma: no cover - compiled
+        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ (w [N, K] i8 * scale [N] f32).T + bias -> y [M, N];
+        # buf: float32 scratch of at least [4, K] for M > 1 (the calling thread's own)
         M, K = x.shape
         N = w.shape[0]
         o0 = b * _ROW_BLOCK
@@ -206,8 +207,7 @@ if _numba is not None:
                 for k in range(K):
                     acc += _f32(row[k]) * x0[k]
                 y[0, o] = acc * scale[o] + (bias[o] if has_bias else _f32(0.0))
-        else:  # dequantise 4 rows into a scratch tile, then the 4x4 register tile over all M inputs
-            buf = np.empty((4, K), dtype=np.float32)
+        else:  # dequantise 4 rows into the scratch tile, then the 4x4 register tile over all M inputs
             for p in range(o0, o1, 4):
                 nr = min(4, o1 - p)
                 _dequant8_rows(w, scale, p, nr, buf)
@@ -216,7 +216,8 @@ if _numba is not None:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _int8_kernel(x, w, scale, bias, has_bias, y):  # pragma: no cover - compiled
         for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int8_block(x, w, scale, bias, has_bias, y, b)
+            buf = np.empty((4 if x.shape[0] > 1 else 0, x.shape[1]), dtype=np.float32)
+            _int8_block(x, w, scale, bias, has_bias, y, b, buf)
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _dequant4_rows(qw, scales, mins, o0, nr, buf):  # pragma: no cover - compiled
@@ -691,18 +692,22 @@ class Int8Linear(_QuantLinear):
         _compile_kernels("int8")
         _int8_kernel(xn, w, s, b, has_b, yn)
 
-    def int_product(self, xq: np.ndarray) -> np.ndarray:
+    def int_product(self, xq: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
         """``(xq @ qweight.T) * scale`` for int8 activation rows ``xq [M, in]``: float32 [M, out]. The int8 x int8
         products are summed exactly in int32 by oneDNN's VNNI kernels: ``qlinear_pointwise`` on weights prepacked
         once (13% faster than ``torch._int_mm`` at 16 rows here), else ``torch._int_mm``. One backend serves every
-        row count, so a row's result does not depend on the batch."""
+        row count, so a row's result does not depend on the batch. ``scratch``: an optional uint8 buffer of at
+        least [M, in] for oneDNN's shifted copy of ``xq``."""
         plan = self.__dict__.get("_w8a8")
         if plan is None or plan[0] is not self.qweight:
             plan = (self.qweight, _prepack(self.qweight))
             self.__dict__["_w8a8"] = plan
         packed = plan[1]
         if packed is not None:
-            xu = torch.from_numpy(xq.view(np.uint8) ^ np.uint8(0x80))  # int8 q -> uint8 q + 128 (zero point 128)
+            m, k = xq.shape
+            xu = np.empty((m, k), dtype=np.uint8) if scratch is None else scratch.reshape(-1)[:m * k].reshape(m, k)
+            np.bitwise_xor(xq.view(np.uint8), np.uint8(0x80), out=xu)  # int8 q -> uint8 q + 128 (zero point 128)
+            xu = torch.from_numpy(xu)
             return torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, self.scale, _zero_points(self.out_features),
                                                      None, 1.0, 0, torch.float32, "none", [], "").numpy()
         acc = torch._int_mm(torch.from_numpy(xq), self.qweight.t()).numpy()
