@@ -263,3 +263,19 @@ def test_workspace_reuses_buffers_step_after_step():
     t.start()
     t.join()
     assert seen[0] is not ws  # another thread gets its own scratch
+
+
+@needs_kernels
+def test_vectorised_softmax_exp_matches_numpy():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-90, 0, 997), [0.0, -1e-7, -0.5, -87.0, -104.0, -200.0, -1e30]]).astype(np.float32)
+    mx = np.float32(0.0)
+    got = x.copy()
+    tot = decode_kernels._exp_shifted(got, len(x), mx, np.empty(len(x), dtype=np.int32))
+    want = np.exp(x.astype(np.float64) - mx)
+    big = want > 1e-30
+    np.testing.assert_allclose(got[big], want[big], rtol=3e-7)
+    assert np.all(got[~big] < 1e-30) and np.all(got >= 0)
+    assert abs(tot - want.sum()) <= 1e-6 * want.sum()

@@ -41,10 +41,46 @@ if _numba is not None:
             dst[d] = a * cos[d] - b * sin[d]
             dst[d + half] = b * cos[d + half] + a * sin[d + half]
 
+    _LOG2E = _f32(1.4426950408889634)
+    _LN2_HI, _LN2_LO = _f32(0.693359375), _f32(-2.12194440e-4)  # Cody-Waite split of ln 2 (hi has 9 bits)
+    # e**r for |r| <= ln(2)/2: Taylor terms 1/k!, k <= 7 (truncation error < 6e-9 relative)
+    _E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (_f32(1.0 / math.factorial(k)) for k in range(8))
+
+    # no 'reassoc' here: the two-step range reduction must stay in the written order (contract = FMAs allowed)
+    @njit(fastmath={"nnan", "ninf", "nsz", "contract"}, cache=True, nogil=True)
+    def _exp_shifted(sc, n, mx, ib):  # pragma: no cover - compiled
+        # sc[s] = exp(sc[s] - mx) for s < n (arguments <= 0); returns their sum. Vectorised: e**t = 2**k * e**r,
+        # k = rint(t / ln 2), r = t - k ln 2 in two steps, e**r a polynomial, 2**k built in the exponent bits
+        # (ib: int32 scratch [>= n]). Within a few ulp of expf; numba's np.exp is a scalar call per element.
+        for s in range(n):
+            t = max(sc[s] - mx, _f32(-87.0))  # e**-87 ~ 1.6e-38: a weight of ~0 either way, 2**k stays normal
+            k = np.rint(t * _LOG2E)
+            r = t - k * _LN2_HI
+            r = r - k * _LN2_LO
+            p = _E7
+            p = p * r + _E6
+            p = p * r + _E5
+            p = p * r + _E4
+            p = p * r + _E3
+            p = p * r + _E2
+            p = p * r + _E1
+            sc[s] = p * r + _E0
+            ib[s] = (np.int32(k) + np.int32(127)) << 23
+        two_k = ib.view(np.float32)
+        tot = _f32(0.0)
+        for s in range(n):
+            e = sc[s] * two_k[s]
+            sc[s] = e
+            tot += e
+        return tot
+
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc):  # pragma: no cover
+    def _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc,
+                    aib):  # pragma: no cover - compiled
         # work item i = (row b, kv head h): rope + cache write of k/v, then attention of its g query heads;
-        # aq/asc/aacc: the workspace's rows for item i (rotated query [D], scores [>= slots], output [D])
+        # aq/asc/aacc/aib: the workspace's rows for item i (rotated query [D], scores [>= slots], output [D],
+        # int32 exp scratch [>= slots]). Slots go four at a time: four dot products share each query load, and
+        # the output row is read and written once per four value rows.
         D = kc.shape[3]
         half = D // 2
         g = nh // nkv
@@ -68,6 +104,7 @@ if _numba is not None:
         q = aq[i]
         scores = asc[i]
         acc = aacc[i]
+        ib = aib[i]
         for j in range(g):
             hq = h * g + j
             qs = row[hq * D:(hq + 1) * D]
@@ -77,37 +114,67 @@ if _numba is not None:
                 for d in range(D):
                     q[d] = qs[d]
             mx = _f32(-np.inf)
-            for s in range(n):
+            s = 0
+            while s + 4 <= n:
+                k0 = kc[b, h, s0 + s]
+                k1 = kc[b, h, s0 + s + 1]
+                k2 = kc[b, h, s0 + s + 2]
+                k3 = kc[b, h, s0 + s + 3]
+                a0 = a1 = a2 = a3 = _f32(0.0)
+                for d in range(D):
+                    qd = q[d]
+                    a0 += qd * k0[d]
+                    a1 += qd * k1[d]
+                    a2 += qd * k2[d]
+                    a3 += qd * k3[d]
+                scores[s] = a0 * scale
+                scores[s + 1] = a1 * scale
+                scores[s + 2] = a2 * scale
+                scores[s + 3] = a3 * scale
+                mx = max(mx, max(max(scores[s], scores[s + 1]), max(scores[s + 2], scores[s + 3])))
+                s += 4
+            while s < n:
                 kr = kc[b, h, s0 + s]
                 dot = _f32(0.0)
                 for d in range(D):
                     dot += q[d] * kr[d]
                 dot *= scale
                 scores[s] = dot
-                if dot > mx:
-                    mx = dot
-            tot = _f32(0.0)
-            for s in range(n):
-                e = np.exp(scores[s] - mx)
-                scores[s] = e
-                tot += e
+                mx = max(mx, dot)
+                s += 1
+            tot = _exp_shifted(scores, n, mx, ib)
             for d in range(D):
                 acc[d] = _f32(0.0)
-            for s in range(n):
+            s = 0
+            while s + 4 <= n:
+                w0 = scores[s]
+                w1 = scores[s + 1]
+                w2 = scores[s + 2]
+                w3 = scores[s + 3]
+                v0 = vc[b, h, s0 + s]
+                v1 = vc[b, h, s0 + s + 1]
+                v2 = vc[b, h, s0 + s + 2]
+                v3 = vc[b, h, s0 + s + 3]
+                for d in range(D):
+                    acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
+                s += 4
+            while s < n:
                 w = scores[s]
                 vr = vc[b, h, s0 + s]
                 for d in range(D):
                     acc[d] += w * vr[d]
+                s += 1
             inv = _f32(1.0) / tot
             o = out[b]
             for d in range(D):
                 o[hq * D + d] = acc[d] * inv
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _attend(qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc):  # pragma: no cover
-        # qkv [B, (nh + 2 nkv) * D]; kc/vc [Bc, nkv, L, D]; pos/lo [B]; out [B, nh * D]; aq/asc/aacc scratch rows
+    def _attend(qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc,
+                aib):  # pragma: no cover - compiled
+        # qkv [B, (nh + 2 nkv) * D]; kc/vc [Bc, nkv, L, D]; pos/lo [B]; out [B, nh * D]; aq/asc/aacc/aib scratch
         for i in prange(qkv.shape[0] * nkv):
-            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc)
+            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, out, aq, asc, aacc, aib)
 
     from numba.core import types as _types
     from numba.extending import overload as _overload
@@ -167,7 +234,7 @@ if _numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _int8_attn_layer(x, nw, eps, wq, sq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale,
-                         wo, so, bo, has_bo, out, h, qkv, att, aq, asc, aacc, tiles):  # pragma: no cover - compiled
+                         wo, so, bo, has_bo, out, h, qkv, att, aq, asc, aacc, aib, tiles):  # pragma: no cover
         # out = x + proj(attention(rope(qkv(rms_norm(x))))) for one new token per row; x, out [B, C];
         # h [B, C], qkv [B, Nqkv], att [B, nh * D], aq/asc/aacc (see _attend_one), tiles [threads, 4, >= C]: scratch
         B, C = x.shape
@@ -175,7 +242,7 @@ if _numba is not None:
         for blk in prange((wq.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
             _rows_block(h, wq, sq, bq, has_bq, qkv, blk, tiles[_numba.get_thread_id()])
         for i in prange(B * nkv):
-            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, aq, asc, aacc)
+            _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, aq, asc, aacc, aib)
         for blk in prange((wo.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
             _rows_block(att, wo, so, bo, has_bo, out, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
@@ -226,10 +293,11 @@ class Workspace:
             self.allocations += 1
         return buf[:n].reshape(shape)
 
-    def attention(self, items: int, slots: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per work item (row, kv head) of ``_attend``: rotated query, scores over the cache slots, output."""
+    def attention(self, items: int, slots: int, head_dim: int) -> tuple[np.ndarray, ...]:
+        """Per work item (row, kv head) of ``_attend``: rotated query, scores over the cache slots, output, and the
+        int32 scratch of the vectorised exp."""
         return (self.get("aq", (items, head_dim)), self.get("asc", (items, slots)),
-                self.get("aacc", (items, head_dim)))
+                self.get("aacc", (items, head_dim)), self.get("aib", (items, slots), np.int32))
 
     def tiles(self, width: int) -> np.ndarray:
         """One [4, width] dequantisation tile per numba thread (the int8 kernels at several rows)."""
