@@ -90,7 +90,7 @@ def test_fused_path_not_taken_with_grad_or_bf16():
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
 def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatch):
     from aigckit.text import quant
@@ -99,7 +99,7 @@ def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatc
     quant.quantize_model(model, mode)
     assert all(decode_kernels.fused_block_kind(b) == mode for b in model.blocks)
     calls = []
-    fn = f"{mode}_block_step"
+    fn = "w8a8_block_step" if mode == "w8a8" else "int8_block_step"  # int4 shares the int8 block kernels
     real = getattr(decode_kernels, fn)
     monkeypatch.setattr(decode_kernels, fn, lambda *a: calls.append(1) or real(*a))
     ref, _ = _decode_run(model, False, monkeypatch)
@@ -108,7 +108,7 @@ def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatc
     assert len(calls) == 6 * model.config.n_layer
     # w8a8: the reference normalises with torch, the fused step with numba; a 1-ulp difference can move an
     # activation across an int8 rounding boundary (one quantisation step, ~1e-2 here; most steps are bit-equal)
-    tol = 1e-4 if mode == "int8" else 5e-2
+    tol = 5e-2 if mode == "w8a8" else 1e-4
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, atol=tol, rtol=1e-4)
 
@@ -232,7 +232,7 @@ def _step_allocations(model: Transformer, rows: int) -> tuple[int, int]:
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("mode", ["f32", "int8", "w8a8"])
+@pytest.mark.parametrize("mode", ["f32", "int8", "int4", "w8a8"])
 def test_fused_decode_step_allocates_nothing_per_layer(mode, rows):
     """The fused blocks take every intermediate from the per-thread workspace: a decode step of a 4-layer model
     allocates exactly as much as one of a 2-layer model (what remains per step: the logits and a few scalars).

@@ -179,19 +179,23 @@ if _numba is not None:
     from numba.core import types as _types
     from numba.extending import overload as _overload
 
-    from aigckit.text.quant import _ROW_BLOCK, _f32_block, _int8_block, _quant_row
+    from aigckit.text.quant import _ROW_BLOCK, _f32_block, _int4_block, _int8_block, _quant_row
 
-    def _rows_block(x, w, scale, bias, has_bias, y, b, buf):  # pragma: no cover - typed by the overload below
+    def _rows_block(x, w, scale, aux, bias, has_bias, y, b, buf):  # pragma: no cover - typed by the overload
         raise NotImplementedError
 
     @_overload(_rows_block)
-    def _rows_block_impl(x, w, scale, bias, has_bias, y, b, buf):
+    def _rows_block_impl(x, w, scale, aux, bias, has_bias, y, b, buf):
         # output rows of block b of one linear inside a fused block kernel, by weight type at compile time:
-        # int8 rows (times per-row scales, dequantised through the scratch tile buf) or float32 rows read in place
-        # (their unit scales and buf unused)
+        # float32 rows read in place (scale, aux, buf unused); int8 rows times per-row scales (aux unused);
+        # int4 groups (uint8 pairs) with scales and mins (aux) [out, groups]; int8/int4 dequantise through buf
         if isinstance(w.dtype, _types.Float):
-            return lambda x, w, scale, bias, has_bias, y, b, buf: _f32_block(x, w, bias, has_bias, y, b)
-        return lambda x, w, scale, bias, has_bias, y, b, buf: _int8_block(x, w, scale, bias, has_bias, y, b, buf)
+            return lambda x, w, scale, aux, bias, has_bias, y, b, buf: _f32_block(x, w, bias, has_bias, y, b)
+        if w.dtype == _types.uint8:
+            return lambda x, w, scale, aux, bias, has_bias, y, b, buf: _int4_block(x, w, scale, aux, bias,
+                                                                                    has_bias, y, b, buf)
+        return lambda x, w, scale, aux, bias, has_bias, y, b, buf: _int8_block(x, w, scale, bias, has_bias, y, b,
+                                                                                buf)
 
     # ---- w8a8 blocks: the integer matmuls are oneDNN's (Int8Linear.int_product); these do everything in between
 
@@ -233,38 +237,38 @@ if _numba is not None:
         _rms_rows(x, w, eps, y)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_attn_layer(x, nw, eps, wq, sq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale,
-                         wo, so, bo, has_bo, out, h, qkv, att, aq, asc, aacc, aib, tiles):  # pragma: no cover
+    def _int8_attn_layer(x, nw, eps, wq, sq, mq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale,
+                         wo, so, mo, bo, has_bo, out, h, qkv, att, aq, asc, aacc, aib, tiles):  # pragma: no cover
         # out = x + proj(attention(rope(qkv(rms_norm(x))))) for one new token per row; x, out [B, C];
         # h [B, C], qkv [B, Nqkv], att [B, nh * D], aq/asc/aacc (see _attend_one), tiles [threads, 4, >= C]: scratch
         B, C = x.shape
         _rms_rows(x, nw, eps, h)
         for blk in prange((wq.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(h, wq, sq, bq, has_bq, qkv, blk, tiles[_numba.get_thread_id()])
+            _rows_block(h, wq, sq, mq, bq, has_bq, qkv, blk, tiles[_numba.get_thread_id()])
         for i in prange(B * nkv):
             _attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, aq, asc, aacc, aib)
         for blk in prange((wo.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(att, wo, so, bo, has_bo, out, blk, tiles[_numba.get_thread_id()])
+            _rows_block(att, wo, so, mo, bo, has_bo, out, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_mlp_layer(x, nw, eps, wgu, sgu, bgu, has_bgu, wd, sd, bd, has_bd, out, h, gu, a,
+    def _int8_mlp_layer(x, nw, eps, wgu, sgu, mgu, bgu, has_bgu, wd, sd, md, bd, has_bd, out, h, gu, a,
                         tiles):  # pragma: no cover - compiled
         # out = x + down(silu(gate) * up), [gate | up] = gate_up(rms_norm(x)); x, out [B, C];
         # h [B, C], gu [B, 2 inter], a [B, inter], tiles [threads, 4, >= inter]: scratch
         B, C = x.shape
-        inter = wd.shape[1]
+        inter = wgu.shape[0] // 2  # (wd.shape[1] is a byte count for int4 rows)
         _rms_rows(x, nw, eps, h)
         for blk in prange((wgu.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(h, wgu, sgu, bgu, has_bgu, gu, blk, tiles[_numba.get_thread_id()])
+            _rows_block(h, wgu, sgu, mgu, bgu, has_bgu, gu, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for j in range(inter):
                 gt = gu[b, j]
                 a[b, j] = gt / (_f32(1.0) + np.exp(-gt)) * gu[b, inter + j]
         for blk in prange((wd.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _rows_block(a, wd, sd, bd, has_bd, out, blk, tiles[_numba.get_thread_id()])
+            _rows_block(a, wd, sd, md, bd, has_bd, out, blk, tiles[_numba.get_thread_id()])
         for b in range(B):
             for c in range(C):
                 out[b, c] += x[b, c]
@@ -337,21 +341,36 @@ def _block_plan(block) -> tuple:
     key = tuple(id(m) for m in lins) + (id(block.attn_norm.weight), id(block.mlp_norm.weight))
     plan = block.__dict__.get("_block_plan")
     if plan is None or plan[0] != key:
-        args = tuple(m._kernel_args() for m in lins)
+        args = tuple(_rows_args(m) for m in lins)
         norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
                  block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
-        plan = (key, args, norms)
+        # widest row a dequantisation tile holds (int4 rows are padded to whole groups)
+        width = max(2 * a[0].shape[1] if a[0].dtype == np.uint8 else a[0].shape[1] for a in args)
+        plan = (key, args, norms, width)
         block.__dict__["_block_plan"] = plan
     return plan
 
 
+_NO_AUX = np.zeros((1, 1), dtype=np.float32)
+
+
+def _rows_args(lin) -> tuple:
+    """(weight rows, scale, aux, bias, has_bias) of one linear for ``_rows_block``: int4 layers give scales and mins
+    [out, groups]; int8 and float32 (unit scales) layers per-row scales and an unused aux."""
+    args = lin._kernel_args()
+    if len(args) == 5:  # Int4Linear: (qweight, scales, mins, bias, has_bias)
+        return args
+    w, scale, bias, has_bias = args
+    return w, scale, _NO_AUX, bias, has_bias
+
+
 def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
-    """One whole Llama block for one new token per row with int8 weight-only (or float32, with unit scales: see
-    ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls +
+    """One whole Llama block for one new token per row with int8 or int4 weight-only (or float32, with unit scales:
+    see ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls +
     the pointwise work + the residual add, all intermediates in ``fused.ws``. ``x [B, 1, C]`` float32. Returns a view
     of the workspace (layers alternate between two output buffers: a block never overwrites its own input)."""
-    _, ((wq, sq, bq, hbq), (wo, so, bo, hbo), (wgu, sgu, bgu, hbgu), (wd, sd, bd, hbd)), (n1, eps1, n2, eps2) = \
-        _block_plan(block)
+    _, lins, (n1, eps1, n2, eps2), width = _block_plan(block)
+    (wq, sq, mq, bq, hbq), (wo, so, mo, bo, hbo), (wgu, sgu, mgu, bgu, hbgu), (wd, sd, md, bd, hbd) = lins
     attn = block.attn
     B, _, C = x.shape
     x2 = x.reshape(B, C)
@@ -360,32 +379,55 @@ def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
     kc, vc = cache.k[layer], cache.v[layer]
     D = kc.shape[3]
     nh, nkv = attn.n_head, attn.n_kv_head
-    inter = wd.shape[1]
+    inter = wgu.shape[0] // 2
     ws = fused.ws
-    tiles = ws.tiles(max(C, nh * D, inter))
+    tiles = ws.tiles(width)
     mid = ws.get("mid", (B, C))
-    _int8_attn_layer(x2.numpy(), n1, eps1, wq, sq, bq, hbq, fused.cos, fused.sin, fused.has_rope, kc.numpy(),
-                     vc.numpy(), fused.pos, fused.lo, nh, nkv, np.float32(1.0 / math.sqrt(D)), wo, so, bo, hbo, mid,
-                     ws.get("h", (B, C)), ws.get("qkv", (B, wq.shape[0])), ws.get("att", (B, nh * D)),
-                     *ws.attention(B * nkv, kc.shape[2], D), tiles)
     out = ws.get(f"x{layer % 2}", (B, C))
-    _int8_mlp_layer(mid, n2, eps2, wgu, sgu, bgu, hbgu, wd, sd, bd, hbd, out, ws.get("h", (B, C)),
-                    ws.get("gu", (B, 2 * inter)), ws.get("a", (B, inter)), tiles)
+    with _compile_context(wq):
+        _int8_attn_layer(x2.numpy(), n1, eps1, wq, sq, mq, bq, hbq, fused.cos, fused.sin, fused.has_rope, kc.numpy(),
+                         vc.numpy(), fused.pos, fused.lo, nh, nkv, np.float32(1.0 / math.sqrt(D)), wo, so, mo, bo,
+                         hbo, mid, ws.get("h", (B, C)), ws.get("qkv", (B, wq.shape[0])), ws.get("att", (B, nh * D)),
+                         *ws.attention(B * nkv, kc.shape[2], D), tiles)
+        _int8_mlp_layer(mid, n2, eps2, wgu, sgu, mgu, bgu, hbgu, wd, sd, md, bd, hbd, out, ws.get("h", (B, C)),
+                        ws.get("gu", (B, 2 * inter)), ws.get("a", (B, inter)), tiles)
     return torch.from_numpy(out).view(B, 1, C)
 
 
+class _NoContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+_NO_CONTEXT = _NoContext()
+
+
+def _compile_context(w: np.ndarray):
+    """int4 blocks compile (on first use) with LLVM's SLP vectoriser on, which the int4 unpacking needs."""
+    if w.dtype == np.uint8:
+        from aigckit.text.quant import slp_vectorize
+
+        return slp_vectorize()
+    return _NO_CONTEXT
+
+
 def fused_block_kind(block) -> str | None:
-    """Which fused block step can run this block: "int8" or "f32" (``int8_block_step``), "w8a8"
+    """Which fused block step can run this block: "int8", "int4" or "f32" (``int8_block_step``), "w8a8"
     (``w8a8_block_step``) or None. Llama blocks (RMSNorm, SwiGLU) whose four linears are all weight-only int8, all
-    w8a8, or all float32 ``OneDNNLinear`` (which keep plain weight rows)."""
+    int4, all w8a8, or all float32 ``OneDNNLinear`` (which keep plain weight rows)."""
     from aigckit.text.fastpath import OneDNNLinear
-    from aigckit.text.quant import Int8Linear
+    from aigckit.text.quant import Int4Linear, Int8Linear
 
     lins = (block.attn.qkv, block.attn.proj, getattr(block.mlp, "gate_up", None), getattr(block.mlp, "down", None))
     if not (AVAILABLE and block.mlp.arch == "llama" and block.attn_norm.weight.dtype == torch.float32):
         return None
     if all(type(m) is OneDNNLinear and m.weight is not None for m in lins):
         return "f32"  # float32 rows through the int8 kernels with unit scales (OneDNNLinear._kernel_args)
+    if all(type(m) is Int4Linear for m in lins):
+        return "int4"
     if not all(type(m) is Int8Linear for m in lins):
         return None
     modes = {m.act_quant for m in lins}

@@ -216,10 +216,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
                 fused: _FusedDecode | None = None) -> Tensor:
-        if fused is not None:  # int8 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
+        if fused is not None:  # int8 / int4 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
             kind = self._fused_kind()
             # float32 up to the rows where its tile kernel beats oneDNN (fastpath.SMALL_ROWS)
-            if kind == "int8" or (kind == "f32" and x.shape[0] <= _F32_FUSED_ROWS):
+            if kind in ("int8", "int4") or (kind == "f32" and x.shape[0] <= _F32_FUSED_ROWS):
                 return decode_kernels.int8_block_step(self, x, layer, cache, fused)
             if kind == "w8a8":
                 return decode_kernels.w8a8_block_step(self, x, layer, cache, fused)

@@ -283,15 +283,14 @@ if _numba is not None:
                         dst[g * G + H + j] = _f32(byte >> _u8(4)) * s + mn
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _int4_block(x, qw, scales, mins, bias, has_bias, y, b):  # pragma: no cover - compiled
-        # x [M, K] f32, qw [N, G*H] u8, scales/mins [N, G] f32, y [M, N] f32 (written); H = group_size / 2
+    def _int4_block(x, qw, scales, mins, bias, has_bias, y, b, buf):  # pragma: no cover - compiled
+        # x [M, K] f32, qw [N, G*H] u8, scales/mins [N, G] f32, y [M, N] f32 (written); H = group_size / 2;
+        # buf: float32 scratch of at least [4 (1 when M == 1), G*H*2] (the calling thread's own)
         M, K = x.shape
         N = qw.shape[0]
-        Kp = 2 * qw.shape[1]  # padded row length; only the first K columns are read
         o0 = b * _ROW_BLOCK
         o1 = min(o0 + _ROW_BLOCK, N)
         if M == 1:  # dequantise one row (stays in L1) and dot it at once
-            buf = np.empty((1, Kp), dtype=np.float32)
             b0 = buf[0]
             x0 = x[0]
             for o in range(o0, o1):
@@ -301,7 +300,6 @@ if _numba is not None:
                     acc += b0[k] * x0[k]
                 y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
         else:
-            buf = np.empty((4, Kp), dtype=np.float32)
             for p in range(o0, o1, 4):
                 nr = min(4, o1 - p)
                 _dequant4_rows(qw, scales, mins, p, nr, buf)
@@ -310,7 +308,8 @@ if _numba is not None:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _int4_kernel(x, qw, scales, mins, bias, has_bias, y):  # pragma: no cover - compiled
         for b in prange((qw.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _int4_block(x, qw, scales, mins, bias, has_bias, y, b)
+            buf = np.empty((4 if x.shape[0] > 1 else 1, 2 * qw.shape[1]), dtype=np.float32)
+            _int4_block(x, qw, scales, mins, bias, has_bias, y, b, buf)
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def _f32_block(x, w, bias, has_bias, y, b):  # pragma: no cover - compiled
@@ -400,6 +399,19 @@ if _numba is not None:
     }
 
 _COMPILED: set[str] = set()
+
+
+class slp_vectorize:
+    """Context: numba compiles with LLVM's SLP vectoriser on (see ``_compile_kernels``). For kernels compiled on
+    first use with new argument types, e.g. the fused decode blocks on int4 weights."""
+
+    def __enter__(self):
+        self.old = getattr(_numba.config, "SLP_VECTORIZE", None)
+        _numba.config.SLP_VECTORIZE = 1
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            _numba.config.SLP_VECTORIZE = self.old
 
 
 def _compile_kernels(kind: str) -> None:
