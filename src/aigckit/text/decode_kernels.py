@@ -283,7 +283,19 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self._views: dict[tuple, tuple] = {}
         self.allocations = 0
+
+    def views(self, key: tuple) -> tuple | None:
+        """The views kept under ``key`` by ``keep_views``, or None if there are none or a buffer has been
+        reallocated since (the views would point at the old one)."""
+        hit = self._views.get(key)
+        return hit[1] if hit is not None and hit[0] == self.allocations else None
+
+    def keep_views(self, key: tuple, views: tuple) -> tuple:
+        """Remember a step's views (built with ``get``) so that later steps of the same shapes skip the lookups."""
+        self._views[key] = (self.allocations, views)
+        return views
 
     def get(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         """A C-contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
@@ -334,20 +346,43 @@ def attend_decode(qkv: torch.Tensor, fused, k_cache: torch.Tensor, v_cache: torc
     return torch.from_numpy(out)
 
 
-def _block_plan(block) -> tuple:
-    """The numpy arguments of ``int8_block_step`` that belong to the block (weights, scales, norms), built once per
-    set of linear modules."""
-    lins = (block.attn.qkv, block.attn.proj, block.mlp.gate_up, block.mlp.down)
-    key = tuple(id(m) for m in lins) + (id(block.attn_norm.weight), id(block.mlp_norm.weight))
-    plan = block.__dict__.get("_block_plan")
-    if plan is None or plan[0] != key:
-        args = tuple(_rows_args(m) for m in lins)
-        norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
-                 block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
+class BlockPlan:
+    """What a fused decode step needs of one block, worked out once per set of modules: which kernels run it
+    (``kind``: "int8", "int4", "f32", "w8a8" or None), their numpy weight arguments, the norms, head counts."""
+
+    __slots__ = ("key", "kind", "args", "norms", "width", "n_head", "n_kv_head", "scale", "lins")
+
+    def __init__(self, key: tuple, block) -> None:
+        self.key, self.kind = key, fused_block_kind(block)
+        self.args = self.norms = self.lins = None
+        self.width = 0
+        if self.kind is None:
+            return
+        attn = block.attn
+        self.n_head, self.n_kv_head = attn.n_head, attn.n_kv_head
+        self.scale = np.float32(1.0 / math.sqrt(attn.head_dim))
+        self.norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
+                      block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
+        self.lins = (attn.qkv, attn.proj, block.mlp.gate_up, block.mlp.down)
+        if self.kind == "w8a8":
+            self.args = tuple(m._kernel_args()[2:] for m in self.lins)  # the epilogues' (bias, has_bias)
+            return
+        self.args = tuple(_rows_args(m) for m in self.lins)
         # widest row a dequantisation tile holds (int4 rows are padded to whole groups)
-        width = max(2 * a[0].shape[1] if a[0].dtype == np.uint8 else a[0].shape[1] for a in args)
-        plan = (key, args, norms, width)
-        block.__dict__["_block_plan"] = plan
+        self.width = max(2 * a[0].shape[1] if a[0].dtype == np.uint8 else a[0].shape[1] for a in self.args)
+
+
+def block_plan(block) -> BlockPlan:
+    """The block's cached ``BlockPlan``, rebuilt when one of its linears or norms was replaced (quantisation swaps
+    modules after construction). The check reads the module dicts directly: it runs for every layer of every step."""
+    mods = block._modules
+    a, m = mods["attn"]._modules, mods["mlp"]._modules
+    key = (id(a["qkv"]), id(a["proj"]), id(m.get("gate_up")), id(m.get("down")),
+           id(mods["attn_norm"]._parameters.get("weight")), id(mods["mlp_norm"]._parameters.get("weight")))
+    plan = block.__dict__.get("_decode_plan")
+    if plan is None or plan.key != key:
+        plan = BlockPlan(key, block)
+        block.__dict__["_decode_plan"] = plan
     return plan
 
 
@@ -364,33 +399,36 @@ def _rows_args(lin) -> tuple:
     return w, scale, _NO_AUX, bias, has_bias
 
 
-def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
+def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused, plan: BlockPlan | None = None) -> torch.Tensor:
     """One whole Llama block for one new token per row with int8 or int4 weight-only (or float32, with unit scales:
     see ``OneDNNLinear._kernel_args``) linears: two numba calls (attention half, MLP half), each doing norm + matmuls +
     the pointwise work + the residual add, all intermediates in ``fused.ws``. ``x [B, 1, C]`` float32. Returns a view
     of the workspace (layers alternate between two output buffers: a block never overwrites its own input)."""
-    _, lins, (n1, eps1, n2, eps2), width = _block_plan(block)
-    (wq, sq, mq, bq, hbq), (wo, so, mo, bo, hbo), (wgu, sgu, mgu, bgu, hbgu), (wd, sd, md, bd, hbd) = lins
-    attn = block.attn
+    plan = plan or block_plan(block)
+    (wq, sq, mq, bq, hbq), (wo, so, mo, bo, hbo), (wgu, sgu, mgu, bgu, hbgu), (wd, sd, md, bd, hbd) = plan.args
+    n1, eps1, n2, eps2 = plan.norms
+    nh, nkv = plan.n_head, plan.n_kv_head
     B, _, C = x.shape
     x2 = x.reshape(B, C)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    kc, vc = cache.k[layer], cache.v[layer]
-    D = kc.shape[3]
-    nh, nkv = attn.n_head, attn.n_kv_head
-    inter = wgu.shape[0] // 2
+    kc, vc = fused.caches(cache, layer)
     ws = fused.ws
-    tiles = ws.tiles(width)
-    mid = ws.get("mid", (B, C))
-    out = ws.get(f"x{layer % 2}", (B, C))
+    D, slots, inter = kc.shape[3], kc.shape[2], wgu.shape[0] // 2
+    key = ("rows", B, C, slots, D, nh, nkv, wq.shape[0], inter, plan.width)
+    v = ws.views(key)
+    if v is None:
+        v = ws.keep_views(key, (ws.get("mid", (B, C)), ws.get("x0", (B, C)), ws.get("x1", (B, C)),
+                                ws.get("h", (B, C)), ws.get("qkv", (B, wq.shape[0])), ws.get("att", (B, nh * D)),
+                                *ws.attention(B * nkv, slots, D), ws.get("gu", (B, 2 * inter)),
+                                ws.get("a", (B, inter)), ws.tiles(plan.width)))
+    mid, x0, x1, h, qkv, att, aq, asc, aacc, aib, gu, a, tiles = v
+    out = x1 if layer % 2 else x0
     with _compile_context(wq):
-        _int8_attn_layer(x2.numpy(), n1, eps1, wq, sq, mq, bq, hbq, fused.cos, fused.sin, fused.has_rope, kc.numpy(),
-                         vc.numpy(), fused.pos, fused.lo, nh, nkv, np.float32(1.0 / math.sqrt(D)), wo, so, mo, bo,
-                         hbo, mid, ws.get("h", (B, C)), ws.get("qkv", (B, wq.shape[0])), ws.get("att", (B, nh * D)),
-                         *ws.attention(B * nkv, kc.shape[2], D), tiles)
-        _int8_mlp_layer(mid, n2, eps2, wgu, sgu, mgu, bgu, hbgu, wd, sd, md, bd, hbd, out, ws.get("h", (B, C)),
-                        ws.get("gu", (B, 2 * inter)), ws.get("a", (B, inter)), tiles)
+        _int8_attn_layer(x2.numpy(), n1, eps1, wq, sq, mq, bq, hbq, fused.cos, fused.sin, fused.has_rope, kc, vc,
+                         fused.pos, fused.lo, nh, nkv, plan.scale, wo, so, mo, bo, hbo, mid, h, qkv, att, aq, asc,
+                         aacc, aib, tiles)
+        _int8_mlp_layer(mid, n2, eps2, wgu, sgu, mgu, bgu, hbgu, wd, sd, md, bd, hbd, out, h, gu, a, tiles)
     return torch.from_numpy(out).view(B, 1, C)
 
 
@@ -436,34 +474,20 @@ def fused_block_kind(block) -> str | None:
     return "w8a8" if modes == {True} else None
 
 
-def _w8a8_plan(block) -> tuple:
-    """The numpy arguments of ``w8a8_block_step``'s epilogues for this block, built once per set of tensors."""
-    lins = (block.attn.qkv, block.attn.proj, block.mlp.gate_up, block.mlp.down)
-    key = tuple(id(m.qweight) for m in lins) + (id(block.attn_norm.weight), id(block.mlp_norm.weight))
-    plan = block.__dict__.get("_w8a8_plan")
-    if plan is None or plan[0] != key:
-        epi = tuple(m._kernel_args()[2:] for m in lins)  # (bias, has_bias) each
-        norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
-                 block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
-        plan = (key, lins, epi, norms)
-        block.__dict__["_w8a8_plan"] = plan
-    return plan
-
-
-def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.Tensor:
+def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused, plan: BlockPlan | None = None) -> torch.Tensor:
     """One whole Llama block for one new token per row with w8a8 linears: four integer matmuls
     (``Int8Linear.int_product``), numba calls for everything between them (norm + activation quantisation,
     scaling + residual, attention) and torch's SiLU; no module calls. ``x [B, 1, C]`` float32. Intermediates live in
     ``fused.ws`` except the four integer products, which oneDNN allocates."""
     from aigckit.text.quant import _quant_act, _rows_scale
 
-    _, (l_qkv, l_o, l_gu, l_d), (e_qkv, e_o, e_gu, e_d), (n1, eps1, n2, eps2) = _w8a8_plan(block)
-    attn = block.attn
+    plan = plan or block_plan(block)
+    (l_qkv, l_o, l_gu, l_d), (e_qkv, e_o, e_gu, e_d), (n1, eps1, n2, eps2) = plan.lins, plan.args, plan.norms
     B, _, C = x.shape
     xn = x.reshape(B, C).contiguous().numpy()
-    kc, vc = cache.k[layer], cache.v[layer]
+    kc, vc = fused.caches(cache, layer)
     D = kc.shape[3]
-    nh, nkv = attn.n_head, attn.n_kv_head
+    nh, nkv = plan.n_head, plan.n_kv_head
     inter = l_d.in_features
     ws = fused.ws
     h = ws.get("h", (max(C, nh * D, inter),))
@@ -477,8 +501,8 @@ def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused) -> torch.T
     qkv = ws.get("qkv", (B, l_qkv.out_features))
     _rows_scale(l_qkv.int_product(qc, xu), qs, *e_qkv, qkv)
     att = ws.get("att", (B, nh * D))
-    _attend(qkv, fused.cos, fused.sin, fused.has_rope, kc.numpy(), vc.numpy(), fused.pos, fused.lo, nh, nkv,
-            np.float32(1.0 / math.sqrt(D)), att, *ws.attention(B * nkv, kc.shape[2], D))
+    _attend(qkv, fused.cos, fused.sin, fused.has_rope, kc, vc, fused.pos, fused.lo, nh, nkv, plan.scale, att,
+            *ws.attention(B * nkv, kc.shape[2], D))
     _quant_act(att, qa, qs)
     mid = ws.get("mid", (B, C))
     _scale_add(l_o.int_product(qa, xu), qs, *e_o, xn, mid)

@@ -19,6 +19,14 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.batch, self.max_len = batch, max_len
 
+    def numpy_views(self) -> list[tuple]:
+        """Per layer (keys, values) as numpy arrays sharing the cache's memory (CPU), made once: the fused decode
+        kernels read and write them every step."""
+        views = self.__dict__.get("_np")
+        if views is None:
+            views = self.__dict__["_np"] = [(k.numpy(), v.numpy()) for k, v in zip(self.k, self.v)]
+        return views
+
     @classmethod
     def for_model(cls, cfg, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
         return cls(cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim, dtype)

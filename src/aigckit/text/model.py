@@ -37,6 +37,11 @@ class _FusedDecode:
     def __init__(self, pos, lo, cos, sin, has_rope: bool, ws) -> None:
         self.pos, self.lo, self.cos, self.sin, self.has_rope, self.ws = pos, lo, cos, sin, has_rope, ws
 
+    @staticmethod
+    def caches(cache: KVCache, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer``'s key and value caches as numpy arrays (views made once per cache)."""
+        return cache.numpy_views()[layer]
+
     @classmethod
     def make(cls, model: Transformer, tokens: Tensor, pos2d: Tensor, start: Tensor | None, cache: KVCache | None,
              rows: Tensor | None) -> _FusedDecode | None:
@@ -217,24 +222,15 @@ class Block(nn.Module):
     def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
                 fused: _FusedDecode | None = None) -> Tensor:
         if fused is not None:  # int8 / int4 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
-            kind = self._fused_kind()
+            plan = decode_kernels.block_plan(self)
+            kind = plan.kind
             # float32 up to the rows where its tile kernel beats oneDNN (fastpath.SMALL_ROWS)
             if kind in ("int8", "int4") or (kind == "f32" and x.shape[0] <= _F32_FUSED_ROWS):
-                return decode_kernels.int8_block_step(self, x, layer, cache, fused)
+                return decode_kernels.int8_block_step(self, x, layer, cache, fused, plan)
             if kind == "w8a8":
-                return decode_kernels.w8a8_block_step(self, x, layer, cache, fused)
+                return decode_kernels.w8a8_block_step(self, x, layer, cache, fused, plan)
         x = x + self.attn(self.attn_norm(x), layer, input_pos, rope, mask, cache, rows, kv_len, fused)
         return x + self.mlp(self.mlp_norm(x))
-
-    def _fused_kind(self) -> str | None:
-        # cached per set of linear modules (quantisation swaps them after construction)
-        key = (id(self.attn.qkv), id(self.attn.proj), id(getattr(self.mlp, "gate_up", None)),
-               id(getattr(self.mlp, "down", None)))
-        hit = self.__dict__.get("_fusable")
-        if hit is None or hit[0] != key:
-            hit = (key, decode_kernels.fused_block_kind(self))
-            self.__dict__["_fusable"] = hit
-        return hit[1]
 
 
 class Transformer(nn.Module):
