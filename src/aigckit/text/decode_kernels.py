@@ -490,31 +490,33 @@ def w8a8_block_step(block, x: torch.Tensor, layer: int, cache, fused, plan: Bloc
     nh, nkv = plan.n_head, plan.n_kv_head
     inter = l_d.in_features
     ws = fused.ws
-    h = ws.get("h", (max(C, nh * D, inter),))
-    qc = ws.get("qc", (B, C), np.int8)  # int8 activations by width: model, attention output, MLP hidden
-    qa = ws.get("qa", (B, nh * D), np.int8)
-    qi = ws.get("qi", (B, inter), np.int8)
-    qs = ws.get("qs", (B,))
-    xu = ws.get("xu", (B, max(C, nh * D, inter)), np.uint8)  # the uint8 (zero point 128) copy oneDNN reads
+    slots, wide = kc.shape[2], max(C, nh * D, inter)
+    key = ("w8a8", B, C, slots, D, nh, nkv, l_qkv.out_features, inter)
+    v = ws.views(key)
+    if v is None:
+        v = ws.keep_views(key, (
+            ws.get("h", (wide,)),
+            ws.get("qc", (B, C), np.int8),  # int8 activations by width: model, attention output, MLP hidden
+            ws.get("qa", (B, nh * D), np.int8), ws.get("qi", (B, inter), np.int8), ws.get("qs", (B,)),
+            ws.get("xu", (B, wide), np.uint8),  # the uint8 (zero point 128) copy oneDNN reads
+            ws.get("qkv", (B, l_qkv.out_features)), ws.get("att", (B, nh * D)),
+            ws.attention(B * nkv, slots, D), ws.get("mid", (B, C)), ws.get("gu", (B, 2 * inter)),
+            torch.from_numpy(ws.get("a", (B, inter))), ws.get("x0", (B, C)), ws.get("x1", (B, C))))
+    h, qc, qa, qi, qs, xu, qkv, att, scratch, mid, gu, a, x0, x1 = v
 
     _rms_quant(xn, n1, eps1, qc, qs, h)
-    qkv = ws.get("qkv", (B, l_qkv.out_features))
     _rows_scale(l_qkv.int_product(qc, xu), qs, *e_qkv, qkv)
-    att = ws.get("att", (B, nh * D))
     _attend(qkv, fused.cos, fused.sin, fused.has_rope, kc, vc, fused.pos, fused.lo, nh, nkv, plan.scale, att,
-            *ws.attention(B * nkv, kc.shape[2], D))
+            *scratch)
     _quant_act(att, qa, qs)
-    mid = ws.get("mid", (B, C))
     _scale_add(l_o.int_product(qa, xu), qs, *e_o, xn, mid)
 
     _rms_quant(mid, n2, eps2, qc, qs, h)
-    gu = ws.get("gu", (B, 2 * inter))
     _rows_scale(l_gu.int_product(qc, xu), qs, *e_gu, gu)
     g = torch.from_numpy(gu)
-    a = torch.from_numpy(ws.get("a", (B, inter)))
     torch.ops.aten.silu.out(g[:, :inter], out=a)  # torch's vectorised exp: ~2x faster than numba's scalar expf
     a.mul_(g[:, inter:])
     _quant_act(a.numpy(), qi, qs)
-    out = ws.get(f"x{layer % 2}", (B, C))
+    out = x1 if layer % 2 else x0
     _scale_add(l_d.int_product(qi, xu), qs, *e_d, mid, out)
     return torch.from_numpy(out).view(B, 1, C)
