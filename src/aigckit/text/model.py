@@ -288,15 +288,23 @@ class Transformer(nn.Module):
         pos2d = input_pos if input_pos.dim() == 2 else input_pos.unsqueeze(0).expand(B, T)
         # positions as seen by the model (relative to each row's own origin)
         pos = pos2d if start is None else pos2d - start[:, None]
+        # the highest slot; with a cache, a shared range (contiguous, see KVCache.write) ends with its last entry,
+        # read without a reduction, which would allocate: a decode step allocates nothing but its logits
+        if not T:
+            top = -1
+        elif cache is not None and input_pos.dim() == 1:
+            top = int(input_pos[-1])
+        else:
+            top = int(pos2d.max())
         if cache is None:
-            kv_len = int(pos2d.max()) + 1 if T else 0
+            kv_len = top + 1
             if T != kv_len and input_pos.dim() == 1:
                 raise ValueError("without a cache, input_pos must cover 0..T-1")
         else:
-            kv_len = int(pos2d.max()) + 1
+            kv_len = top + 1
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is outside the cache ({cache.max_len} slots)")
-        if int(pos.max()) >= self.config.block_size:
+        if (top if start is None else int(pos.max())) >= self.config.block_size:
             raise ValueError(f"sequence longer than the context window ({self.config.block_size} tokens)")
         if cache is not None and input_pos.dim() == 1 and rows is None:
             p0 = int(input_pos[0])  # shared contiguous positions: the cache writes a slice (read once here)
