@@ -282,3 +282,36 @@ def test_vectorised_softmax_exp_matches_numpy():
     np.testing.assert_allclose(got[big], want[big], rtol=3e-7)
     assert np.all(got[~big] < 1e-30) and np.all(got >= 0)
     assert abs(tot - want.sum()) <= 1e-6 * want.sum()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["f32", "int8", "w8a8"])
+def test_concurrent_decoding_threads_do_not_share_scratch(mode):
+    """Two threads decoding with one model at the same time (the server does this) get what each gets alone."""
+    import threading
+
+    model = _fused_model(2, mode)
+
+    def run(seed: int, rows: int, out: list) -> None:
+        g = torch.Generator().manual_seed(seed)
+        cache = KVCache.for_model(model.config, rows, 40)
+        with torch.inference_mode():
+            model(torch.randint(0, 50, (rows, 6), generator=g), torch.arange(6), cache)
+            for p in range(6, 30):
+                out.append(model(torch.randint(0, 50, (rows, 1), generator=g), torch.tensor([p]), cache)[:, -1].clone())
+
+    alone_a, alone_b = [], []
+    run(1, 1, alone_a)
+    run(2, 3, alone_b)
+    together_a, together_b = [], []
+    start = threading.Barrier(2)
+    threads = [threading.Thread(target=lambda o=o, s=s, r=r: (start.wait(), run(s, r, o)))
+               for o, s, r in ((together_a, 1, 1), (together_b, 2, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, got in ((alone_a, together_a), (alone_b, together_b)):
+        assert len(got) == len(want)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
