@@ -11,6 +11,7 @@ prefill attention, GPUs); ``model.py`` takes these only for float32 CPU inferenc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -277,9 +278,9 @@ if _numba is not None:
 class Workspace:
     """Scratch buffers of the fused decode path, reused step after step so that a decode step allocates nothing per
     layer: every intermediate of a block (normalised rows, q/k/v, attention scratch, MLP hidden, the int8 tiles,
-    the block outputs) is a view of a buffer kept here. One per model and Python thread (``Transformer`` keeps them in
-    a ``threading.local``; concurrent callers never share one). Buffers grow to the largest batch / cache seen and
-    are then reused; ``allocations`` counts how often one had to be (re)allocated."""
+    the block outputs) is a view of a buffer kept here. One per model and Python thread (``Transformer.workspace``;
+    concurrent callers never share one). Buffers grow to the largest batch / cache seen and are then reused;
+    ``allocations`` counts how often one had to be (re)allocated."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
@@ -432,24 +433,13 @@ def int8_block_step(block, x: torch.Tensor, layer: int, cache, fused, plan: Bloc
     return torch.from_numpy(out).view(B, 1, C)
 
 
-class _NoContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-_NO_CONTEXT = _NoContext()
-
-
 def _compile_context(w: np.ndarray):
     """int4 blocks compile (on first use) with LLVM's SLP vectoriser on, which the int4 unpacking needs."""
     if w.dtype == np.uint8:
         from aigckit.text.quant import slp_vectorize
 
         return slp_vectorize()
-    return _NO_CONTEXT
+    return contextlib.nullcontext()
 
 
 def fused_block_kind(block) -> str | None:

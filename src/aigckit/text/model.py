@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aigckit.text import decode_kernels
+from aigckit.text import decode_kernels, fastpath
 from aigckit.text.config import LMConfig
 from aigckit.text.kvcache import KVCache
 
@@ -125,7 +125,6 @@ def _use_kernels(x: Tensor) -> bool:
     return decode_kernels.AVAILABLE and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-_F32_FUSED_ROWS = 16  # = fastpath.SMALL_ROWS (not imported: fastpath depends on quant, model stays light)
 SMALL_T = 32  # below this many new tokens (decode, beam steps) the explicit grouped kernel is faster on CPU
 
 
@@ -225,7 +224,7 @@ class Block(nn.Module):
             plan = decode_kernels.block_plan(self)
             kind = plan.kind
             # float32 up to the rows where its tile kernel beats oneDNN (fastpath.SMALL_ROWS)
-            if kind in ("int8", "int4") or (kind == "f32" and x.shape[0] <= _F32_FUSED_ROWS):
+            if kind in ("int8", "int4") or (kind == "f32" and x.shape[0] <= fastpath.SMALL_ROWS):
                 return decode_kernels.int8_block_step(self, x, layer, cache, fused, plan)
             if kind == "w8a8":
                 return decode_kernels.w8a8_block_step(self, x, layer, cache, fused, plan)
@@ -296,14 +295,11 @@ class Transformer(nn.Module):
             top = int(input_pos[-1])
         else:
             top = int(pos2d.max())
-        if cache is None:
-            kv_len = top + 1
-            if T != kv_len and input_pos.dim() == 1:
-                raise ValueError("without a cache, input_pos must cover 0..T-1")
-        else:
-            kv_len = top + 1
-            if kv_len > cache.max_len:
-                raise ValueError(f"position {kv_len - 1} is outside the cache ({cache.max_len} slots)")
+        kv_len = top + 1
+        if cache is None and T != kv_len and input_pos.dim() == 1:
+            raise ValueError("without a cache, input_pos must cover 0..T-1")
+        if cache is not None and kv_len > cache.max_len:
+            raise ValueError(f"position {kv_len - 1} is outside the cache ({cache.max_len} slots)")
         if (top if start is None else int(pos.max())) >= self.config.block_size:
             raise ValueError(f"sequence longer than the context window ({self.config.block_size} tokens)")
         if cache is not None and input_pos.dim() == 1 and rows is None:
@@ -312,21 +308,18 @@ class Transformer(nn.Module):
 
         fused = _FusedDecode.make(self, tokens, pos2d, start, cache, rows)
         rope = None
-        if fused is not None:  # one token per row: embeddings and RoPE tables into the workspace
-            ws = fused.ws
-            x = torch.from_numpy(ws.get("emb", (B, self.config.n_embd)))
+        if fused is not None:  # one token per row: embeddings into the workspace (RoPE tables are in `fused`)
+            x = torch.from_numpy(fused.ws.get("emb", (B, self.config.n_embd)))
             torch.index_select(self.tok_emb.weight, 0, tokens.view(-1), out=x)
             x = x.view(B, 1, -1)
-            if self.config.arch == "gpt2":
-                x = x + self.pos_emb(pos.clamp(min=0))
         else:
             x = self.tok_emb(tokens)
-            if self.config.arch == "gpt2":
-                x = x + self.pos_emb(pos.clamp(min=0))
-            else:
-                angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
-                angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
-                rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        if self.config.arch == "gpt2":
+            x = x + self.pos_emb(pos.clamp(min=0))
+        elif fused is None:
+            angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
+            angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
         mask = None if fused is not None else self._mask(pos2d, start, kv_len)  # the fused kernel bounds rows itself
         for i, block in enumerate(self.blocks):
             x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)

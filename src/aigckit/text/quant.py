@@ -32,6 +32,7 @@ file's metadata; no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Callable, Literal
@@ -401,36 +402,32 @@ if _numba is not None:
 _COMPILED: set[str] = set()
 
 
-class slp_vectorize:
-    """Context: numba compiles with LLVM's SLP vectoriser on (see ``_compile_kernels``). For kernels compiled on
-    first use with new argument types, e.g. the fused decode blocks on int4 weights."""
-
-    def __enter__(self):
-        self.old = getattr(_numba.config, "SLP_VECTORIZE", None)
-        _numba.config.SLP_VECTORIZE = 1
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            _numba.config.SLP_VECTORIZE = self.old
+@contextlib.contextmanager
+def slp_vectorize():
+    """numba compiles with LLVM's SLP vectoriser on inside this context (numba leaves it off by default; the int4
+    unpacking needs it: ~5x faster). For ``_compile_kernels`` and for kernels compiled on first use with new
+    argument types, e.g. the fused decode blocks on int4 weights."""
+    cfg = _numba.config
+    old = getattr(cfg, "SLP_VECTORIZE", None)
+    cfg.SLP_VECTORIZE = 1
+    try:
+        yield
+    finally:
+        if old is not None:
+            cfg.SLP_VECTORIZE = old
 
 
 def _compile_kernels(kind: str) -> None:
     """Compile (or load from numba's on-disk cache) the ``kind`` kernel for its one signature, with LLVM's SLP
-    vectoriser switched on (numba leaves it off by default; the int4 unpacking needs it: ~5x faster), then
-    freeze the dispatcher so that no other, unvectorised specialisation is ever compiled behind our back."""
+    vectoriser switched on (``slp_vectorize``), then freeze the dispatcher so that no other, unvectorised
+    specialisation is ever compiled behind our back."""
     if kind in _COMPILED:
         return
     kernels, sig = _KERNEL_SIGS[kind]
-    cfg = _numba.config
-    old = getattr(cfg, "SLP_VECTORIZE", None)
-    try:
-        cfg.SLP_VECTORIZE = 1
+    with slp_vectorize():
         sigs = sig if isinstance(sig, list) else [sig] * len(kernels)
         for kernel, one in zip(kernels, sigs):
             kernel.compile(one)
-    finally:
-        if old is not None:
-            cfg.SLP_VECTORIZE = old
     for kernel in kernels:
         kernel.disable_compile()
     _COMPILED.add(kind)
