@@ -58,10 +58,10 @@ def test_left_padding_matches_unpadded(tiny_llama_dir):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
 def test_onednn_kernels_match_torch_linears(fixture, request):
-    from aigckit.text import fastpath
+    from aigckit.text.kernels import onednn
     from aigckit.text.lm import load_lm
 
-    if not fastpath.available():
+    if not onednn.available():
         pytest.skip("oneDNN not available in this torch build")
     path = request.getfixturevalue(fixture)
     fast, plain = load_lm(str(path)), load_lm(str(path), kernels="torch")

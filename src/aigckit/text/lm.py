@@ -43,6 +43,7 @@ class LM:
         self.config: LMConfig = model.config
         self.dtype, self.quantize, self.load_s, self.source = dtype, quantize, load_s, source
         self.kernels = "torch"
+        self.kernel_choice = "torch F.linear"  # what runs the linears on this CPU (kernels.cpu.selection)
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.config.arch}, dtype={self.dtype}, quantize={self.quantize})"
@@ -50,8 +51,12 @@ class LM:
     @property
     def run_config(self) -> dict[str, Any]:
         """What was asked for, recorded (never guessed from file names)."""
+        from aigckit.text.kernels import cpu
+
         return {"model": self.name, "source": self.source, "dtype": self.dtype, "quantize": self.quantize,
-                "kernels": self.kernels, "arch": self.config.arch, "context": self.config.block_size}
+                "kernels": self.kernels, "kernel_choice": self.kernel_choice, "cpu_isa": cpu.isa_level(),
+                "env": {k: v for k, v in os.environ.items() if k in cpu.CAP_VARS},
+                "arch": self.config.arch, "context": self.config.block_size}
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, text: str) -> list[int]:
@@ -192,10 +197,11 @@ def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
     per (source, mode, kernel code + recipe)."""
     from aigckit.text import quant
 
-    # the key covers the kernel code and the recipe below (which linears get which format)
+    # the key covers the file format and the recipe below (which linears get which format); the weights are the same
+    # on every CPU (w8a8's products are exact everywhere), so a store moved between machines stays valid
     recipe = {"int8": "int8", "int4": "int4-blocks+int8-head", "w8a8": "smoothquant0.5+w8a8"}[mode]
-    code = hashlib.sha256(Path(quant.__file__).read_bytes() + recipe.encode()).hexdigest()[:12]
-    path = store.cache_dir(f"{_source_key(res)}-{mode}-{code}") / "model.safetensors"
+    key = hashlib.sha256(f"format{quant.FORMAT_VERSION}|{recipe}".encode()).hexdigest()[:12]
+    path = store.cache_dir(f"{_source_key(res)}-{mode}-{key}") / "model.safetensors"
     if path.exists():
         quant.load_quantized(net, path)
         return
@@ -252,19 +258,22 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
         tok = Tokenizer.from_dir(res.path)
     if dtype != "float32":
         net = net.to(DTYPES[dtype])
-    if quantize is not None:
-        from aigckit.text import quant
+    from aigckit.text.kernels import cpu, gemm, onednn
 
-        if threads is not None:
-            quant.set_num_threads(threads)
+    if threads is not None:
+        gemm.set_num_threads(threads)
+    if quantize is not None:
         _quantize(net, res, quantize, tok)
     net.requires_grad_(False)
     used = "torch"
     if kernels == "auto" and dtype == "float32" and quantize is None:
-        from aigckit.text import fastpath
-
-        used = "onednn" if fastpath.use_onednn(net) else "torch"
+        used = "onednn" if onednn.use_onednn(net) else "torch"
+    mode = quantize or ("bf16" if dtype == "bfloat16" else "fp32")
+    notice = cpu.reference_notice(quantize)
+    if notice:
+        print(notice, file=sys.stderr)
     lm = LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
             source=str(res.path))
     lm.kernels = used
+    lm.kernel_choice = cpu.selection(mode)[mode] if used != "torch" or mode != "fp32" else "torch F.linear"
     return lm

@@ -16,63 +16,29 @@ Both use a fused QKV projection (one matmul) and, for Llama, a fused gate/up pro
 from __future__ import annotations
 
 import math
-import threading
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aigckit.text import decode_kernels, fastpath
 from aigckit.text.config import LMConfig
+from aigckit.text.kernels import decode
 from aigckit.text.kvcache import KVCache
 
 
-class _FusedDecode:
-    """What the fused decode kernels need, worked out once per forward (see ``decode_kernels``): each row's cache
-    slot and first valid slot, RoPE cos/sin [B, D], and the calling thread's workspace, which holds all of it."""
+@dataclass
+class Step:
+    """What every block of one forward call shares: the cache slots the new tokens go to (``input_pos``, a slice
+    for a range shared by all rows), RoPE's cos/sin, the attention mask, the cache, its rows, and how many slots
+    attention reads (``kv_len``)."""
 
-    __slots__ = ("pos", "lo", "cos", "sin", "has_rope", "ws")
-
-    def __init__(self, pos, lo, cos, sin, has_rope: bool, ws) -> None:
-        self.pos, self.lo, self.cos, self.sin, self.has_rope, self.ws = pos, lo, cos, sin, has_rope, ws
-
-    @staticmethod
-    def caches(cache: KVCache, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer ``layer``'s key and value caches as numpy arrays (views made once per cache)."""
-        return cache.numpy_views()[layer]
-
-    @classmethod
-    def make(cls, model: Transformer, tokens: Tensor, pos2d: Tensor, start: Tensor | None, cache: KVCache | None,
-             rows: Tensor | None) -> _FusedDecode | None:
-        if (cache is None or rows is not None or pos2d.shape[1] != 1 or model.tok_emb.weight.dtype != torch.float32
-                or cache.k[0].dtype != torch.float32 or not _use_kernels(tokens)):
-            return None
-        B = tokens.shape[0]
-        ws = model.workspace()
-        pos, lo = ws.get("pos", (B,), np.int64), ws.get("lo", (B,), np.int64)
-        np.copyto(pos, pos2d[:, 0].numpy())
-        if start is None:
-            lo.fill(0)
-        else:
-            np.copyto(lo, start.numpy())
-        if (pos < lo).any():  # a padding query: leave it to the masked reference path
-            return None
-        if model.config.arch != "llama":  # GPT-2: the kernels take (unused) arrays of the right type
-            cos = sin = ws.get("cos", (B, 1))
-            return cls(pos, lo, cos, sin, False, ws)
-        # RoPE tables with the reference path's float32 ops (bit-equal): (pos - lo) * inv_freq, cos/sin, both halves
-        half = model.inv_freq.shape[0]
-        rel, ang, t = (torch.from_numpy(ws.get(n, (B, w))) for n, w in (("rel", 1), ("ang", half), ("trig", half)))
-        torch.sub(pos2d, start[:, None], out=rel) if start is not None else rel.copy_(pos2d)
-        torch.mul(rel, model.inv_freq, out=ang)
-        cos, sin = ws.get("cos", (B, 2 * half)), ws.get("sin", (B, 2 * half))
-        for fn, dst in ((torch.cos, cos), (torch.sin, sin)):
-            fn(ang, out=t)
-            tn = t.numpy()
-            dst[:, :half] = tn
-            dst[:, half:] = tn
-        return cls(pos, lo, cos, sin, True, ws)
+    input_pos: Tensor | slice
+    rope: tuple[Tensor, Tensor] | None
+    mask: Tensor | None
+    cache: KVCache | None
+    rows: Tensor | None
+    kv_len: int
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +49,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if _use_kernels(x) and x.is_contiguous():
-                return decode_kernels.rms_norm(x, self.weight, self.eps)  # one numba call (inference only)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()  # lower precision: normalise in float32 like transformers, then cast back
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -120,11 +84,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def _use_kernels(x: Tensor) -> bool:
-    """The fused numba kernels serve float32 CPU inference; autograd and other devices take the PyTorch ops."""
-    return decode_kernels.AVAILABLE and x.device.type == "cpu" and not torch.is_grad_enabled()
-
-
 SMALL_T = 32  # below this many new tokens (decode, beam steps) the explicit grouped kernel is faster on CPU
 
 
@@ -154,16 +113,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.use_rope = cfg.arch == "llama"
 
-    def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope: tuple[Tensor, Tensor] | None,
-                mask: Tensor | None, cache: KVCache | None, rows: Tensor | None, kv_len: int,
-                fused: _FusedDecode | None = None) -> Tensor:
+    def forward(self, x: Tensor, layer: int, step: Step) -> Tensor:
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         qkv = self.qkv(x)
-        if fused is not None:  # one new token per row, float32 CPU: rope + cache write + attention in one call
-            y = decode_kernels.attend_decode(qkv.reshape(B, -1).contiguous(), fused, cache.k[layer], cache.v[layer],
-                                             nh, nkv)
-            return self.proj(y.view(B, 1, nh * hd))
+        rope, cache = step.rope, step.cache
         if rope is not None:  # q and k are adjacent in the fused projection: rotate them in one go
             qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), *rope)
             q, k = qk.split([nh, nkv], dim=2)
@@ -172,17 +126,17 @@ class Attention(nn.Module):
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
         if cache is not None:
-            cache.write(layer, input_pos, k, v, rows)
-            k, v = cache.read(layer, kv_len, rows, B)
+            cache.write(layer, step.input_pos, k, v, step.rows)
+            k, v = cache.read(layer, step.kv_len, step.rows, B)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
         if T <= SMALL_T:
-            y = grouped_attention(q, k, v, mask)
+            y = grouped_attention(q, k, v, step.mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=nkv != nh)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -218,17 +172,8 @@ class Block(nn.Module):
         self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, layer: int, input_pos: Tensor, rope, mask, cache, rows, kv_len,
-                fused: _FusedDecode | None = None) -> Tensor:
-        if fused is not None:  # int8 / int4 / w8a8 / float32 Llama blocks: the whole block in a few fused calls
-            plan = decode_kernels.block_plan(self)
-            kind = plan.kind
-            # float32 up to the rows where its tile kernel beats oneDNN (fastpath.SMALL_ROWS)
-            if kind in ("int8", "int4") or (kind == "f32" and x.shape[0] <= fastpath.SMALL_ROWS):
-                return decode_kernels.int8_block_step(self, x, layer, cache, fused, plan)
-            if kind == "w8a8":
-                return decode_kernels.w8a8_block_step(self, x, layer, cache, fused, plan)
-        x = x + self.attn(self.attn_norm(x), layer, input_pos, rope, mask, cache, rows, kv_len, fused)
+    def forward(self, x: Tensor, layer: int, step: Step) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), layer, step)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -246,24 +191,6 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
-        self._workspaces: dict[int, decode_kernels.Workspace] = {}  # per thread, see workspace()
-
-    def workspace(self) -> decode_kernels.Workspace:
-        """The calling thread's scratch buffers for fused decode steps (``decode_kernels.Workspace``); threads that
-        have ended leave theirs to be dropped the next time a thread takes a new one."""
-        tid = threading.get_ident()
-        ws = self._workspaces.get(tid)
-        if ws is None:
-            alive = {t.ident for t in threading.enumerate()}
-            for dead in [t for t in self._workspaces if t not in alive]:
-                self._workspaces.pop(dead, None)
-            ws = self._workspaces[tid] = decode_kernels.Workspace()
-        return ws
-
-    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) start with no scratch buffers
-        state = self.__dict__.copy()
-        state["_workspaces"] = {}
-        return state
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init (for tiny test models and training from scratch)."""
@@ -306,30 +233,26 @@ class Transformer(nn.Module):
             p0 = int(input_pos[0])  # shared contiguous positions: the cache writes a slice (read once here)
             input_pos = slice(p0, p0 + T)
 
-        fused = _FusedDecode.make(self, tokens, pos2d, start, cache, rows)
+        # the fast path: one new token per row of a float32 model on the CPU in inference (kernels.decode)
+        fused = decode.prepare(self, tokens, pos2d, start, cache, rows)
+        if fused is not None:
+            return decode.forward(self, tokens, fused)
+
+        x = self.tok_emb(tokens)
         rope = None
-        if fused is not None:  # one token per row: embeddings into the workspace (RoPE tables are in `fused`)
-            x = torch.from_numpy(fused.ws.get("emb", (B, self.config.n_embd)))
-            torch.index_select(self.tok_emb.weight, 0, tokens.view(-1), out=x)
-            x = x.view(B, 1, -1)
-        else:
-            x = self.tok_emb(tokens)
         if self.config.arch == "gpt2":
             x = x + self.pos_emb(pos.clamp(min=0))
-        elif fused is None:
+        else:
             angles = pos.clamp(min=0).unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
             angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B, T, 1, D]
             rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
-        mask = None if fused is not None else self._mask(pos2d, start, kv_len)  # the fused kernel bounds rows itself
+        step = Step(input_pos, rope, self._mask(pos2d, start, kv_len), cache, rows, kv_len)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, input_pos, rope, mask, cache, rows, kv_len, fused)
+            x = block(x, i, step)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:  # [B] one position per row (ragged prompts): logits [B, 1, V]
             x = x[torch.arange(B), logits_at].unsqueeze(1)
-        if fused is not None and isinstance(self.norm, RMSNorm) and x.is_contiguous():
-            x = decode_kernels.rms_norm(x, self.norm.weight, self.norm.eps, fused.ws.get("final", (B, x.shape[-1])))
-            return self.lm_head(x)
         return self.lm_head(self.norm(x))
 
     @staticmethod

@@ -1,6 +1,7 @@
-"""Weight-only quantised linear layers with fast CPU kernels.
+"""Quantised weight formats: quantisers, ``Int8Linear`` / ``Int4Linear`` modules, whole-model quantisation, and
+save / load. The kernels these layers run are in ``aigckit.text.kernels`` (``gemm`` for numba, ``onednn``).
 
-Two formats, both weight-only (activations stay fp32):
+Formats:
 
 * **int8**, symmetric per output row: ``w[o, k] ~= q[o, k] * scale[o]`` with ``q`` in [-127, 127]
   (``scale = max|w[o, :]| / 127``). Rounding error per element is at most ``scale[o] / 2``.
@@ -12,27 +13,19 @@ Two formats, both weight-only (activations stay fp32):
   (``qweight = qs``, ``scales = d``, ``mins = m``). Scales and mins are stored as float32 (Q4_1 uses f16).
   When ``in_features`` is not a multiple of ``group_size`` the last group is padded (with a copy of the row's
   last value, so min/max stay those of the real values); the kernels never read the padded elements.
+* **w8a8**: int8 weights as above *and* per-row int8 activations (``round(x * 127 / max|x|)``), multiplied as
+  exact integers (``Int8Linear.int_product``), then ``y = (acc * w_scale) * x_scale + bias``.
 
-Kernels: numba ``@njit(parallel=True, fastmath=True, cache=True)``, one call per layer that reads the packed
-weights once for all M = B*T input rows; a parallel loop over blocks of 16 output rows.
-
-* M = 1 (decode): int8 rows are converted and dotted in one loop; int4 rows are unpacked into an L1-resident
-  fp32 row (the 16 bytes of a group -> two 16-float vectors: zero-extend, convert, ``q*scale + min``) and dotted.
-* M > 1: 4 rows are dequantised into a small fp32 tile, then a 4 (weight rows) x 4 (input rows) register tile
-  of 16 accumulators, each vectorised along ``in``, computes all M outputs (16 FMAs per 8 loads).
-
-The int4 unpacking is straight-line code that only LLVM's SLP vectoriser turns into vector instructions; numba
-leaves SLP off by default, so the kernels are compiled once, with it switched on, for their one signature
-(:func:`_compile_kernels`). Without numba, for M >= :data:`FALLBACK_MIN_ROWS`, for inputs that need a gradient
-or with ``use_kernel=False``, the layer dequantises to fp32 and calls ``F.linear`` instead.
+Without the numba kernels (``kernels.ENABLED`` false), for M >= :data:`FALLBACK_MIN_ROWS`, for inputs that need a
+gradient or with ``use_kernel=False``, a layer dequantises to float32 and calls ``F.linear`` instead (w8a8: on
+fake-quantised activations), which is also the reference the kernels are tested against.
 
 Cache packed weights with :func:`save_quantized` / :func:`load_quantized` (safetensors + a JSON layout in the
-file's metadata; no pickle).
+file's metadata; no pickle). :data:`FORMAT_VERSION` changes whenever what these files hold changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Callable, Literal
@@ -42,8 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aigckit.text.kernels import cpu, gemm, onednn
+from aigckit.text.kernels._numba import ENABLED
+from aigckit.text.kernels.decode import W8A8_FUSED_ROWS
+
+QUANT_MODES = ("int8", "int4", "w8a8")
+QuantMode = Literal["int8", "int4", "w8a8"]
+
 __all__ = [
+    "QUANT_MODES",
     "QuantMode",
+    "FORMAT_VERSION",
     "quantize_int8",
     "dequantize_int8",
     "quantize_int4",
@@ -56,406 +58,18 @@ __all__ = [
     "quantized_state_dict",
     "save_quantized",
     "load_quantized",
-    "set_num_threads",
-    "HAVE_NUMBA",
     "FALLBACK_MIN_ROWS",
     "fake_quant_act",
-    "linear_f32",
 ]
 
-QuantMode = Literal["int8", "int4", "w8a8"]
-_MODES = ("int8", "int4", "w8a8")
+# bump when the packed layout, the quantisers or the metadata change: it keys the store's cache of quantised weights
+FORMAT_VERSION = 2
 _META_KEY = "aigckit.quant"
 
 # At and above this many input rows the layer dequantises and calls F.linear instead of the numba kernels. On the
 # 2-core AVX-512 dev machine the kernels were still ~1.7x faster than dequantise + fp32 F.linear at M = 512
 # (bench/kernels.py --rows 256 512), so this only bounds very long prefills. Override: AIGC_QUANT_FALLBACK_ROWS.
 FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "1024"))
-
-# --------------------------------------------------------------------------------------------- kernels (numba)
-
-try:  # numba is optional: without it every call takes the dequantise-and-matmul path
-    import numba as _numba
-    from numba import njit, prange
-
-    HAVE_NUMBA = os.environ.get("AIGC_NO_NUMBA", "") == ""
-except ImportError:  # pragma: no cover - exercised only where numba is absent
-    _numba = None
-    HAVE_NUMBA = False
-
-_ROW_BLOCK = 16  # output rows per parallel work item
-
-if _numba is not None:
-    _f32 = np.float32
-    _u8 = np.uint8
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _tile(x, buf, nr, o0, bias, has_bias, y):  # pragma: no cover - compiled
-        # y[m, o0 + r] = dot(x[m], buf[r, :K]) + bias[o0 + r] for r < nr (<= 4), every m. Register tile:
-        # 4 weight rows x 4 input rows = 16 accumulators, each vectorised along k (16 FMAs per 8 loads).
-        M, K = x.shape
-        r = 0
-        if nr == 4:
-            b0 = buf[0]
-            b1 = buf[1]
-            b2 = buf[2]
-            b3 = buf[3]
-            c0 = bias[o0] if has_bias else _f32(0.0)
-            c1 = bias[o0 + 1] if has_bias else _f32(0.0)
-            c2 = bias[o0 + 2] if has_bias else _f32(0.0)
-            c3 = bias[o0 + 3] if has_bias else _f32(0.0)
-            m = 0
-            while m + 4 <= M:
-                x0 = x[m]
-                x1 = x[m + 1]
-                x2 = x[m + 2]
-                x3 = x[m + 3]
-                a00 = a01 = a02 = a03 = _f32(0.0)
-                a10 = a11 = a12 = a13 = _f32(0.0)
-                a20 = a21 = a22 = a23 = _f32(0.0)
-                a30 = a31 = a32 = a33 = _f32(0.0)
-                for k in range(K):
-                    w0 = b0[k]
-                    w1 = b1[k]
-                    w2 = b2[k]
-                    w3 = b3[k]
-                    v0 = x0[k]
-                    v1 = x1[k]
-                    v2 = x2[k]
-                    v3 = x3[k]
-                    a00 += w0 * v0
-                    a01 += w0 * v1
-                    a02 += w0 * v2
-                    a03 += w0 * v3
-                    a10 += w1 * v0
-                    a11 += w1 * v1
-                    a12 += w1 * v2
-                    a13 += w1 * v3
-                    a20 += w2 * v0
-                    a21 += w2 * v1
-                    a22 += w2 * v2
-                    a23 += w2 * v3
-                    a30 += w3 * v0
-                    a31 += w3 * v1
-                    a32 += w3 * v2
-                    a33 += w3 * v3
-                y[m, o0] = a00 + c0
-                y[m + 1, o0] = a01 + c0
-                y[m + 2, o0] = a02 + c0
-                y[m + 3, o0] = a03 + c0
-                y[m, o0 + 1] = a10 + c1
-                y[m + 1, o0 + 1] = a11 + c1
-                y[m + 2, o0 + 1] = a12 + c1
-                y[m + 3, o0 + 1] = a13 + c1
-                y[m, o0 + 2] = a20 + c2
-                y[m + 1, o0 + 2] = a21 + c2
-                y[m + 2, o0 + 2] = a22 + c2
-                y[m + 3, o0 + 2] = a23 + c2
-                y[m, o0 + 3] = a30 + c3
-                y[m + 1, o0 + 3] = a31 + c3
-                y[m + 2, o0 + 3] = a32 + c3
-                y[m + 3, o0 + 3] = a33 + c3
-                m += 4
-            while m < M:  # leftover input rows: 4 weight rows x 1
-                x0 = x[m]
-                a0 = a1 = a2 = a3 = _f32(0.0)
-                for k in range(K):
-                    v = x0[k]
-                    a0 += b0[k] * v
-                    a1 += b1[k] * v
-                    a2 += b2[k] * v
-                    a3 += b3[k] * v
-                y[m, o0] = a0 + c0
-                y[m, o0 + 1] = a1 + c1
-                y[m, o0 + 2] = a2 + c2
-                y[m, o0 + 3] = a3 + c3
-                m += 1
-            r = 4
-        while r < nr:  # leftover weight rows (the last block of a matrix with out % 4 != 0)
-            b0 = buf[r]
-            c0 = bias[o0 + r] if has_bias else _f32(0.0)
-            for m in range(M):
-                x0 = x[m]
-                a0 = _f32(0.0)
-                for k in range(K):
-                    a0 += b0[k] * x0[k]
-                y[m, o0 + r] = a0 + c0
-            r += 1
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _dequant8_rows(w, scale, o0, nr, buf):  # pragma: no cover - compiled
-        K = w.shape[1]
-        for r in range(nr):
-            s = scale[o0 + r]
-            src = w[o0 + r]
-            dst = buf[r]
-            for k in range(K):
-                dst[k] = _f32(src[k]) * s
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _int8_block(x, w, scale, bias, has_bias, y, b, buf):  # pragma: no cover - compiled
-        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ (w [N, K] i8 * scale [N] f32).T + bias -> y [M, N];
-        # buf: float32 scratch of at least [4, K] for M > 1 (the calling thread's own)
-        M, K = x.shape
-        N = w.shape[0]
-        o0 = b * _ROW_BLOCK
-        o1 = min(o0 + _ROW_BLOCK, N)
-        if M == 1:  # GEMV: one row at a time (LLVM interleaves the single reduction; fastest measured)
-            x0 = x[0]
-            for o in range(o0, o1):
-                row = w[o]
-                acc = _f32(0.0)
-                for k in range(K):
-                    acc += _f32(row[k]) * x0[k]
-                y[0, o] = acc * scale[o] + (bias[o] if has_bias else _f32(0.0))
-        else:  # dequantise 4 rows into the scratch tile, then the 4x4 register tile over all M inputs
-            for p in range(o0, o1, 4):
-                nr = min(4, o1 - p)
-                _dequant8_rows(w, scale, p, nr, buf)
-                _tile(x, buf, nr, p, bias, has_bias, y)
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_kernel(x, w, scale, bias, has_bias, y):  # pragma: no cover - compiled
-        for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            buf = np.empty((4 if x.shape[0] > 1 else 0, x.shape[1]), dtype=np.float32)
-            _int8_block(x, w, scale, bias, has_bias, y, b, buf)
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _dequant4_rows(qw, scales, mins, o0, nr, buf):  # pragma: no cover - compiled
-        # buf[r, :ngroups*G] = dequantised row o0 + r. For G = 32 the 16 bytes of a group are loaded into
-        # scalars first and then written out: straight-line code the SLP vectoriser turns into
-        # zero-extend / convert / FMA on whole 16-float vectors (see _compile_kernels).
-        ng = scales.shape[1]
-        H = qw.shape[1] // ng
-        G = 2 * H
-        for r in range(nr):
-            o = o0 + r
-            row = qw[o]
-            dst = buf[r]
-            if H == 16:
-                for g in range(ng):
-                    q = row[g * 16:g * 16 + 16]
-                    q0, q1, q2, q3, q4, q5, q6, q7 = q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]
-                    q8, q9, q10, q11, q12, q13, q14, q15 = q[8], q[9], q[10], q[11], q[12], q[13], q[14], q[15]
-                    s = scales[o, g]
-                    mn = mins[o, g]
-                    d = dst[g * 32:g * 32 + 32]
-                    m4 = _u8(15)
-                    d[0] = _f32(q0 & m4) * s + mn
-                    d[1] = _f32(q1 & m4) * s + mn
-                    d[2] = _f32(q2 & m4) * s + mn
-                    d[3] = _f32(q3 & m4) * s + mn
-                    d[4] = _f32(q4 & m4) * s + mn
-                    d[5] = _f32(q5 & m4) * s + mn
-                    d[6] = _f32(q6 & m4) * s + mn
-                    d[7] = _f32(q7 & m4) * s + mn
-                    d[8] = _f32(q8 & m4) * s + mn
-                    d[9] = _f32(q9 & m4) * s + mn
-                    d[10] = _f32(q10 & m4) * s + mn
-                    d[11] = _f32(q11 & m4) * s + mn
-                    d[12] = _f32(q12 & m4) * s + mn
-                    d[13] = _f32(q13 & m4) * s + mn
-                    d[14] = _f32(q14 & m4) * s + mn
-                    d[15] = _f32(q15 & m4) * s + mn
-                    sh = _u8(4)
-                    d[16] = _f32(q0 >> sh) * s + mn
-                    d[17] = _f32(q1 >> sh) * s + mn
-                    d[18] = _f32(q2 >> sh) * s + mn
-                    d[19] = _f32(q3 >> sh) * s + mn
-                    d[20] = _f32(q4 >> sh) * s + mn
-                    d[21] = _f32(q5 >> sh) * s + mn
-                    d[22] = _f32(q6 >> sh) * s + mn
-                    d[23] = _f32(q7 >> sh) * s + mn
-                    d[24] = _f32(q8 >> sh) * s + mn
-                    d[25] = _f32(q9 >> sh) * s + mn
-                    d[26] = _f32(q10 >> sh) * s + mn
-                    d[27] = _f32(q11 >> sh) * s + mn
-                    d[28] = _f32(q12 >> sh) * s + mn
-                    d[29] = _f32(q13 >> sh) * s + mn
-                    d[30] = _f32(q14 >> sh) * s + mn
-                    d[31] = _f32(q15 >> sh) * s + mn
-            else:  # other group sizes: plain loops (correct, not tuned)
-                for g in range(ng):
-                    s = scales[o, g]
-                    mn = mins[o, g]
-                    for j in range(H):
-                        byte = row[g * H + j]
-                        dst[g * G + j] = _f32(byte & _u8(15)) * s + mn
-                        dst[g * G + H + j] = _f32(byte >> _u8(4)) * s + mn
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _int4_block(x, qw, scales, mins, bias, has_bias, y, b, buf):  # pragma: no cover - compiled
-        # x [M, K] f32, qw [N, G*H] u8, scales/mins [N, G] f32, y [M, N] f32 (written); H = group_size / 2;
-        # buf: float32 scratch of at least [4 (1 when M == 1), G*H*2] (the calling thread's own)
-        M, K = x.shape
-        N = qw.shape[0]
-        o0 = b * _ROW_BLOCK
-        o1 = min(o0 + _ROW_BLOCK, N)
-        if M == 1:  # dequantise one row (stays in L1) and dot it at once
-            b0 = buf[0]
-            x0 = x[0]
-            for o in range(o0, o1):
-                _dequant4_rows(qw, scales, mins, o, 1, buf)
-                acc = _f32(0.0)
-                for k in range(K):
-                    acc += b0[k] * x0[k]
-                y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
-        else:
-            for p in range(o0, o1, 4):
-                nr = min(4, o1 - p)
-                _dequant4_rows(qw, scales, mins, p, nr, buf)
-                _tile(x, buf, nr, p, bias, has_bias, y)
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int4_kernel(x, qw, scales, mins, bias, has_bias, y):  # pragma: no cover - compiled
-        for b in prange((qw.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            buf = np.empty((4 if x.shape[0] > 1 else 1, 2 * qw.shape[1]), dtype=np.float32)
-            _int4_block(x, qw, scales, mins, bias, has_bias, y, b, buf)
-
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def _f32_block(x, w, bias, has_bias, y, b):  # pragma: no cover - compiled
-        # output rows [b * _ROW_BLOCK, ...) of x [M, K] f32 @ w [N, K] f32 .T + bias -> y [M, N]
-        M, K = x.shape
-        N = w.shape[0]
-        o0 = b * _ROW_BLOCK
-        o1 = min(o0 + _ROW_BLOCK, N)
-        if M == 1:
-            x0 = x[0]
-            for o in range(o0, o1):
-                row = w[o]
-                acc = _f32(0.0)
-                for k in range(K):
-                    acc += row[k] * x0[k]
-                y[0, o] = acc + (bias[o] if has_bias else _f32(0.0))
-        else:  # the weight rows are already float32: the register tile reads them in place
-            for p in range(o0, o1, 4):
-                nr = min(4, o1 - p)
-                _tile(x, w[p:p + nr], nr, p, bias, has_bias, y)
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _f32_kernel(x, w, bias, has_bias, y):  # pragma: no cover - compiled
-        for b in prange((w.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            _f32_block(x, w, bias, has_bias, y, b)
-
-    # reassociation lets the max-reduction vectorise; no 'arcp', so 127 / amax stays a correctly rounded division
-    # (the torch reference computes the same float32 reciprocal). Not inlined: callers keep these flags.
-    @njit(fastmath={"reassoc", "nnan", "ninf", "nsz"}, cache=True, nogil=True)
-    def _quant_row(row, dst):  # pragma: no cover - compiled
-        # dst = round(row * (127 / max|row|)) as int8; returns the row's scale max|row| / 127
-        K = row.shape[0]
-        amax = _f32(0.0)
-        for k in range(K):
-            a = abs(row[k])
-            if a > amax:
-                amax = a
-        if amax > 0:
-            inv = _f32(127.0) / amax
-            for k in range(K):
-                dst[k] = np.int8(np.rint(row[k] * inv))
-        else:
-            for k in range(K):
-                dst[k] = 0
-        return amax / _f32(127.0)
-
-    @njit(cache=True, nogil=True)
-    def _quant_act(x, xq, xs):  # pragma: no cover - compiled
-        # per-row symmetric int8 activations (see _quant_row)
-        for m in range(x.shape[0]):
-            xs[m] = _quant_row(x[m], xq[m])
-
-    @njit(fastmath=True, cache=True, nogil=True)
-    def _rows_scale(yw, xs, bias, has_bias, y):  # pragma: no cover - compiled
-        # y[m, n] = yw[m, n] * xs[m] + bias[n]; yw = the integer product already times the weight scales
-        M, N = yw.shape
-        for m in range(M):
-            s = xs[m]
-            src = yw[m]
-            dst = y[m]
-            if has_bias:
-                for n in range(N):
-                    dst[n] = src[n] * s + bias[n]
-            else:
-                for n in range(N):
-                    dst[n] = src[n] * s
-
-    @njit(fastmath=True, cache=True, nogil=True)
-    def _acc_scale(acc, ws, yw):  # pragma: no cover - compiled
-        # the torch._int_mm fallback: yw = float32(acc) * ws, as oneDNN's qlinear computes it
-        M, N = acc.shape
-        for m in range(M):
-            for n in range(N):
-                yw[m, n] = _f32(acc[m, n]) * ws[n]
-
-    _F2 = _numba.float32[:, ::1]
-    _F1 = _numba.float32[::1]
-    _SIG8 = (_F2, _numba.int8[:, ::1], _F1, _F1, _numba.boolean, _F2)
-    _SIG4 = (_F2, _numba.uint8[:, ::1], _F2, _F2, _F1, _numba.boolean, _F2)
-    _KERNEL_SIGS = {
-        "int8": ((_int8_kernel,), _SIG8),
-        "int4": ((_int4_kernel,), _SIG4),
-        "f32": ((_f32_kernel,), (_F2, _F2, _F1, _numba.boolean, _F2)),
-        "w8a8": ((_quant_act, _rows_scale, _acc_scale),
-                 [(_F2, _numba.int8[:, ::1], _F1), (_F2, _F1, _F1, _numba.boolean, _F2),
-                  (_numba.int32[:, ::1], _F1, _F2)]),
-    }
-
-_COMPILED: set[str] = set()
-
-
-@contextlib.contextmanager
-def slp_vectorize():
-    """numba compiles with LLVM's SLP vectoriser on inside this context (numba leaves it off by default; the int4
-    unpacking needs it: ~5x faster). For ``_compile_kernels`` and for kernels compiled on first use with new
-    argument types, e.g. the fused decode blocks on int4 weights."""
-    cfg = _numba.config
-    old = getattr(cfg, "SLP_VECTORIZE", None)
-    cfg.SLP_VECTORIZE = 1
-    try:
-        yield
-    finally:
-        if old is not None:
-            cfg.SLP_VECTORIZE = old
-
-
-def _compile_kernels(kind: str) -> None:
-    """Compile (or load from numba's on-disk cache) the ``kind`` kernel for its one signature, with LLVM's SLP
-    vectoriser switched on (``slp_vectorize``), then freeze the dispatcher so that no other, unvectorised
-    specialisation is ever compiled behind our back."""
-    if kind in _COMPILED:
-        return
-    kernels, sig = _KERNEL_SIGS[kind]
-    with slp_vectorize():
-        sigs = sig if isinstance(sig, list) else [sig] * len(kernels)
-        for kernel, one in zip(kernels, sigs):
-            kernel.compile(one)
-    for kernel in kernels:
-        kernel.disable_compile()
-    _COMPILED.add(kind)
-
-
-_EMPTY_BIAS = torch.zeros(1, dtype=torch.float32)
-
-
-def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear`` for float32 CPU inference through the numba register-tile kernel (reads each weight row once
-    for all input rows; faster than oneDNN here up to 16 rows, see ``fastpath``). ``x [M, K]``, ``weight [N, K]``,
-    both float32 and contiguous."""
-    if _numba is None or not HAVE_NUMBA:
-        return F.linear(x, weight, bias)
-    _compile_kernels("f32")
-    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-    b, has_b = (_EMPTY_BIAS, False) if bias is None else (bias, True)
-    _f32_kernel(x.numpy(), weight.numpy(), b.numpy(), has_b, y)
-    return torch.from_numpy(y)
-
-
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads for torch and for the numba kernels (numba's setting is per calling thread)."""
-    if n < 1:
-        raise ValueError(f"threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
-    if _numba is not None:
-        _numba.set_num_threads(min(n, _numba.config.NUMBA_NUM_THREADS))
 
 
 # ------------------------------------------------------------------------------------------------ quantisers
@@ -537,31 +151,11 @@ def _as_rows(x: Tensor, in_features: int) -> Tensor:
     return x2.contiguous()
 
 
-def _prepack(qweight: Tensor):
-    """oneDNN's packed layout of an int8 [out, in] weight for ``qlinear_pointwise``, or None where unavailable."""
-    ops = getattr(torch.ops, "onednn", None)
-    if ops is None or not hasattr(ops, "qlinear_prepack") or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return ops.qlinear_prepack(qweight.contiguous(), None)
-    except RuntimeError:  # pragma: no cover - CPUs without the needed ISA
-        return None
-
-
-_ZP: dict[int, Tensor] = {}
-
-
-def _zero_points(n: int) -> Tensor:
-    zp = _ZP.get(n)
-    if zp is None:
-        zp = _ZP[n] = torch.zeros(n, dtype=torch.int32)
-    return zp
-
-
 class _QuantLinear(nn.Module):
     in_features: int
     out_features: int
     bias: Tensor | None
+    kernel_format: str  # the weight format the fused decode blocks see ("int8", "int4", "w8a8")
 
     def _dequantized(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -570,15 +164,18 @@ class _QuantLinear(nn.Module):
         """The float32 weight [out, in] these packed weights stand for."""
         return self._dequantized()
 
-    def _np_args(self) -> tuple:  # pragma: no cover - abstract
+    def _rows_args(self) -> gemm.RowsArgs:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _kernel_args(self) -> tuple:
-        """The kernel's weight arguments as numpy views, cached while the buffers stay the same tensors."""
+    def _run_kernel(self, xn: np.ndarray, yn: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rows_args(self) -> gemm.RowsArgs:
+        """The weights as numpy views for the kernels, cached while the buffers stay the same tensors."""
         key = self._buffer_key()
         cached = self.__dict__.get("_np_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self._np_args())
+            cached = (key, self._rows_args())
             self.__dict__["_np_cache"] = cached
         return cached[1]
 
@@ -586,14 +183,17 @@ class _QuantLinear(nn.Module):
         # ids suffice: the cached numpy views keep their tensors alive, so an id cannot be reused meanwhile
         return tuple(map(id, self._buffers.values()))
 
+    def _bias_np(self) -> tuple[np.ndarray, bool]:
+        return (gemm.NO_BIAS, False) if self.bias is None else (self.bias.numpy(), True)
+
     def forward(self, x: Tensor, *, use_kernel: bool | None = None) -> Tensor:
         """``x [..., in] -> [..., out]`` in ``x``'s dtype (computed in fp32).
 
-        ``use_kernel``: None chooses (numba when available and M < FALLBACK_MIN_ROWS); False forces the
-        dequantise-and-matmul path; True forces the numba kernel (raises if numba is missing; no autograd).
+        ``use_kernel``: None chooses (the numba kernels when enabled and M < FALLBACK_MIN_ROWS); False forces the
+        dequantise-and-matmul path; True forces the kernel (raises if the kernels are off; no autograd).
         The automatic choice also falls back when ``x`` needs a gradient (the fallback is differentiable in ``x``).
         """
-        if use_kernel is None and x.dtype == torch.float32 and HAVE_NUMBA and x.is_cpu and not x.requires_grad:
+        if use_kernel is None and x.dtype == torch.float32 and ENABLED and x.is_cpu and not x.requires_grad:
             # fast path for inference (decode calls this ~200 times per token): no extra tensor objects
             shape = x.shape
             if shape[-1] != self.in_features:
@@ -609,13 +209,13 @@ class _QuantLinear(nn.Module):
         m = x2.shape[0]
         if use_kernel is None:
             use_kernel = (
-                HAVE_NUMBA
+                ENABLED
                 and 0 < m < FALLBACK_MIN_ROWS
                 and x2.device.type == "cpu"
                 and not (x2.requires_grad and torch.is_grad_enabled())  # the kernels have no backward
             )
-        elif use_kernel and _numba is None:
-            raise RuntimeError("numba is not installed; the quantised kernels are unavailable")
+        elif use_kernel and not ENABLED:
+            raise RuntimeError("the numba kernels are off (numba missing or AIGC_NO_NUMBA set)")
         if use_kernel:
             yn = np.empty((m, self.out_features), dtype=np.float32)
             if m:
@@ -627,15 +227,6 @@ class _QuantLinear(nn.Module):
         if x.dtype != torch.float32:
             y = y.to(x.dtype)
         return y.view(*lead, self.out_features)
-
-    def _kernel(self, x2: Tensor, y: Tensor) -> None:
-        """Run the numba kernel: ``y[M, out] = x2[M, in] @ W.T + bias`` (both float32, contiguous, CPU)."""
-        self._run_kernel(x2.detach().numpy(), y.numpy())
-
-    def _bias_np(self):
-        if self.bias is None:
-            return _EMPTY_BIAS.numpy(), False
-        return self.bias.numpy(), True
 
 
 def fake_quant_act(x: Tensor) -> Tensor:
@@ -653,7 +244,7 @@ class Int8Linear(_QuantLinear):
 
     ``act_quant=True`` is the ``w8a8`` mode: activations are quantised too, per input row (symmetric int8,
     ``round(x * 127 / max|x|)``, scale ``max|x| / 127``), the product runs as an exact int8 x int8 -> int32
-    matrix multiply (oneDNN's VNNI kernels, see ``int_product``), then ``y = (acc * w_scale) * x_scale + bias``.
+    matrix multiply (``int_product``), then ``y = (acc * w_scale) * x_scale + bias``.
     Integer accumulation is exact and each row has its own scale, so a row's output does not depend on which other
     rows share the batch."""
 
@@ -682,57 +273,56 @@ class Int8Linear(_QuantLinear):
     def _dequantized(self) -> Tensor:
         return dequantize_int8(self.qweight, self.scale)
 
-    def _np_args(self) -> tuple:
+    @property
+    def kernel_format(self) -> str:
+        return "w8a8" if self.act_quant else "int8"
+
+    def _rows_args(self) -> gemm.RowsArgs:
         b, has_b = self._bias_np()
-        # w8a8 reads the weight through oneDNN (``int_product``), not numba: no numpy view is needed
-        w = None if self.act_quant else self.qweight.contiguous().numpy()
-        return w, self.scale.contiguous().numpy(), b, has_b
+        return gemm.RowsArgs(self.qweight.contiguous().numpy(), self.scale.contiguous().numpy(), gemm.NO_AUX, b,
+                             has_b)
 
     def _run_kernel(self, xn, yn) -> None:
-        w, s, b, has_b = self._kernel_args()
+        w, s, _, b, has_b = self.rows_args()
         if self.act_quant:
-            _compile_kernels("w8a8")
             m = xn.shape[0]
             xq = np.empty((m, self.in_features), dtype=np.int8)
             xs = np.empty(m, dtype=np.float32)
-            _quant_act(xn, xq, xs)
-            _rows_scale(self.int_product(xq), xs, b, has_b, yn)
+            gemm.quantize_rows(xn, xq, xs)
+            gemm.scale_rows(self.int_product(xq), xs, b, has_b, yn)
             return
-        _compile_kernels("int8")
-        _int8_kernel(xn, w, s, b, has_b, yn)
+        gemm.matmul_int8(xn, w, s, b, has_b, yn)
 
     def int_product(self, xq: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
-        """``(xq @ qweight.T) * scale`` for int8 activation rows ``xq [M, in]``: float32 [M, out]. The int8 x int8
-        products are summed exactly in int32 by oneDNN's VNNI kernels: ``qlinear_pointwise`` on weights prepacked
-        once (13% faster than ``torch._int_mm`` at 16 rows here), else ``torch._int_mm``. One backend serves every
-        row count, so a row's result does not depend on the batch. ``scratch``: an optional uint8 buffer of at
-        least [M, in] for oneDNN's shifted copy of ``xq``."""
-        plan = self.__dict__.get("_w8a8")
-        if plan is None or plan[0] is not self.qweight:
-            plan = (self.qweight, _prepack(self.qweight))
-            self.__dict__["_w8a8"] = plan
-        packed = plan[1]
-        if packed is not None:
-            m, k = xq.shape
-            xu = np.empty((m, k), dtype=np.uint8) if scratch is None else scratch.reshape(-1)[:m * k].reshape(m, k)
-            np.bitwise_xor(xq.view(np.uint8), np.uint8(0x80), out=xu)  # int8 q -> uint8 q + 128 (zero point 128)
-            xu = torch.from_numpy(xu)
-            return torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, self.scale, _zero_points(self.out_features),
-                                                     None, 1.0, 0, torch.float32, "none", [], "").numpy()
-        acc = torch._int_mm(torch.from_numpy(xq), self.qweight.t()).numpy()
-        yw = np.empty(acc.shape, dtype=np.float32)
-        _acc_scale(acc, self.scale.numpy(), yw)
+        """``float32(xq @ qweight.T) * scale`` for int8 activation rows ``xq [M, in]``: float32 [M, out], the integer
+        sums exact. Up to ``W8A8_FUSED_ROWS`` rows, or where oneDNN's u8 x s8 kernel is not exact (CPUs without
+        VNNI, see ``kernels.cpu``), the numba kernel computes it; else oneDNN's ``qlinear_pointwise`` on weights
+        prepacked once. Both are exact, so a row's result does not depend on the batch or on the CPU.
+        ``scratch``: an optional uint8 buffer of at least [M, in] for oneDNN's shifted copy of ``xq``."""
+        m = xq.shape[0]
+        if m > W8A8_FUSED_ROWS and cpu.onednn_u8s8_exact():
+            plan = self.__dict__.get("_w8a8")
+            if plan is None or plan[0] is not self.qweight:
+                plan = (self.qweight, onednn.prepack_int8(self.qweight))
+                self.__dict__["_w8a8"] = plan
+            if plan[1] is not None:
+                return onednn.qlinear_u8s8(xq, plan[1], self.scale, scratch)
+        w, s = self.rows_args()[:2]
+        yw = np.empty((m, self.out_features), dtype=np.float32)
+        gemm.matmul_i8i8(xq, w, s, yw)
         return yw
 
     def forward(self, x: Tensor, *, use_kernel: bool | None = None) -> Tensor:
         if not self.act_quant:
             return super().forward(x, use_kernel=use_kernel)
-        if use_kernel and _numba is None:
-            raise RuntimeError("numba is not installed; the quantised kernels are unavailable")
-        if use_kernel is False or not HAVE_NUMBA or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
-            # float reference of the same arithmetic: fake-quantised activations x dequantised weights
+        if use_kernel and not ENABLED:
+            raise RuntimeError("the numba kernels are off (numba missing or AIGC_NO_NUMBA set)")
+        if x.requires_grad and torch.is_grad_enabled():
+            # differentiable: fake-quantised activations (straight-through) x dequantised weights
             b = None if self.bias is None else self.bias.float()
             return F.linear(fake_quant_act(x.float()), self._dequantized(), b).to(x.dtype)
+        if use_kernel is False or not ENABLED or not x.is_cpu:
+            return self._reference(x)
         x2 = _as_rows(x, self.in_features)  # every row count takes the integer path (batch-invariant results)
         m = x2.shape[0]
         yn = np.empty((m, self.out_features), dtype=np.float32)
@@ -740,6 +330,20 @@ class Int8Linear(_QuantLinear):
             self._run_kernel(x2.detach().numpy(), yn)
         y = torch.from_numpy(yn)
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+
+    def _reference(self, x: Tensor) -> Tensor:
+        """The w8a8 arithmetic in PyTorch ops: per-row int8 activations, the integer sums exact (float64 holds them:
+        |sum| <= 16129 K < 2**53), then ``(float32(acc) * w_scale) * x_scale + bias`` rounded op by op, which is
+        what the kernels compute, bit for bit."""
+        x2 = _as_rows(x, self.in_features).detach()
+        amax = x2.abs().amax(dim=1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        xq = torch.round(x2 * inv).clamp_(-127, 127)
+        acc = (xq.double() @ self.qweight.double().T).float()
+        y = (acc * self.scale) * (amax / 127.0)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -777,15 +381,16 @@ class Int4Linear(_QuantLinear):
     def _dequantized(self) -> Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins, self.in_features)
 
-    def _np_args(self) -> tuple:
+    kernel_format = "int4"
+
+    def _rows_args(self) -> gemm.RowsArgs:
         b, has_b = self._bias_np()
-        return (self.qweight.contiguous().numpy(), self.scales.contiguous().numpy(), self.mins.contiguous().numpy(),
-                b, has_b)
+        return gemm.RowsArgs(self.qweight.contiguous().numpy(), self.scales.contiguous().numpy(),
+                             self.mins.contiguous().numpy(), b, has_b)
 
     def _run_kernel(self, xn, yn) -> None:
-        _compile_kernels("int4")
-        qw, s, mn, b, has_b = self._kernel_args()
-        _int4_kernel(xn, qw, s, mn, b, has_b, yn)
+        qw, s, mn, b, has_b = self.rows_args()
+        gemm.matmul_int4(xn, qw, s, mn, b, has_b, yn)
 
     def extra_repr(self) -> str:
         return (
@@ -798,8 +403,8 @@ class Int4Linear(_QuantLinear):
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"quantize mode must be one of {list(_MODES)}, got {mode!r}")
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize mode must be one of {list(QUANT_MODES)}, got {mode!r}")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
