@@ -9,6 +9,14 @@ once to aigckit's continuous-batching scheduler (the server's path), peak RSS (M
 
     .venv/bin/python bench/text_speed.py --variants fp32,int8,w8a8 --rounds 3 --repeat 2   # interleaved rounds
 
+    .venv/bin/python bench/text_speed.py --cap avx2 --llama-cpp-avx2 /work/llama-avx2 ...       # as an AVX2 CPU
+
+``--cap avx2`` runs every engine as on a CPU with AVX2/FMA but no AVX-512 or VNNI: oneDNN, ATen, MKL and numba are
+capped by their environment variables (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
+NUMBA_CPU_NAME + NUMBA_CPU_FEATURES), and llama.cpp, which picks its kernels when it is built, is imported from
+``--llama-cpp-avx2 DIR``: a llama-cpp-python built with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"`` and installed with ``pip install --target DIR``.
+
 Each engine runs in its own subprocess (clean peak-RSS numbers, no shared thread pools). With ``--rounds N`` every
 engine runs N times, interleaved, and each cell keeps its best: on a shared VM whose speed drifts over minutes this
 compares engines under the same conditions instead of giving one engine a slow spell. Not run in CI.
@@ -205,6 +213,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every engine this many times, interleaved (A B C A B C ...), and keep each cell's best: "
                          "a slow spell of a shared machine then hits all engines alike, not one engine's whole column")
+    ap.add_argument("--cap", choices=["avx2"], help="run every engine as on a CPU of this class (see above)")
+    ap.add_argument("--llama-cpp-avx2", help="folder holding an AVX2-only llama-cpp-python build (for --cap avx2)")
     ap.add_argument("--json", default="bench/text_speed.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -215,19 +225,30 @@ def main() -> None:
         print("RESULT " + json.dumps(fn()))
         return
     jobs = [f"aigckit:{v}" for v in a.variants.split(",") if v] + [p for p in a.peers.split(",") if p]
+    env = dict(os.environ)
+    if a.cap == "avx2":
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                   NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="")
+    llama_env = dict(env)
     if "llama-cpp" in jobs:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
+        if a.cap == "avx2":
+            if not a.llama_cpp_avx2:
+                sys.exit("--cap avx2 with llama-cpp needs --llama-cpp-avx2 DIR (an AVX2-only build; see --help)")
+            llama_env["PYTHONPATH"] = a.llama_cpp_avx2 + os.pathsep + env.get("PYTHONPATH", "")
+        probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info())"],
+                               env=llama_env, capture_output=True, text=True)
+        if probe.returncode != 0:
             print("llama-cpp-python not installed: skipping its column", file=sys.stderr)
             jobs.remove("llama-cpp")
+        else:
+            print(f"llama.cpp: {probe.stdout.strip()}", file=sys.stderr)
     results: dict[str, list[dict]] = {job: [] for job in jobs}
     for rnd in range(a.rounds):
         for job in jobs:
             cmd = [sys.executable, __file__, "--one", job, "--gguf", a.gguf, "--decode-tokens", str(a.decode_tokens),
                    "--beam-tokens", str(a.beam_tokens), "--repeat", str(a.repeat)] + (["--threads", str(a.threads)] if a.threads else [])
             print(f"running {job} (round {rnd + 1}/{a.rounds}) ...", file=sys.stderr)
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=llama_env if job == "llama-cpp" else env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not line:
                 print(f"{job} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -240,7 +261,13 @@ def main() -> None:
     for r in rows:
         cells = "".join(f"{r[k]:>18.1f}" if isinstance(r.get(k), (int, float)) else f"{'-':>18}" for k, _ in COLS)
         print(f"{r['engine']:<20}{cells}")
-    meta = {"machine": os.uname().machine, "cpus": os.cpu_count(), "threads": a.threads, "rounds": a.rounds,
+    doctor = json.loads(subprocess.run([sys.executable, "-m", "aigckit", "doctor", "--json"], env=env,
+                                       capture_output=True, text=True).stdout)
+    print(f"CPU: {doctor['cpu']['model']} ({doctor['cpu']['isa']}); cap: {a.cap or 'none'}; oneDNN ISA "
+          f"{doctor['onednn'].get('isa')}; numba {doctor['numba'].get('vector_code')}")
+    meta = {"cpu": doctor["cpu"], "cap": a.cap, "onednn_isa": doctor["onednn"].get("isa"),
+            "numba_vector_code": doctor["numba"].get("vector_code"), "kernels": doctor["kernels"],
+            "machine": os.uname().machine, "cpus": os.cpu_count(), "threads": a.threads, "rounds": a.rounds,
             "repeat": a.repeat,
             "gguf": a.gguf, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

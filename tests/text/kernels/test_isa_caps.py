@@ -143,3 +143,18 @@ def test_caches_built_under_one_isa_load_under_another(tiny_llama_dir, tmp_path)
         # float summation order differs between vector widths; w8a8 also its activation rounding at ties
         tol = 2e-2 if mode == "w8a8" else 1e-4
         torch.testing.assert_close(lb, la, atol=tol * float(la.abs().max()), rtol=0)
+
+
+@_nested
+def test_without_kernels_every_mode_runs_with_a_one_line_notice(tiny_llama_dir):
+    """Where the numba kernels cannot run (no numba for the platform, or switched off), each mode still generates,
+    through the PyTorch reference path, and says so once on stderr; never a crash."""
+    env = _env("no-numba", OMP_NUM_THREADS="1")
+    for mode in ("int8", "int4", "w8a8"):
+        out = subprocess.run([sys.executable, "-m", "aigckit", "text", "w5 w6 w7", "--model", str(tiny_llama_dir),
+                              "--quantize", mode, "-t", "0", "--max-new-tokens", "4", "--json"], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        notices = [ln for ln in out.stderr.splitlines() if "reference path" in ln]
+        assert len(notices) == 1 and mode in notices[0], out.stderr
+        assert len(json.loads(out.stdout)["token_ids"]) == 4
