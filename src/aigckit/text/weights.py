@@ -280,10 +280,6 @@ def gguf_config(reader, name: str) -> LMConfig:
         raise CorruptFileError(f"GGUF metadata {key} is invalid: {e}") from None
 
 
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
-
 def gguf_tensor(t) -> Tensor:
     """Dequantise one GGUF tensor to float32 in PyTorch layout (GGUF lists shapes fastest dimension first)."""
     from gguf import GGMLQuantizationType as Q
