@@ -92,3 +92,144 @@ def test_cli_errors_are_one_line_exit_2(home, capsys):
         main(["text", "hello", "--temperature", "abc"])
     assert e.value.code == 2
     assert main(["rm", "nothing-here"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------- rm / gc / in use
+
+
+def _store_entry(home: Path, name: str, src: Path) -> Path:
+    """Copy a model folder into the store as a pulled entry."""
+    import json
+    import shutil
+
+    d = home / "models" / name
+    shutil.copytree(src, d)
+    (d / "manifest.json").write_text(json.dumps({"name": name, "kind": "lm", "sha256": {}}))
+    return d
+
+
+def test_cache_keys_equal_the_loaders(home, tmp_path, tiny_llama_dir):
+    from aigckit.text import lm
+
+    d = _store_entry(home, "tiny-llama", tiny_llama_dir)
+    res = store.resolve("tiny-llama")
+    assert store.source_cache_key(res) == lm._source_key(res)
+    g = tmp_path / "x.gguf"
+    g.write_bytes(b"GGUF")
+    assert store.source_cache_key(store.Resolved("x", "gguf", g)) == lm._gguf_cache_key(g)
+    assert store.caches_of(d) == []
+
+
+def test_rm_removes_the_entry_and_its_derived_caches(home, tiny_llama_dir, tiny_gpt2_dir):
+    from aigckit import load_lm
+
+    _store_entry(home, "tiny-llama", tiny_llama_dir)
+    _store_entry(home, "tiny-gpt2", tiny_gpt2_dir)
+    load_lm("tiny-llama", quantize="int8")  # writes the quantised cache in the store
+    load_lm("tiny-gpt2", quantize="int8")
+    caches = sorted(p.name for p in (home / "cache").iterdir())
+    assert len(caches) == 2 and all("-int8-" in c for c in caches), caches
+    (home / "cache" / "datasets").mkdir()  # not a model cache: never touched
+    out = store.remove("tiny-llama")
+    assert not (home / "models" / "tiny-llama").exists()
+    assert [Path(c["path"]).name for c in out["caches"]] == [c for c in caches if c.startswith("hf-tiny-llama-")]
+    assert out["bytes"] > 0 and out["caches"][0]["bytes"] > 0
+    left = sorted(p.name for p in (home / "cache").iterdir())
+    assert left == sorted(["datasets"] + [c for c in caches if c.startswith("hf-tiny-gpt2-")])
+
+
+def test_rm_refuses_a_symlinked_entry(home, tmp_path, tiny_llama_dir):
+    import shutil
+
+    real = tmp_path / "elsewhere"
+    shutil.copytree(tiny_llama_dir, real)
+    (real / "manifest.json").write_text("{}")
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "linked").symlink_to(real, target_is_directory=True)
+    with pytest.raises(store.AigcError, match="symbolic link"):
+        store.remove("linked")
+    assert (real / "config.json").exists() and (home / "models" / "linked").is_symlink()
+    for bad in ("../x", "", "..", "a/b"):
+        with pytest.raises(ModelNotFoundError):
+            store.remove(bad)
+
+
+def test_a_held_model_is_refused_without_force_and_stale_holds_expire(home, tiny_llama_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _store_entry(home, "tiny-llama", tiny_llama_dir)
+    h = store.hold("tiny-llama")
+    assert store.users("tiny-llama") == [os.getpid()]
+    with pytest.raises(store.AigcError, match=rf"in use by a running aigc serve \(pid {os.getpid()}\).*--force"):
+        store.remove("tiny-llama")
+    h.release()
+    assert store.users("tiny-llama") == []
+    # a holder killed with SIGKILL leaves its lock file, but the kernel dropped the lock: not in use any more
+    code = ("import sys, time; from aigckit import store; h = store.hold('tiny-llama'); print('held', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert store.users("tiny-llama") == [proc.pid]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert list((home / "locks" / "tiny-llama").glob("*.lock"))  # left behind ...
+    assert store.users("tiny-llama") == []  # ... and recognised as stale (and removed)
+    assert not list((home / "locks" / "tiny-llama").glob("*.lock"))
+    with store.hold(str(home / "models" / "tiny-llama")) as h2:  # a path inside the store names the entry too
+        assert h2.name == "tiny-llama"
+        out = store.remove("tiny-llama", force=True)
+        assert out["users"] == [os.getpid()]
+    assert store.hold("/nonexistent/model.gguf") is None
+
+
+def test_gc_removes_orphans_and_reports_bytes(home, tmp_path, tiny_llama_dir, tiny_gpt2_dir):
+    import json
+    import os
+    import time
+
+    from aigckit import load_lm
+
+    d = _store_entry(home, "tiny-llama", tiny_llama_dir)
+    _store_entry(home, "tiny-gpt2", tiny_gpt2_dir)
+    load_lm("tiny-llama", quantize="int8")
+    load_lm("tiny-gpt2", quantize="int8")
+    assert store.gc()["removed"] == []  # everything has its source
+    old = next((home / "cache").glob("hf-tiny-llama-*"))
+    st = (d / "model.safetensors").stat()
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the source changed
+    # a dequantised GGUF cache records its source file: kept while that file is unchanged, removed once it is gone
+    keys = {}
+    for stem in ("outside", "deleted"):
+        path = tmp_path / f"{stem}.gguf"
+        path.write_bytes(b"GGUF" * 10)
+        keys[stem] = key = store.source_cache_key(store.Resolved(stem, "gguf", path))
+        c = home / "cache" / key
+        c.mkdir()
+        (c / "model.safetensors").write_bytes(b"\0" * 1000)
+        (c / "source.json").write_text(json.dumps({"gguf": str(path)}))
+    (tmp_path / "deleted.gguf").unlink()
+    key = keys["deleted"]
+    (home / "cache" / (key + "-int8-abcdef123456")).mkdir()  # quantised cache of the deleted GGUF
+    stale = home / "cache" / ".tmp-crashed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 10)
+    os.utime(stale, (time.time() - 2 * store.STALE_TMP_S,) * 2)
+    (home / "cache" / ".tmp-writing-now").mkdir()  # a write in progress: kept
+    (home / "cache" / "fid-reference").mkdir()
+    want_bytes = store._tree_bytes(old) + store._tree_bytes(home / "cache" / key) + 10
+    dry = store.gc(dry_run=True)
+    assert old.exists() and dry["dry_run"]
+    out = store.gc()
+    names = sorted(Path(r["path"]).name for r in out["removed"])
+    assert names == sorted([old.name, key, key + "-int8-abcdef123456", ".tmp-crashed"])
+    assert out["bytes"] == dry["bytes"] == want_bytes
+    kept = sorted(p.name for p in (home / "cache").iterdir())
+    assert ".tmp-writing-now" in kept and "fid-reference" in kept
+    assert any(k.startswith("hf-tiny-gpt2-") for k in kept)
+    assert keys["outside"] in kept

@@ -5,6 +5,9 @@ Layout::
     $AIGC_HOME/models/<name>/...files...      one folder per pulled model, with manifest.json
     $AIGC_HOME/cache/<key>/...                derived files (e.g. dequantised GGUF as safetensors)
     $AIGC_HOME/tmp/                           staging; a failed pull leaves nothing behind
+    $AIGC_HOME/locks/<name>/<pid>-*.lock      held (flock) by each running server that uses store model <name>
+
+``remove`` deletes an entry with its derived caches; ``gc`` deletes caches whose source is gone or changed.
 
 A model argument resolves, in this order, to: a ``.gguf`` file path; an HF-format directory path; a store name;
 an HF hub id already in the local Hugging Face cache.
@@ -179,11 +182,276 @@ def list_models() -> list[dict]:
     return out
 
 
-def remove(name: str) -> None:
-    d = models_dir() / name
-    if not (d / "manifest.json").exists() or "/" in name or name in (".", ".."):
+def _entry(name: str) -> Path:
+    """The store folder of a pulled model, refusing names that are not plain entries and symlinked entries."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ModelNotFoundError(f"model {name!r} is not in the store ({models_dir()})")
-    shutil.rmtree(d)
+    d = models_dir() / name
+    if d.is_symlink():
+        raise AigcError(f"{d} is a symbolic link (to {os.readlink(d)}); aigckit does not delete through links: "
+                        f"remove the link itself (rm {d})")
+    if not (d / "manifest.json").is_file():
+        raise ModelNotFoundError(f"model {name!r} is not in the store ({models_dir()})")
+    return d
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (links counted as links, never followed)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _rmtree(path: Path) -> int:
+    n = _tree_bytes(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+    return n
+
+
+def remove(name: str, *, force: bool = False) -> dict:
+    """Remove a pulled model and the caches derived from it (dequantised GGUF, quantised weights).
+
+    Refuses a symlinked entry, and a model that a running ``aigc serve`` holds (see ``hold``) unless ``force``.
+    Returns ``{"name", "path", "bytes", "caches": [{"path", "bytes"}], "users": [pid, ...]}``."""
+    d = _entry(name)
+    pids = users(name)
+    if pids and not force:
+        raise AigcError(f"model {name!r} is in use by a running aigc serve (pid {', '.join(map(str, pids))}); "
+                        "stop it first, or pass --force to remove it anyway")
+    caches = caches_of(d)  # keys hash the files' paths and times: compute them before the files go
+    out = {"name": name, "path": str(d), "users": pids, "caches": []}
+    out["bytes"] = _rmtree(d)
+    for c in caches:
+        out["caches"].append({"path": str(c), "bytes": _rmtree(c)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- derived caches
+#
+# Loading a model writes derived files under cache/<key>[-<variant>]/ (text/lm.py): a dequantised GGUF
+# ("gguf-<stem>-<hash>", with source.json naming the GGUF) and quantised weights ("<source key>-<mode>-<code>").
+# The key hashes the source's resolved path, size and mtime, so a changed or moved source gets a new key and its old
+# caches become orphans. ``source_cache_key`` is the same function as text/lm.py's ``_source_key`` (a test keeps the
+# two equal).
+
+_DERIVED_PREFIXES = ("gguf-", "hf-")
+
+
+def source_cache_key(res: "Resolved") -> str:
+    """The cache key of a model source: a .gguf file or an HF safetensors directory."""
+    if res.format == "gguf":
+        st = res.path.stat()
+        h = hashlib.sha256(f"{res.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+        return f"gguf-{res.path.stem}-{h}"
+    parts = [str(res.path.resolve())]
+    for f in sorted(res.path.glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
+    return "hf-" + res.path.name + "-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _source_keys(folder: Path) -> set[str]:
+    """Cache keys of every model source in a folder: each .gguf file under it, and the folder as an HF directory."""
+    keys = set()
+    for g in folder.rglob("*.gguf"):
+        if g.is_file():
+            keys.add(source_cache_key(Resolved(g.stem, "gguf", g)))
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        keys.add(source_cache_key(Resolved(folder.name, "hf", folder)))
+    return keys
+
+
+def _cache_root() -> Path:
+    return home() / "cache"
+
+
+def _derived_caches() -> list[Path]:
+    root = _cache_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(_DERIVED_PREFIXES))
+
+
+def _belongs(cache: Path, keys: set[str]) -> bool:
+    name = cache.name
+    return any(name == k or name.startswith(k + "-") for k in keys)
+
+
+def caches_of(folder: Path) -> list[Path]:
+    """The derived caches of the model sources in ``folder`` (a store entry)."""
+    keys = _source_keys(folder)
+    return [c for c in _derived_caches() if _belongs(c, keys)]
+
+
+def _live_keys() -> set[str]:
+    """Keys of every source that still exists: store entries, Hugging Face cache snapshots, and GGUF files recorded
+    in a dequantised cache's source.json (a model loaded by path) that are unchanged."""
+    keys: set[str] = set()
+    root = models_dir()
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and (d / "manifest.json").is_file():
+                keys |= _source_keys(d)
+    for hub in _hf_cache_roots():
+        if hub.is_dir():
+            for snap in hub.glob("models--*/snapshots/*"):
+                if snap.is_dir():
+                    keys |= _source_keys(snap)
+    for c in _derived_caches():
+        src = c / "source.json"
+        if not src.is_file():
+            continue
+        try:
+            gguf = Path(json.loads(src.read_text())["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if gguf.is_file():
+            key = source_cache_key(Resolved(gguf.stem, "gguf", gguf))
+            if key == c.name:
+                keys.add(key)
+    return keys
+
+
+STALE_TMP_S = 3600  # temporary folders older than this are leftovers of a crash, not a write in progress
+
+
+def gc(*, dry_run: bool = False) -> dict:
+    """Remove derived caches whose source is gone or changed, and leftovers of crashed writes.
+
+    A cache is kept while its source exists: a store entry, a Hugging Face cache snapshot, or (for a GGUF loaded by
+    path) the file its source.json names, unchanged. Quantised caches of an HF folder loaded by path from outside
+    the store and the hub cache are removed too (they are rebuilt on the next load). Other caches (datasets, FID
+    references) are not touched. Returns ``{"removed": [{"path", "bytes", "reason"}], "bytes": total, "dry_run"}``."""
+    import time
+
+    removed = []
+    live = _live_keys()
+    for c in _derived_caches():
+        if not _belongs(c, live):
+            removed.append((c, "source gone or changed"))
+    now = time.time()
+    for root in (_cache_root(), home() / "tmp"):
+        if root.is_dir():
+            for t in root.iterdir():
+                if (t.name.startswith(".tmp-") or root.name == "tmp") and now - t.lstat().st_mtime > STALE_TMP_S:
+                    removed.append((t, "unfinished write"))
+    out = []
+    for path, why in removed:
+        n = _tree_bytes(path) if dry_run else _rmtree(path)
+        out.append({"path": str(path), "bytes": n, "reason": why})
+    if not dry_run:
+        _clean_locks()
+    return {"removed": out, "bytes": sum(r["bytes"] for r in out), "dry_run": dry_run}
+
+
+# ----------------------------------------------------------------------------------------------- in use
+#
+# A process that serves a store model holds an exclusive flock on locks/<name>/<pid>-<random>.lock for as long as it
+# runs. The kernel drops the lock when the process dies (even by SIGKILL), so a lock file nobody holds is stale:
+# ``users`` removes those and reports only the live holders.
+
+
+def _locks_dir(name: str) -> Path:
+    return home() / "locks" / name
+
+
+class ModelHold:
+    """An open, flock-ed lock file saying "this process uses store model ``name``"; ``release()`` or ``with``."""
+
+    def __init__(self, name: str) -> None:
+        import fcntl
+        import secrets
+
+        d = _locks_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        base = f"{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = d / f".{base}.tmp"
+        self._fh = open(tmp, "w")
+        fcntl.flock(self._fh, fcntl.LOCK_EX)  # locked before it becomes visible under its final name
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        self.path = d / f"{base}.lock"
+        os.replace(tmp, self.path)
+        self.name = name
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "ModelHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def entry_name(spec: str) -> str | None:
+    """The store entry a model argument refers to (a store name, or a path inside the store), else None."""
+    p = Path(spec).expanduser()
+    if "/" not in spec and (models_dir() / spec / "manifest.json").is_file():
+        return spec
+    try:
+        rel = p.resolve().relative_to(models_dir().resolve())
+    except (ValueError, OSError):
+        return None
+    return rel.parts[0] if rel.parts and (models_dir() / rel.parts[0] / "manifest.json").is_file() else None
+
+
+def hold(spec: str) -> ModelHold | None:
+    """Mark the store model that ``spec`` names as in use by this process (None when it is not a store model)."""
+    name = entry_name(spec)
+    return ModelHold(name) if name else None
+
+
+def users(name: str) -> list[int]:
+    """Pids of live processes holding store model ``name``; stale lock files are removed."""
+    import fcntl
+
+    d = _locks_dir(name)
+    if not d.is_dir():
+        return []
+    pids = []
+    for f in sorted(d.glob("*.lock")):
+        try:
+            fh = open(f, "r+")
+        except FileNotFoundError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = fh.read().strip()
+                pids.append(int(text) if text.isdigit() else -1)
+                continue
+            f.unlink(missing_ok=True)  # nobody holds it: its process is gone
+    return pids
+
+
+def _clean_locks() -> None:
+    root = home() / "locks"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and not d.is_symlink():
+                users(d.name)
+                try:
+                    d.rmdir()  # only when empty
+                except OSError:
+                    pass
 
 
 # ----------------------------------------------------------------------------------------------------- resolve

@@ -74,7 +74,13 @@ def _serve(args) -> int:
                                            timeout_graceful_shutdown=3))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"aigc: warning: serving on {args.host} without --api-key", file=sys.stderr)
-    server.run()
+    # store models stay marked "in use" while the server runs (`aigc rm` refuses them without --force)
+    holds = [h for h in (store.hold(sm.spec) for sm in registry.models.values()) if h is not None]
+    try:
+        server.run()
+    finally:
+        for h in holds:
+            h.release()
     if failure:
         e = failure[0]
         raise AigcError(f"could not load the models: {e}") if not isinstance(e, AigcError) else e

@@ -1,9 +1,10 @@
-"""`aigc pull | list | rm`: the model store."""
+"""`aigc pull | list | rm | gc`: the model store."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_list)
 
-    p = sub.add_parser("rm", help="remove a pulled model from the store")
+    p = sub.add_parser("rm", help="remove a pulled model and its derived caches from the store",
+                       description="Remove a pulled model from the store together with the caches derived from it "
+                       "(dequantised GGUF, quantised weights). A symlinked entry is refused (remove the link "
+                       "yourself); a model a running `aigc serve` uses is refused unless --force.")
     p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="remove even while a running server uses the model")
+    p.add_argument("--json", action="store_true", help="print what was removed as JSON")
     p.set_defaults(func=_rm)
+
+    p = sub.add_parser("gc", help="remove orphaned caches (of removed or changed models) and crash leftovers",
+                       description="Remove derived caches whose model is gone or has changed since the cache was "
+                       "written, and temporary folders left by crashed writes; report the bytes freed.")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_gc)
 
 
 def _pull(args) -> int:
@@ -50,6 +63,31 @@ def _list(args) -> int:
 def _rm(args) -> int:
     from aigckit import store
 
-    store.remove(args.name)
-    print(f"removed {args.name}")
+    out = store.remove(args.name, force=args.force)
+    if out["users"]:
+        print(f"aigc: warning: {args.name} was in use by pid {', '.join(map(str, out['users']))}; that server "
+              "keeps its loaded copy until it stops", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    cache_bytes = sum(c["bytes"] for c in out["caches"])
+    print(f"removed {args.name} ({_mb(out['bytes'])}) and {len(out['caches'])} derived cache(s) ({_mb(cache_bytes)})")
     return 0
+
+
+def _gc(args) -> int:
+    from aigckit import store
+
+    out = store.gc(dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for r in out["removed"]:
+        print(f"{'would remove' if args.dry_run else 'removed'} {r['path']} ({_mb(r['bytes'])}, {r['reason']})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {_mb(out['bytes'])} ({out['bytes']} bytes) in {len(out['removed'])} item(s)")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

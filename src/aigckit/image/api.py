@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from aigckit import checkpoints as ck
 from aigckit.data.images import class_index
 from aigckit.errors import AigcError
 from aigckit.image.dcgan import DCGAN, DCGANConfig
@@ -181,9 +182,8 @@ class ImageModel:
 
 
 def load_image_model(run: str | Path, *, weights: str = "ema") -> ImageModel:
-    """Load a trained run (its latest checkpoint) or one checkpoint folder, with EMA weights by default."""
-    from aigckit.train import checkpoint as ck
-
+    """Load a trained run (its newest intact checkpoint; damaged newer ones are named on stderr) or one checkpoint
+    folder, with EMA weights by default."""
     if weights not in ("ema", "model"):
         raise AigcError(f"weights must be 'ema' or 'model', got {weights!r}")
     ckpt = ck.latest_checkpoint(run)

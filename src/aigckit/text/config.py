@@ -7,13 +7,64 @@ by exact name; an unknown name raises with the list of known names.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from aigckit.errors import AigcError
+from aigckit.errors import AigcError, CorruptFileError
 
 Arch = Literal["gpt2", "llama"]
+
+# Upper bounds for the sizes a model is built from: far above any model this toolkit can run on a CPU, low enough
+# that a corrupt or hostile file cannot ask for an absurd allocation.
+MAX_VOCAB = 4_194_304
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 65_536
+MAX_FFN = 1_048_576
+MAX_HEAD_DIM = 4096
+MAX_CONTEXT = 1_048_576
+
+
+class ConfigFieldError(AigcError):
+    """An invalid value for one LMConfig field; ``field`` is its name, so loaders can name their own key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigFieldError(name, f"{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigFieldError(name, f"{name} must be in {lo}..{hi}, got {v}")
+
+
+def _check_float(name: str, v: Any, lo: float, hi: float) -> None:
+    """A finite number in the open interval (lo, hi)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v < hi:
+        raise ConfigFieldError(name, f"{name} must be a finite number in ({lo:g}, {hi:g}), got {v!r}")
+
+
+def _check_rope_scaling(rs: Any, block_size: int) -> None:
+    if not isinstance(rs, dict):
+        raise ConfigFieldError("rope_scaling", f"rope_scaling must be a dict, got {type(rs).__name__}")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ("linear", "llama3", "default", None):
+        raise ConfigFieldError("rope_scaling", f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+    if kind in ("linear", "llama3"):
+        _check_float("rope_scaling.factor", rs.get("factor"), 0.0, 1e6)
+    if kind == "llama3":
+        lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        _check_float("rope_scaling.low_freq_factor", lo, 0.0, 1e6)
+        _check_float("rope_scaling.high_freq_factor", hi, 0.0, 1e6)
+        if not lo < hi:
+            raise ConfigFieldError("rope_scaling", f"rope_scaling needs low_freq_factor < high_freq_factor, got "
+                                   f"{lo} and {hi}")
+        _check_int("rope_scaling.original_max_position_embeddings",
+                   rs.get("original_max_position_embeddings", 8192), 1, MAX_CONTEXT)
 DType = Literal["float32", "bfloat16"]
 
 
@@ -39,21 +90,42 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
-            raise AigcError(f"unknown arch {self.arch!r}; expected 'gpt2' or 'llama'")
+            raise ConfigFieldError("arch", f"unknown arch {self.arch!r}; expected 'gpt2' or 'llama'")
+        # every size the model is built from: a positive int within bounds no real model exceeds (so a file saying
+        # context_length 4294967295 or head_count 0 fails here, with the field's name, not deep inside the model)
+        for name, hi in (("vocab_size", MAX_VOCAB), ("n_layer", MAX_LAYERS), ("n_head", MAX_HEADS),
+                         ("n_embd", MAX_WIDTH), ("block_size", MAX_CONTEXT)):
+            _check_int(name, getattr(self, name), 1, hi)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        _check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        _check_int("intermediate_size", self.intermediate_size, 1, MAX_FFN)
         if self.head_dim is None:
             if self.n_embd % self.n_head:
-                raise AigcError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+                raise ConfigFieldError("n_head", f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
             self.head_dim = self.n_embd // self.n_head
+        _check_int("head_dim", self.head_dim, 1, MAX_HEAD_DIM)
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ConfigFieldError("head_dim", f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.arch == "gpt2" and self.head_dim * self.n_head != self.n_embd:
+            raise ConfigFieldError("head_dim", f"GPT-2 needs head_dim * n_head == n_embd, got {self.head_dim} * "
+                                   f"{self.n_head} != {self.n_embd}")
         if self.n_head % self.n_kv_head:
-            raise AigcError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+            raise ConfigFieldError("n_kv_head", f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        _check_float("norm_eps", self.norm_eps, 0.0, 1.0)
+        _check_float("rope_theta", self.rope_theta, 0.0, 1e12)
+        self.norm_eps, self.rope_theta = float(self.norm_eps), float(self.rope_theta)
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigFieldError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            for i in (v if isinstance(v, list) else [] if v is None else [v]):
+                _check_int(name, i, 0, self.vocab_size - 1)
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("linear", "llama3", "default", None):
-                raise AigcError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+            _check_rope_scaling(self.rope_scaling, self.block_size)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -75,34 +147,43 @@ class LMConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> LMConfig:
-        """Map a Hugging Face config.json (GPT2Config / LlamaConfig and Llama-like) onto LMConfig."""
+        """Map a Hugging Face config.json (GPT2Config / LlamaConfig and Llama-like) onto LMConfig.
+
+        A missing or invalid value raises ``CorruptFileError`` naming the config.json key."""
+        if not isinstance(hf, dict):
+            raise CorruptFileError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         mt = hf.get("model_type")
         if mt == "gpt2":
-            return cls(
-                arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-                block_size=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
-                tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"), name=name,
-            )
-        if mt in ("llama", "mistral"):
+            table = HF_GPT2_FIELDS
+            fixed: dict[str, Any] = {"arch": "gpt2", "bias": True}
+            if hf.get("n_inner") is None:  # GPT-2's default MLP width
+                fixed["intermediate_size"] = None
+        elif mt in ("llama", "mistral"):
             if hf.get("sliding_window"):
                 raise AigcError("sliding-window attention is not supported")
             if hf.get("hidden_act", "silu") != "silu":
                 raise AigcError(f"unsupported hidden_act {hf.get('hidden_act')!r} for a Llama-family model")
             if hf.get("attention_bias") or hf.get("mlp_bias"):
                 raise AigcError("Llama models with attention/MLP biases are not supported")
-            return cls(
-                arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"),
-                n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                block_size=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                bias=False, tie_embeddings=hf.get("tie_word_embeddings", False),
-                rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-                rope_scaling=_hf_rope_scaling(hf), head_dim=hf.get("head_dim"),
-                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), name=name,
-            )
-        raise AigcError(f"unsupported model_type {mt!r}; supported: gpt2, llama (and Llama-compatible mistral)")
+            table = HF_LLAMA_FIELDS
+            fixed = {"arch": "llama", "bias": False, "rope_scaling": _hf_rope_scaling(hf)}
+            if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):  # transformers >= 5 layout
+                fixed["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+        else:
+            raise AigcError(f"unsupported model_type {mt!r}; supported: gpt2, llama (and Llama-compatible mistral)")
+        kwargs: dict[str, Any] = {}
+        for ours, (key, default) in table.items():
+            if ours in fixed:
+                continue
+            if key not in hf and default is _REQUIRED:
+                raise CorruptFileError(f"config.json has no {key!r} (needed for a {mt} model)")
+            kwargs[ours] = hf.get(key, None if default is _REQUIRED else default)
+        kwargs.update(fixed)
+        try:
+            return cls(**kwargs, name=name)
+        except ConfigFieldError as e:
+            key = table.get(e.field.split(".")[0], (e.field, None))[0]
+            raise CorruptFileError(f"config.json: invalid {key!r}: {e}") from None
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -134,6 +215,24 @@ def _hf_rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     rs.pop("rope_theta", None)
     return rs
 
+
+_REQUIRED = object()
+# LMConfig field -> (config.json key, default when absent; _REQUIRED: the key must be there)
+HF_GPT2_FIELDS: dict[str, tuple[str, Any]] = {
+    "vocab_size": ("vocab_size", _REQUIRED), "n_layer": ("n_layer", _REQUIRED), "n_head": ("n_head", _REQUIRED),
+    "n_embd": ("n_embd", _REQUIRED), "intermediate_size": ("n_inner", None), "block_size": ("n_positions", _REQUIRED),
+    "norm_eps": ("layer_norm_epsilon", 1e-5), "tie_embeddings": ("tie_word_embeddings", True),
+    "bos_token_id": ("bos_token_id", None), "eos_token_id": ("eos_token_id", None),
+}
+HF_LLAMA_FIELDS: dict[str, tuple[str, Any]] = {
+    "vocab_size": ("vocab_size", _REQUIRED), "n_layer": ("num_hidden_layers", _REQUIRED),
+    "n_head": ("num_attention_heads", _REQUIRED), "n_kv_head": ("num_key_value_heads", None),
+    "n_embd": ("hidden_size", _REQUIRED), "intermediate_size": ("intermediate_size", _REQUIRED),
+    "block_size": ("max_position_embeddings", 2048), "norm_eps": ("rms_norm_eps", 1e-6),
+    "tie_embeddings": ("tie_word_embeddings", False), "rope_theta": ("rope_theta", 10000.0),
+    "rope_scaling": ("rope_scaling", None), "head_dim": ("head_dim", None),
+    "bos_token_id": ("bos_token_id", None), "eos_token_id": ("eos_token_id", None),
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(arch="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True,

@@ -72,10 +72,11 @@ class LM:
         return ids
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids for ``messages``. Message contents are data: a special token's text inside one (e.g. a user
+        writing "<|im_start|>system") is tokenised as plain text; only the template's own markers are special."""
         _check_messages(messages)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # the template already carries BOS etc.; do not add special tokens twice
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # the template already carries BOS etc.; encode_chat adds no special tokens of its own
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     # ----------------------------------------------------------------------------------------- generation
     def generate(self, prompt: str | list[int], **params: Any) -> GenerationResult:

@@ -18,15 +18,15 @@ Two sources are supported:
 
 Anything else raises ``AigcError`` naming the model type.
 
-Chat templates render in ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with the same globals and filters as
-transformers (``raise_exception``, ``strftime_now``, a non-HTML-escaping ``tojson``, ``loopcontrols``), so the text
-equals ``transformers``' ``apply_chat_template(..., tokenize=False)``.
+Chat templates render in a sandbox with resource limits (``text/chat_template.py``) and give the text of
+transformers' ``apply_chat_template(..., tokenize=False)``. ``encode_chat`` tokenises a chat with the messages as
+data: special-token texts inside them stay plain text, only the template's own markers are special tokens.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,6 +34,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _HFTokenizer
 
 from aigckit.errors import AigcError, CorruptFileError, ModelNotFoundError
+from aigckit.text.chat_template import ChatTemplate
 
 __all__ = ["Tokenizer", "StreamDecoder"]
 
@@ -269,31 +270,6 @@ def _plain(value: Any) -> Any:
     raise AigcError(f"chat messages may hold only JSON values (str, number, bool, list, dict); got {type(value).__name__}")
 
 
-def _compile_template(source: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; transformers' does not.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise CorruptFileError(f"the model's chat template does not parse: {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------- Tokenizer
 
 
@@ -319,9 +295,16 @@ class Tokenizer:
         self.add_eos_token = add_eos_token
         self.source = source
         self._clean_up = clean_up_tokenization_spaces and not isinstance(backend.model, models.BPE)
-        self._template = None
         # ids of the added tokens marked special (what decode(skip_special_tokens=True) drops)
         self.special_token_ids: set[int] = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special}, key=len,
+                          reverse=True)
+        # the special tokens' texts, longest first (as the tokenizer matches them): what a chat message must not forge
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._plain_backends: dict[bool, _HFTokenizer] = {}
+        # compiled, checked and trial-rendered now: a template that cannot work fails the load, not a request
+        self._template = ChatTemplate(chat_template, trial_context=self.special_tokens) \
+            if chat_template is not None else None
         eot = set(int(i) for i in eos_token_ids)
         if self.eos_token_id is not None:
             eot.add(self.eos_token_id)
@@ -566,8 +549,46 @@ class Tokenizer:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the model's chat template.
 
         Extra keyword arguments become template variables (e.g. ``tools=...``); ``bos_token``/``eos_token`` and the
-        other named special tokens are passed in. Encode the result with ``add_special_tokens=False``.
-        """
+        other named special tokens are passed in. The text equals transformers' ``apply_chat_template(...,
+        tokenize=False)``. To get token ids use ``encode_chat``: encoding this text would turn special-token strings
+        inside the messages into real special tokens."""
+        chat, extra = self._chat_inputs(messages, kwargs)
+        return self._render(chat, add_generation_prompt, extra)
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of the chat prompt, with the messages as data.
+
+        Only the template's own markers (``<|im_start|>`` ... written by the template, ``bos_token``) become special
+        tokens; a special token's text inside a message (or a tool definition) is tokenised as plain text, so a user
+        cannot forge a system or assistant turn (llama.cpp's server does the same by default). For messages without
+        such text the ids equal ``encode(apply_chat_template(...), add_special_tokens=False)``, which is
+        transformers' ``apply_chat_template(..., tokenize=True)``."""
+        chat, extra = self._chat_inputs(messages, kwargs)
+        if self._special_re is None or not _mentions(self._special_re, (chat, extra)):
+            return self.encode(self._render(chat, add_generation_prompt, extra), add_special_tokens=False)
+        # Every special-token text in the inputs becomes a placeholder character (one per distinct text, from
+        # Unicode's private-use planes 15-16, none of which occurs in the inputs or the template) before rendering,
+        # so the special tokens found in the rendered text are the template's own; the text between them, with the
+        # placeholders put back, is encoded with special tokens read as plain text.
+        taken = set(_PRIVATE_USE.findall(self._template.source if self._template else ""))
+        _collect_private_use((chat, extra), taken)
+        table: dict[str, str] = {}  # special-token text -> placeholder
+        free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in taken)
+
+        def placeholder(m: re.Match) -> str:
+            text = m.group(0)
+            if text not in table:
+                p = next(free, None)
+                if p is None:  # 131,000 distinct special tokens in one request
+                    raise AigcError("too many distinct special-token texts in the messages")
+                table[text] = p
+            return table[text]
+
+        chat, extra = _defuse(chat, self._special_re, placeholder), _defuse(extra, self._special_re, placeholder)
+        text = self._render(chat, add_generation_prompt, extra)
+        return self._encode_with_markers(text, {ord(p): t for t, p in table.items()})
+
+    def _chat_inputs(self, messages: Any, kwargs: dict) -> tuple[list, dict]:
         if self.chat_template is None:
             raise AigcError(f"this model has no chat template ({self.source}); use plain prompts instead")
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -577,23 +598,102 @@ class Tokenizer:
             if not isinstance(m, dict):
                 raise AigcError(f"each message must be a dict with 'role' and 'content', got {type(m).__name__}")
             chat.append({k: v for k, v in m.items() if v is not None})
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        context = {"messages": _plain(chat), "tools": None, "documents": None,
-                   "add_generation_prompt": bool(add_generation_prompt), **self.special_tokens,
-                   **{k: _plain(v) for k, v in kwargs.items()}}
-        import jinja2
+        return _plain(chat), {k: _plain(v) for k, v in kwargs.items()}
 
-        try:
-            return self._template.render(**context)
-        except jinja2.exceptions.TemplateError as e:
-            raise AigcError(f"chat template rejected the messages: {e}") from None
+    def _render(self, chat: list, add_generation_prompt: bool, extra: dict) -> str:
+        if self._template is None or self._template.source != self.chat_template:  # the attribute was reassigned
+            self._template = ChatTemplate(self.chat_template, trial_context=self.special_tokens)
+        context = {"messages": chat, "tools": None, "documents": None,
+                   "add_generation_prompt": bool(add_generation_prompt), **self.special_tokens, **extra}
+        return self._template.render(**context)
+
+    def _encode_with_markers(self, text: str, restore: dict[int, str]) -> list[int]:
+        """Ids of rendered ``text``: its special tokens as such; between them, the text with ``restore``
+        (placeholder -> special-token text) applied, special-token texts read as plain text."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for tid, (start, end) in zip(enc.ids, enc.offsets):
+            if tid in self.special_token_ids:
+                ids += self._encode_plain(text[pos:start], pos == 0, restore)
+                ids.append(tid)
+                pos = end
+        return ids + self._encode_plain(text[pos:], pos == 0, restore)
+
+    def _encode_plain(self, text: str, at_start: bool, restore: dict[int, str]) -> list[int]:
+        if not text:
+            return []
+        return self._plain_backend(at_start).encode(text.translate(restore), add_special_tokens=False).ids
+
+    def _plain_backend(self, at_start: bool) -> _HFTokenizer:
+        """A copy of the backend that reads special-token texts as plain text. A piece after a special token gets a
+        copy whose Metaspace pre-tokenizer does not prepend "▁" ("first" means the start of the whole text)."""
+        b = self._plain_backends.get(at_start)
+        if b is None:
+            spec = json.loads(self._tok.to_str())
+            if not at_start:
+                _metaspace_never(spec)
+            b = _HFTokenizer.from_str(json.dumps(spec))
+            b.encode_special_tokens = True
+            self._plain_backends[at_start] = b
+        return b
 
     # ------------------------------------------------------------------------------------------- streaming
 
     def stream_decoder(self, prompt_ids=None, *, skip_special_tokens: bool = False) -> "StreamDecoder":
         """An incremental detokeniser; ``prompt_ids`` (optional) give left context so the first word spaces right."""
         return StreamDecoder(self, prompt_ids, skip_special_tokens=skip_special_tokens)
+
+
+_PRIVATE_USE = re.compile("[\U000F0000-\U0010FFFF]")
+
+
+def _mentions(pattern: re.Pattern, value: Any) -> bool:
+    """Does any string (value or key) in a JSON-like value match ``pattern``?"""
+    if isinstance(value, str):
+        return pattern.search(value) is not None
+    if isinstance(value, dict):
+        return any(_mentions(pattern, k) or _mentions(pattern, v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(pattern, v) for v in value)
+    return False
+
+
+def _collect_private_use(value: Any, out: set[str]) -> None:
+    if isinstance(value, str):
+        out.update(_PRIVATE_USE.findall(value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect_private_use(k, out)
+            _collect_private_use(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _collect_private_use(v, out)
+
+
+def _defuse(value: Any, pattern: re.Pattern, repl) -> Any:
+    """``value`` with every match of ``pattern`` in its strings (values and keys) replaced by ``repl(match)``."""
+    if isinstance(value, str):
+        return pattern.sub(repl, value)
+    if isinstance(value, dict):
+        return {_defuse(k, pattern, repl): _defuse(v, pattern, repl) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_defuse(v, pattern, repl) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_defuse(v, pattern, repl) for v in value)
+    return value
+
+
+def _metaspace_never(spec: Any) -> None:
+    """In a tokenizer.json dict: Metaspace pre-tokenizers with prepend_scheme "first" -> "never"."""
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
+            spec["prepend_scheme"] = "never"
+        for v in spec.values():
+            _metaspace_never(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            _metaspace_never(v)
 
 
 def _clean_up_tokenization(text: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from aigckit.errors import CorruptFileError, UnsupportedFormatError
-from aigckit.text.config import LMConfig
+from aigckit.text.config import ConfigFieldError, LMConfig
 
 Recipe = Any
 
@@ -229,38 +229,55 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_config(reader, name: str) -> LMConfig:
+    """The LMConfig a GGUF file's ``llama.*`` metadata describes. Missing or invalid values raise
+    ``CorruptFileError`` naming the GGUF key (e.g. ``llama.attention.head_count = 0``)."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise UnsupportedFormatError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
     a = arch
-    n_embd = int(_field(reader, f"{a}.embedding_length"))
-    n_head = int(_field(reader, f"{a}.attention.head_count"))
-    head_dim = int(_field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", n_embd // n_head)))
+    # LMConfig field -> GGUF key it comes from (for error messages)
+    keys = {"n_layer": f"{a}.block_count", "n_embd": f"{a}.embedding_length", "n_head": f"{a}.attention.head_count",
+            "n_kv_head": f"{a}.attention.head_count_kv", "intermediate_size": f"{a}.feed_forward_length",
+            "block_size": f"{a}.context_length", "norm_eps": f"{a}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{a}.rope.freq_base", "head_dim": f"{a}.attention.key_length",
+            "vocab_size": f"{a}.vocab_size", "rope_scaling": f"{a}.rope.scaling.factor",
+            "bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
+
+    def required(field: str) -> Any:
+        v = _field(reader, keys[field])
+        if v is None:
+            raise CorruptFileError(f"GGUF metadata has no {keys[field]}")
+        return v
+
     names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{a}.vocab_size")
+    vocab = _field(reader, keys["vocab_size"])
     if vocab is None:
         vocab = len(_field(reader, "tokenizer.ggml.tokens", []))
+        keys["vocab_size"] = "tokenizer.ggml.tokens (its length)"
+    head_dim = _field(reader, keys["head_dim"])
+    if head_dim is None and _field(reader, f"{a}.rope.dimension_count") is not None:
+        head_dim, keys["head_dim"] = _field(reader, f"{a}.rope.dimension_count"), f"{a}.rope.dimension_count"
     rope_scaling = None
     st = _field(reader, f"{a}.rope.scaling.type")
     if st == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{a}.rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": _field(reader, keys["rope_scaling"])}
     elif st not in (None, "none"):
         raise UnsupportedFormatError(f"GGUF rope scaling {st!r} is not supported")
-    return LMConfig(
-        arch="llama", vocab_size=int(vocab), n_layer=int(_field(reader, f"{a}.block_count")), n_head=n_head,
-        n_kv_head=int(_field(reader, f"{a}.attention.head_count_kv", n_head)), n_embd=n_embd,
-        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
-        block_size=int(_field(reader, f"{a}.context_length", 2048)),
-        norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
-        head_dim=head_dim, tie_embeddings="output.weight" not in names,
-        bos_token_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        eos_token_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")), name=name,
-    )
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
+    n_head = required("n_head")
+    try:
+        # values go in as stored (ints stay ints), so LMConfig's checks see what the file says
+        return LMConfig(
+            arch="llama", vocab_size=vocab, n_layer=required("n_layer"), n_head=n_head,
+            n_kv_head=_field(reader, keys["n_kv_head"], n_head), n_embd=required("n_embd"),
+            intermediate_size=required("intermediate_size"), block_size=_field(reader, keys["block_size"], 2048),
+            norm_eps=_field(reader, keys["norm_eps"], 1e-5), rope_theta=_field(reader, keys["rope_theta"], 10000.0),
+            rope_scaling=rope_scaling, head_dim=head_dim, tie_embeddings="output.weight" not in names,
+            bos_token_id=_field(reader, keys["bos_token_id"]), eos_token_id=_field(reader, keys["eos_token_id"]),
+            name=name,
+        )
+    except ConfigFieldError as e:
+        key = keys.get(e.field.split(".")[0], e.field)
+        raise CorruptFileError(f"GGUF metadata {key} is invalid: {e}") from None
 
 
 def gguf_tensor(t) -> Tensor:

@@ -1,16 +1,9 @@
-"""Self-describing, crash-safe checkpoints. Never pickle.
+"""Writing crash-safe, self-describing checkpoints (the read side, and the layout, are in ``aigckit.checkpoints``).
 
-A run folder holds ``checkpoints/step-NNNNNNNNN/`` folders, each complete on its own::
-
-    config.json                 family, model config, training arguments, class names
-    model.safetensors           the trained weights
-    ema.safetensors             EMA weights (used for sampling), when kept
-    trainer_state.safetensors   optimiser tensors ("opt.NAME.state.I.KEY") and RNG states ("rng.*")
-    trainer_state.json          step, images seen, elapsed time, optimiser param groups and scalar state
-
-A checkpoint is written into a hidden temporary folder beside the others and renamed into place, so a crash at any
-moment leaves either the previous checkpoints or the new complete one - never half of one. The newest folder whose
-name parses is the latest checkpoint; leftover temporary folders are ignored and cleaned up by the next save.
+``save_checkpoint`` writes every file into a hidden temporary folder, then ``checksums.json`` (size and sha256 of each
+file) last, fsyncs, and renames the folder into place: a crash at any moment leaves either the previous checkpoints
+or the new complete one, and later damage is caught by ``checkpoints.verify_checkpoint``. Leftover temporary folders
+are ignored by readers and cleaned up by the next save. Never pickle.
 """
 
 from __future__ import annotations
@@ -23,20 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from aigckit.errors import CorruptFileError, ModelNotFoundError
-
-CKPT_DIR = "checkpoints"
-PREFIX = "step-"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from aigckit.checkpoints import (  # noqa: F401  (the read side, re-exported for the trainers)
+    CHECKSUMS, CKPT_DIR, PREFIX, atomic_write_text, checksums, latest_checkpoint, list_checkpoints,
+    load_trainer_state, load_weights, read_config, verify_checkpoint,
+)
+from aigckit.errors import CorruptFileError
 
 
 def optimizer_to_flat(opts: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -78,7 +65,8 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: str | Path, *, step: int, config: dict, model: nn.Module, ema: nn.Module | None = None,
                     optimizers: dict[str, torch.optim.Optimizer] | None = None,
                     rng: dict[str, torch.Tensor] | None = None, state: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints. Returns its folder."""
+    """Write checkpoint ``step`` atomically, with checksums; keep the newest ``keep`` checkpoints. Returns its
+    folder."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write
@@ -96,12 +84,15 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict, model: nn.M
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizers": opt_meta, **(state or {})},
                                                            indent=2))
+        names = sorted(f.name for f in tmp.iterdir())
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums(tmp, names), indent=2))  # last: covers all the others
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,62 +101,13 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict, model: nn.M
     return final
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
-            out.append(p)
-    return sorted(out, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest_checkpoint(run: str | Path) -> Path:
-    """A run folder -> its newest checkpoint folder; a checkpoint folder -> itself."""
-    p = Path(run).expanduser()
-    if (p / "config.json").exists() and (p / "model.safetensors").exists():
-        return p
-    if not p.exists():
-        raise ModelNotFoundError(f"run not found: {p}")
-    ckpts = list_checkpoints(p)
-    if not ckpts:
-        raise ModelNotFoundError(f"{p}: no checkpoint yet (expected {CKPT_DIR}/{PREFIX}*/)")
-    return ckpts[-1]
-
-
-def read_config(ckpt: Path) -> dict:
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
     try:
-        return json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{ckpt / 'config.json'}: unreadable ({e})") from e
-
-
-def load_weights(module: nn.Module, path: Path) -> None:
-    """Strict load: a missing file, a broken file, unknown/missing keys or shape mismatches are errors."""
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
-        sd = load_file(str(path))
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"{path}: missing") from e
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"{path}: corrupted safetensors file ({e})") from e
-    own = module.state_dict()
-    missing, unknown = own.keys() - sd.keys(), sd.keys() - own.keys()
-    if missing or unknown:
-        raise CorruptFileError(f"{path}: keys do not match the model (missing {sorted(missing)[:3]}, "
-                               f"unknown {sorted(unknown)[:3]})")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise CorruptFileError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=True)
-
-
-def load_trainer_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        tensors = load_file(str(ckpt / "trainer_state.safetensors"))
-        meta = json.loads((ckpt / "trainer_state.json").read_text())
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"{ckpt}: no trainer state to resume from") from e
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"{ckpt}: corrupted trainer state ({e})") from e
-    return tensors, meta
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from aigckit.errors import AigcError
 from aigckit.image.diffusion import DiffusionConfig, DiffusionModel, sample
 from aigckit.image.unet import UNetConfig
+from aigckit.train.family import preset
 
 # UNet size presets: "tiny" is for tests, "small" for 30 CPU-minutes, "base" for longer runs.
 PRESETS = {
@@ -24,10 +24,8 @@ class Trainer:
         return None  # the data's own (28 for Fashion-MNIST)
 
     def build(self, args, ds):
-        if args.size not in PRESETS:
-            raise AigcError(f"unknown size {args.size!r} for ddpm; known: {', '.join(PRESETS)}")
         unet = UNetConfig(resolution=ds.resolution, channels=ds.channels,
-                          num_classes=ds.num_classes if args.conditional else 0, **PRESETS[args.size])
+                          num_classes=ds.num_classes if args.conditional else 0, **preset(PRESETS, args.size, "ddpm"))
         cfg = DiffusionConfig(unet=unet, timesteps=args.timesteps, schedule=args.schedule,
                               prediction=args.prediction, label_dropout=args.label_dropout)
         return cfg, DiffusionModel(cfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aigckit.errors import AigcError
 from aigckit.image.dcgan import DCGAN, DCGANConfig
+from aigckit.train.family import preset
 
 PRESETS = {
     "tiny": dict(ngf=8, ndf=8, nz=16),
@@ -23,11 +23,7 @@ class Trainer:
         return None
 
     def build(self, args, ds):
-        if args.size not in PRESETS:
-            raise AigcError(f"unknown size {args.size!r} for dcgan; known: {', '.join(PRESETS)}")
-        p = dict(PRESETS[args.size])
-        if args.latent_dim:
-            p["nz"] = args.latent_dim
+        p = preset(PRESETS, args.size, "dcgan", nz=args.latent_dim)
         cfg = DCGANConfig(resolution=ds.resolution, channels=ds.channels,
                           num_classes=ds.num_classes if args.conditional else 0, **p)
         return cfg, DCGAN(cfg)

@@ -1,12 +1,10 @@
 """The shared training loop of ``aigc image train``: data order, progress, metrics, grids, checkpoints, resume.
 
-A model family supplies a small trainer object (``train/diffusion.py``, ``train/vae.py``, ``train/gan.py``) with::
+A model family supplies a small trainer object (``train/diffusion.py``, ``train/vae.py``, ``train/gan.py``) that
+satisfies ``train.family.FamilyTrainer``: ``build``, ``optimizers``, ``step`` and ``grid``.
 
-    family, default_lr
-    build(args, dataset) -> (config dataclass, model)     the model is built after torch.manual_seed(seed)
-    optimizers(model, args) -> {"name": optimizer}
-    step(model, optimizers, x, labels, generator) -> {"loss_name": float}
-    grid(ema_model, labels, generator) -> images in [-1, 1]
+Resume (``--resume``) continues from the newest intact checkpoint: one that fails its checksums (truncated, damaged)
+is skipped with a warning naming it, and the run goes on from the one before.
 
 Determinism: the model is initialised from ``seed``; batch order is a permutation per epoch drawn from a generator
 seeded by (seed, epoch), so it depends only on the step; all training noise comes from one ``torch.Generator`` whose
@@ -30,6 +28,7 @@ from aigckit.data.images import load_dataset, to_float
 from aigckit.errors import AigcError
 from aigckit.train import checkpoint as ck
 from aigckit.train.ema import make_ema, update_ema
+from aigckit.train.family import FamilyTrainer
 from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
 
 FAMILIES = {"ddpm": "aigckit.train.diffusion", "vae": "aigckit.train.vae", "dcgan": "aigckit.train.gan"}
@@ -80,12 +79,14 @@ class TrainArgs:
             raise AigcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         if self.dtype not in ("float32", "bfloat16"):
             raise AigcError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.latent_dim is not None and self.latent_dim < 1:
+            raise AigcError(f"latent dim must be >= 1, got {self.latent_dim}")
         for k in ("ckpt_every", "sample_every", "log_every"):
             if getattr(self, k) < 1:
                 raise AigcError(f"{k} must be >= 1")
 
 
-def family_trainer(name: str):
+def family_trainer(name: str) -> FamilyTrainer:
     if name not in FAMILIES:
         raise AigcError(f"unknown model {name!r}; known: {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[name]).Trainer()
@@ -104,7 +105,7 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
     ckpt = None
     if resume:
         if ck.list_checkpoints(run):
-            ckpt = ck.latest_checkpoint(run)
+            ckpt = ck.latest_checkpoint(run)  # the newest intact one; damaged newer ones are named on stderr
             saved = ck.read_config(ckpt)["train"]
         elif (run / "config.json").exists():  # killed before its first checkpoint: start it again from step 0
             saved = ck.read_config(run)["train"]
@@ -143,7 +144,7 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
         step, images_seen, train_time = meta["step"], meta["images_seen"], meta["train_time_s"]
         truncate_metrics(run, step)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(config, indent=2))
+    ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
 
     def save() -> Path:
         return ck.save_checkpoint(run, step=step, config=config, model=model, ema=ema, optimizers=opts,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from aigckit.errors import AigcError
 from aigckit.image.vae import VAE, VAEConfig
+from aigckit.train.family import preset
 
 PRESETS = {
     "tiny": dict(hidden=8, fc=32, latent_dim=4),
@@ -22,11 +22,7 @@ class Trainer:
         return None
 
     def build(self, args, ds):
-        if args.size not in PRESETS:
-            raise AigcError(f"unknown size {args.size!r} for vae; known: {', '.join(PRESETS)}")
-        p = dict(PRESETS[args.size])
-        if args.latent_dim:
-            p["latent_dim"] = args.latent_dim
+        p = preset(PRESETS, args.size, "vae", latent_dim=args.latent_dim)
         cfg = VAEConfig(resolution=ds.resolution, channels=ds.channels, beta=args.beta,
                         num_classes=ds.num_classes if args.conditional else 0, **p)
         return cfg, VAE(cfg)
