@@ -241,8 +241,7 @@ def remove(name: str, *, force: bool = False) -> dict:
 # Loading a model writes derived files under cache/<key>[-<variant>]/ (text/lm.py): a dequantised GGUF
 # ("gguf-<stem>-<hash>", with source.json naming the GGUF) and quantised weights ("<source key>-<mode>-<code>").
 # The key hashes the source's resolved path, size and mtime, so a changed or moved source gets a new key and its old
-# caches become orphans. ``source_cache_key`` is the same function as text/lm.py's ``_source_key`` (a test keeps the
-# two equal).
+# caches become orphans. text/lm.py names its caches with ``source_cache_key``.
 
 _DERIVED_PREFIXES = ("gguf-", "hf-")
 

@@ -143,12 +143,6 @@ def _check_messages(messages: Any) -> None:
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def _gguf_cache_key(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
-    return f"gguf-{path.stem}-{h}"
-
-
 def _load_gguf_cached(path: Path):
     """GGUF -> (config, float32 model, tokenizer). The dequantised weights and the tokenizer are cached in the
     store (safetensors + tokenizer.json), so the second load skips parsing and dequantising the GGUF."""
@@ -157,7 +151,7 @@ def _load_gguf_cached(path: Path):
     from aigckit.text.tokenizer import Tokenizer
     from aigckit.text.weights import load_gguf, load_into_model, open_gguf
 
-    cdir = store.cache_dir(_gguf_cache_key(path))
+    cdir = store.cache_dir(store.source_cache_key(store.Resolved(path.stem, "gguf", path)))
     files = ("model.safetensors", "config.json", "tokenizer.json", "aigc_tokenizer.json")
     if all((cdir / f).exists() for f in files):
         cfg = LMConfig.load(cdir / "config.json")
@@ -183,16 +177,6 @@ def _load_gguf_cached(path: Path):
     return cfg, model, tok
 
 
-def _source_key(res: store.Resolved) -> str:
-    if res.format == "gguf":
-        return _gguf_cache_key(res.path)
-    parts = [str(res.path.resolve())]
-    for f in sorted(res.path.glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
-    return "hf-" + res.path.name + "-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
     """Quantisation of the linears (weight-only int8/int4, or w8a8 with int8 activations), cached in the store
     per (source, mode, kernel code + recipe)."""
@@ -202,7 +186,7 @@ def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
     # on every CPU (w8a8's products are exact everywhere), so a store moved between machines stays valid
     recipe = {"int8": "int8", "int4": "int4-blocks+int8-head", "w8a8": "smoothquant0.5+w8a8"}[mode]
     key = hashlib.sha256(f"format{quant.FORMAT_VERSION}|{recipe}".encode()).hexdigest()[:12]
-    path = store.cache_dir(f"{_source_key(res)}-{mode}-{key}") / "model.safetensors"
+    path = store.cache_dir(f"{store.source_cache_key(res)}-{mode}-{key}") / "model.safetensors"
     if path.exists():
         quant.load_quantized(net, path)
         return
