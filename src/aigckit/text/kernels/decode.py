@@ -27,6 +27,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -343,10 +344,26 @@ def fused_block_kind(block) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
+class Four(NamedTuple):
+    """One value per linear of a Llama block, in the order a step runs them."""
+
+    qkv: object
+    proj: object
+    gate_up: object
+    down: object
+
+
+class Norms(NamedTuple):
+    attn_w: np.ndarray
+    attn_eps: np.float32
+    mlp_w: np.ndarray
+    mlp_eps: np.float32
+
+
 class BlockPlan:
     """What a fused decode step needs of one block, worked out once per set of modules: which kernels run it
-    (``kind``), the four linears' weight arguments (``gemm.RowsArgs``: qkv, proj, gate_up, down), the norms (weight,
-    eps) and the head counts."""
+    (``kind``), the four linears (``lins``) and their weight arguments (``args``, each a ``gemm.RowsArgs``), the
+    norms and the head counts."""
 
     __slots__ = ("key", "kind", "args", "lins", "norms", "width", "n_head", "n_kv_head", "scale")
 
@@ -359,10 +376,10 @@ class BlockPlan:
         attn = block.attn
         self.n_head, self.n_kv_head = attn.n_head, attn.n_kv_head
         self.scale = np.float32(1.0 / math.sqrt(attn.head_dim))
-        self.norms = (block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
-                      block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
-        self.lins = (attn.qkv, attn.proj, block.mlp.gate_up, block.mlp.down)
-        self.args = tuple(m.rows_args() for m in self.lins)
+        self.norms = Norms(block.attn_norm.weight.numpy(), np.float32(block.attn_norm.eps),
+                           block.mlp_norm.weight.numpy(), np.float32(block.mlp_norm.eps))
+        self.lins = Four(attn.qkv, attn.proj, block.mlp.gate_up, block.mlp.down)
+        self.args = Four(*(m.rows_args() for m in self.lins))
         # widest row a dequantisation tile holds (int4 rows are padded to whole groups)
         self.width = max(2 * a.w.shape[1] if a.w.dtype == np.uint8 else a.w.shape[1] for a in self.args)
 
