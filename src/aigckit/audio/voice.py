@@ -38,7 +38,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -128,8 +128,11 @@ def _one_openmp_thread() -> None:
 
 class Voice:
     def __init__(self, name: str, model: VitsModel, voice_config: dict, *, threads: int | None = None,
-                 window_frames: int = 128):
+                 window_frames: int = 256, phonemizer: Callable[[str, str], str] | None = None):
+        """``phonemizer(text, espeak_voice) -> IPA`` defaults to espeak-ng; ``threads`` to torch's thread count;
+        ``window_frames`` is the decoder window (latent frames; 256 = 3 s of audio)."""
         self.name, self.model, self.voice_config = name, model, voice_config
+        self._phonemizer = phonemizer or espeak.phonemize
         self.cfg = model.cfg
         self.sample_rate = self.cfg.sample_rate
         self.espeak_voice = voice_config.get("espeak", {}).get("voice", "en-us")
@@ -178,7 +181,7 @@ class Voice:
     # --------------------------------------------------------------------------------------------- front end
 
     def phonemize(self, text: str) -> str:
-        ph = espeak.phonemize(text, self.espeak_voice)
+        ph = self._phonemizer(text, self.espeak_voice)
         if self.phoneme_map:
             ph = "".join("".join(self.phoneme_map.get(c, [c])) for c in ph)
         return ph
@@ -226,6 +229,12 @@ class Voice:
         utts = self.utterances(text, params)
         lookahead = isinstance(text, str)  # all the text is known: start the next utterance early
         return self._run(utts, params, lookahead)
+
+    def stream_utterances(self, utts: Iterable[Utterance], params: SpeechParams | None = None,
+                          **kw) -> Iterator[AudioChunk]:
+        """Like ``stream`` for utterances phonemised already (``voice.utterances(text)``), e.g. to time the
+        synthesis alone. Utterance i uses the same noise as in ``stream``."""
+        return self._run(iter(list(utts)), self.resolve(params, **kw), lookahead=True)
 
     def synthesize(self, text: str, params: SpeechParams | None = None, **kw) -> np.ndarray:
         """The whole text as one float32 array (for long texts prefer ``stream``)."""
@@ -383,7 +392,8 @@ def resolve_voice(name: str | Path | None) -> tuple[str, Path]:
     raise ModelNotFoundError(f"unknown voice {s!r}: not a file and not in the store (known: {', '.join(voices)})")
 
 
-def load_voice(name: str | Path | None = None, *, threads: int | None = None, window_frames: int = 128) -> Voice:
+def load_voice(name: str | Path | None = None, *, threads: int | None = None, window_frames: int = 256,
+               phonemizer: Callable[[str, str], str] | None = None) -> Voice:
     """Load a Piper voice: our VITS model with the weights of its .onnx file (see ``aigckit.audio.weights``)."""
     from aigckit.audio.weights import find_voice_files, load_vits, read_voice_json
 
@@ -393,4 +403,4 @@ def load_voice(name: str | Path | None = None, *, threads: int | None = None, wi
     model = load_vits(files.onnx, int(voice_config["audio"]["sample_rate"]))
     if model.cfg.n_vocab < 1 + max(i for ids in voice_config["phoneme_id_map"].values() for i in ids):
         raise AigcError(f"{files.config}: phoneme ids exceed the model's {model.cfg.n_vocab} symbols")
-    return Voice(display, model, voice_config, threads=threads, window_frames=window_frames)
+    return Voice(display, model, voice_config, threads=threads, window_frames=window_frames, phonemizer=phonemizer)
