@@ -280,8 +280,10 @@ def _is_boundary(text: str, end: int, nxt: str | None) -> bool:
     line = chunk[chunk.rfind("\n") + 1:].strip()
     if w.isdigit() and line == w + ".":  # "1. " numbering a list item at the start of a line
         return False
-    if re.fullmatch(r"[A-Z]", w) or re.fullmatch(r"(?:[A-Za-z]\.)+[A-Za-z]", w) or w in ABBREVIATIONS:
-        # initials, U.S., etc., a.m.: a sentence end only if a capitalised word follows
+    if re.fullmatch(r"[A-Z]", w):  # an initial: J. K. Rowling
+        return False
+    if re.fullmatch(r"(?:[A-Za-z]\.)+[A-Za-z]", w) or w in ABBREVIATIONS:
+        # U.S., etc., a.m.: a sentence end only if a capitalised word follows
         return nxt is not None and nxt.isupper()
     return True
 
@@ -325,6 +327,7 @@ class SentenceSplitter:
                 break  # need to see what follows (a capital letter, a blank line) before deciding
             if not _is_boundary(self.buf, end, nxt):
                 continue
+            start = self._cut_long(start, end, out)
             text = self.buf[start:end].strip()
             gap = after[: len(after) - len(stripped)]
             if text:
@@ -333,11 +336,19 @@ class SentenceSplitter:
             if gap.count("\n") + (1 if m.group(0) == "\n" else 0) >= 2:
                 self.paragraph = True
             start = end
+        start = self._cut_long(start, len(self.buf), out)
         self.buf = self.buf[start:]
-        if len(self.buf) > self.max_chars:  # no sentence end for too long: cut at the last space
-            cut = self.buf.rfind(" ", 0, self.max_chars)
-            cut = cut if cut > 0 else self.max_chars
-            out.append(Sentence(self.buf[:cut].strip(), self.paragraph))
-            self.paragraph = False
-            self.buf = self.buf[cut:]
         return out
+
+    def _cut_long(self, start: int, end: int, out: list[Sentence]) -> int:
+        """While text[start:end] is longer than max_chars, emit its head up to the last space (the same cuts
+        whether the text came whole or in pieces). Returns the new start."""
+        while end - start > self.max_chars:
+            cut = self.buf.rfind(" ", start, start + self.max_chars)
+            cut = cut if cut > start else start + self.max_chars
+            piece = self.buf[start:cut].strip()
+            if piece:
+                out.append(Sentence(piece, self.paragraph))
+                self.paragraph = False
+            start = cut
+        return start
