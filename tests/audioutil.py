@@ -54,8 +54,10 @@ def tiny_voice_config(sample_rate: int = 8000) -> dict:
             "num_symbols": len(SYMBOLS), "num_speakers": 1}
 
 
-def tiny_voice(seed: int = 0, *, threads: int = 1, window_frames: int = 256, phonemizer=letters) -> Voice:
+def tiny_voice(seed: int = 0, *, threads: int = 1, window_frames: int = 256, first_window_frames: int = 48,
+               phonemizer=letters) -> Voice:
     return Voice("tiny", tiny_model(seed), tiny_voice_config(), threads=threads, window_frames=window_frames,
+                 first_window_frames=first_window_frames,
                  phonemizer=phonemizer)
 
 

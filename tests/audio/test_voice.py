@@ -46,6 +46,22 @@ def test_pipeline_equals_infer_per_utterance(voice):
     assert n_windows >= 2  # the windowed decoder was really exercised
 
 
+def test_windows_cover_every_frame_with_context(voice):
+    M = voice.margin
+    for n in [1, 5, 47, 48, 49, 63, 64, 100, 333, 1000]:
+        ws = voice.windows(n)
+        assert ws[0][0] == 0 and ws[0][2] == 0 and ws[-1][3] == n
+        for (s, e, k0, k1), nxt in zip(ws, ws[1:] + [None]):
+            assert s <= k0 < k1 <= e <= n and e - s <= voice.window_frames
+            assert k0 - s >= M or s == 0  # left context, or the true start
+            assert e - k1 >= M or e == n  # right context, or the true end
+            if nxt is not None:
+                assert nxt[2] == k1  # kept parts tile the utterance
+    assert voice.windows(1000)[0][1] == voice.first_window_frames
+    with pytest.raises(AigcError, match="first_window_frames"):
+        tiny_voice(first_window_frames=4)
+
+
 def test_deterministic_and_seed_sensitive(voice):
     a = voice.synthesize(TEXT, seed=11)
     b = voice.synthesize(TEXT, seed=11)

@@ -16,7 +16,8 @@ How it runs (all of it exact: the same samples as ``VitsModel.infer`` on the who
 - each utterance gets its own noise generator, seeded from (seed, utterance index), so streamed, whole and
   piece-by-piece synthesis of the same text give the same audio;
 - lengths are padded to buckets (16 phonemes, 32 frames) under masks, and the decoder runs on windows of at most
-  ``window_frames`` latent frames with ``receptive_field + 2`` frames of context (zero-masked past the end). The
+  ``window_frames`` latent frames (a shorter first one) with ``receptive_field + 2`` frames of context (zero-masked
+  past the end). The
   convolution kernels therefore see few distinct shapes: oneDNN builds a kernel per shape, which cost about as much
   as the decoding itself when every sentence had a new length;
 - the work runs in a pool of ``threads`` workers with one OpenMP thread each: decoder windows in parallel, and the
@@ -128,9 +129,11 @@ def _one_openmp_thread() -> None:
 
 class Voice:
     def __init__(self, name: str, model: VitsModel, voice_config: dict, *, threads: int | None = None,
-                 window_frames: int = 256, phonemizer: Callable[[str, str], str] | None = None):
+                 window_frames: int = 256, first_window_frames: int = 96,
+                 phonemizer: Callable[[str, str], str] | None = None):
         """``phonemizer(text, espeak_voice) -> IPA`` defaults to espeak-ng; ``threads`` to torch's thread count;
-        ``window_frames`` is the decoder window (latent frames; 256 = 3 s of audio)."""
+        ``window_frames`` is the decoder window in latent frames (256 = 3 s of audio at 22 kHz), the first window of
+        each utterance is ``first_window_frames`` long (less waiting for its first audio)."""
         self.name, self.model, self.voice_config = name, model, voice_config
         self._phonemizer = phonemizer or espeak.phonemize
         self.cfg = model.cfg
@@ -149,7 +152,10 @@ class Voice:
         self.margin = model.dec.receptive_field() + 2
         if window_frames < 2 * self.margin + FRAME_BUCKET:
             raise AigcError(f"window_frames must be at least {2 * self.margin + FRAME_BUCKET}, got {window_frames}")
-        self.window_frames = window_frames
+        if not self.margin + FRAME_BUCKET <= first_window_frames <= window_frames:
+            raise AigcError(f"first_window_frames must be in [{self.margin + FRAME_BUCKET}, {window_frames}], "
+                            f"got {first_window_frames}")
+        self.window_frames, self.first_window_frames = window_frames, first_window_frames
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -261,8 +267,7 @@ class Voice:
         while fronts:
             i, utt, fut = fronts.popleft()
             z, n_frames = fut.result()
-            windows = [pool.submit(self._decode_window, z, n_frames, a, k0, k1)
-                       for a, k0, k1 in self.windows(n_frames)]
+            windows = [pool.submit(self._decode_window, z, *w) for w in self.windows(n_frames)]
             if lookahead:
                 submit_next()  # the next utterance's encoder + flow run while this one is decoded
             pause = np.zeros(int(round(utt.pause_before * self.sample_rate)), np.float32)
@@ -294,24 +299,24 @@ class Voice:
             z = self.model.latents(m_p, logs_p, align, noise_z=noise_z * params.noise_scale)
         return z, n_frames
 
-    def windows(self, n_frames: int) -> list[tuple[int, int, int]]:
-        """Decoder windows (start, keep_from, keep_to) in frames: every kept frame has ``margin`` frames of context
-        on both sides (or the true start / end of the utterance)."""
-        W, M = self.window_frames, self.margin
-        out, keep = [], 0
+    def windows(self, n_frames: int) -> list[tuple[int, int, int, int]]:
+        """Decoder windows (start, end, keep_from, keep_to) in frames. Every kept frame has ``margin`` frames of
+        context on both sides, or is within reach of the utterance's true start / end (which the window then
+        contains). The first window is short so the first audio comes early."""
+        M = self.margin
+        out, keep, size = [], 0, self.first_window_frames
         while keep < n_frames:
             start = max(0, keep - M)
-            keep_to = min(n_frames, start + W - M)
-            out.append((start, keep, keep_to))
-            keep = keep_to
+            end = min(n_frames, start + size)
+            keep_to = n_frames if end == n_frames else end - M
+            out.append((start, end, keep, keep_to))
+            keep, size = keep_to, self.window_frames
         return out
 
-    def _decode_window(self, z: torch.Tensor, n_frames: int, start: int, keep_from: int, keep_to: int) -> np.ndarray:
-        hop = self.cfg.hop_length
-        length = min(n_frames, start + self.window_frames) - start  # real frames in this window
-        size = min(self.window_frames, _bucket(length, FRAME_BUCKET))
-        zw = torch.zeros(1, z.shape[1], size)
-        zw[..., :length] = z[..., start:start + length]
+    def _decode_window(self, z: torch.Tensor, start: int, end: int, keep_from: int, keep_to: int) -> np.ndarray:
+        hop, length = self.cfg.hop_length, end - start
+        zw = torch.zeros(1, z.shape[1], _bucket(length, FRAME_BUCKET))  # few distinct shapes, masked past length
+        zw[..., :length] = z[..., start:end]
         with torch.inference_mode():
             audio = self.model.dec(zw, [length])[0, 0]
         return audio[(keep_from - start) * hop:(keep_to - start) * hop].numpy().copy()
@@ -393,7 +398,7 @@ def resolve_voice(name: str | Path | None) -> tuple[str, Path]:
 
 
 def load_voice(name: str | Path | None = None, *, threads: int | None = None, window_frames: int = 256,
-               phonemizer: Callable[[str, str], str] | None = None) -> Voice:
+               first_window_frames: int = 96, phonemizer: Callable[[str, str], str] | None = None) -> Voice:
     """Load a Piper voice: our VITS model with the weights of its .onnx file (see ``aigckit.audio.weights``)."""
     from aigckit.audio.weights import find_voice_files, load_vits, read_voice_json
 
@@ -403,4 +408,5 @@ def load_voice(name: str | Path | None = None, *, threads: int | None = None, wi
     model = load_vits(files.onnx, int(voice_config["audio"]["sample_rate"]))
     if model.cfg.n_vocab < 1 + max(i for ids in voice_config["phoneme_id_map"].values() for i in ids):
         raise AigcError(f"{files.config}: phoneme ids exceed the model's {model.cfg.n_vocab} symbols")
-    return Voice(display, model, voice_config, threads=threads, window_frames=window_frames, phonemizer=phonemizer)
+    return Voice(display, model, voice_config, threads=threads, window_frames=window_frames,
+                 first_window_frames=first_window_frames, phonemizer=phonemizer)
