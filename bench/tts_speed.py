@@ -44,14 +44,14 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from aigckit.audio import SpeechParams, load_voice
+    from aigckit.audio import SpeechParams, load_voice, resolve_voice
     from aigckit.audio.weights import find_voice_files
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     voice = load_voice(a.voice, threads=a.threads)
     load_ours = time.perf_counter() - t0
-    files = find_voice_files(__import__("aigckit.audio.voice", fromlist=["x"]).resolve_voice(a.voice)[1])
+    files = find_voice_files(resolve_voice(a.voice)[1])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
     t0 = time.perf_counter()

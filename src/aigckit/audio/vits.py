@@ -77,7 +77,8 @@ class VitsConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise AigcError(f"VITS config: {f} must be a positive integer, got {v!r}")
         if self.hidden_channels % self.n_heads:
-            raise AigcError(f"VITS config: hidden_channels {self.hidden_channels} not divisible by n_heads {self.n_heads}")
+            raise AigcError(f"VITS config: hidden_channels {self.hidden_channels} not divisible by "
+                            f"n_heads {self.n_heads}")
         if self.inter_channels % 2:
             raise AigcError(f"VITS config: inter_channels must be even, got {self.inter_channels}")
         if self.resblock != "2":
@@ -177,7 +178,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VitsConfig):
         super().__init__()
         c = cfg.hidden_channels
-        self.attn_layers = nn.ModuleList(MultiHeadAttention(c, cfg.n_heads, cfg.window_size) for _ in range(cfg.n_layers))
+        self.attn_layers = nn.ModuleList(MultiHeadAttention(c, cfg.n_heads, cfg.window_size)
+                                         for _ in range(cfg.n_layers))
         self.norm_layers_1 = nn.ModuleList(LayerNorm(c) for _ in range(cfg.n_layers))
         self.ffn_layers = nn.ModuleList(FFN(c, cfg.filter_channels, cfg.kernel_size) for _ in range(cfg.n_layers))
         self.norm_layers_2 = nn.ModuleList(LayerNorm(c) for _ in range(cfg.n_layers))
@@ -216,7 +218,7 @@ class TextEncoder(nn.Module):
 
 
 class DDSConv(nn.Module):
-    """Dilated depth-separable convolutions (dilation kernel_size**i), each followed by LN-GELU-1x1-LN-GELU, residual."""
+    """Dilated depth-separable convolutions (dilation kernel_size**i), each then LN-GELU-1x1-LN-GELU, residual."""
 
     def __init__(self, channels: int, kernel_size: int, n_layers: int):
         super().__init__()
@@ -308,7 +310,8 @@ class ConvFlow(nn.Module):
     def __init__(self, in_channels: int, filter_channels: int, kernel_size: int, n_layers: int, num_bins: int,
                  tail_bound: float):
         super().__init__()
-        self.half, self.filter_channels, self.num_bins, self.tail_bound = in_channels // 2, filter_channels, num_bins, tail_bound
+        self.half, self.filter_channels = in_channels // 2, filter_channels
+        self.num_bins, self.tail_bound = num_bins, tail_bound
         self.pre = nn.Conv1d(self.half, filter_channels, 1)
         self.convs = DDSConv(filter_channels, kernel_size, n_layers)
         self.proj = nn.Conv1d(filter_channels, self.half * (num_bins * 3 - 1), 1)
@@ -340,7 +343,8 @@ class StochasticDurationPredictor(nn.Module):
         flows: list[nn.Module] = [ElementwiseAffine(2)]
         for i in range(cfg.dp_n_flows):
             # flows[1] only matters for training, and inference exports (Piper's ONNX) do not carry its weights
-            flow = nn.Identity() if i == 0 else ConvFlow(2, fc, cfg.dp_kernel_size, 3, cfg.dp_num_bins, cfg.dp_tail_bound)
+            flow = (nn.Identity() if i == 0
+                    else ConvFlow(2, fc, cfg.dp_kernel_size, 3, cfg.dp_num_bins, cfg.dp_tail_bound))
             flows += [flow, Flip()]
         self.flows = nn.ModuleList(flows)
 
@@ -457,7 +461,8 @@ class ResBlock2(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
         super().__init__()
         self.convs = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2) for d in dilations)
+            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2)
+            for d in dilations)
 
     def forward(self, x: torch.Tensor, x_act: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         """x: [b, c, 1, t] channels-last, zero past ``lengths``; ``x_act`` = leaky_relu(x), shared by all blocks of a
@@ -571,7 +576,8 @@ class VitsModel(nn.Module):
     @torch.inference_mode()
     def infer(self, ids: torch.Tensor, lengths: torch.Tensor | None = None, *, noise_scale: float = 0.667,
               length_scale: float = 1.0, noise_w: float = 0.8, generator: torch.Generator | None = None,
-              noise_dp: torch.Tensor | None = None, noise_z: Callable[[tuple[int, ...]], torch.Tensor] | torch.Tensor | None = None,
+              noise_dp: torch.Tensor | None = None,
+              noise_z: Callable[[tuple[int, ...]], torch.Tensor] | torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, Alignment]:
         """Phoneme ids [b, t_x] -> waveform [b, t_y * hop] in [-1, 1] and the alignment.
 
@@ -587,7 +593,8 @@ class VitsModel(nn.Module):
         b, t_x = ids.shape
         if noise_dp is None:
             noise_dp = torch.randn(b, 2, t_x, generator=generator, dtype=dtype)
-        m_p, logs_p, align = self.durations(ids, lengths, length_scale=length_scale, noise_dp=noise_dp.to(dtype) * noise_w)
+        m_p, logs_p, align = self.durations(ids, lengths, length_scale=length_scale,
+                                            noise_dp=noise_dp.to(dtype) * noise_w)
         shape = (b, self.cfg.inter_channels, int(align.frame_lengths.max()))
         if noise_z is None:
             noise_z = torch.randn(shape, generator=generator, dtype=dtype)

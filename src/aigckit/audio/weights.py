@@ -54,7 +54,8 @@ NODE_TABLE: dict[str, FromNode] = {
     "flow.flows.{i}.enc.res_skip_layers.{j}.weight": FromNode(
         "/flow/flows.{i}/enc/res_skip_layers.{j}/Conv", 1, why="weight-norm folded into an anonymous constant"),
     "dp.flows.0.logs": FromNode(
-        "/dp/flows.0/Mul", 1, transform=_neg_log, why="reverse pass uses exp(-logs); the export folded it to a constant"),
+        "/dp/flows.0/Mul", 1, transform=_neg_log,
+        why="the reverse pass uses exp(-logs); the export folded it to a constant"),
 }
 
 # ONNX initializers that are parameters the inference graph carries but never uses at inference: none for Piper's
@@ -108,7 +109,8 @@ def read_voice_json(path: Path) -> dict:
     if d.get("phoneme_type", "espeak") != "espeak":
         raise UnsupportedFormatError(f"{path}: phoneme_type {d['phoneme_type']!r} is not supported (only 'espeak')")
     if int(d.get("num_speakers", 1)) != 1:
-        raise UnsupportedFormatError(f"{path}: multi-speaker voices ({d['num_speakers']} speakers) are not supported yet")
+        raise UnsupportedFormatError(f"{path}: multi-speaker voices ({d['num_speakers']} speakers) are not "
+                                     "supported yet")
     return d
 
 
@@ -156,7 +158,8 @@ class OnnxWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.arrays:
-            raise UnsupportedFormatError(f"{self.path}: initializer {name!r} not found; not a Piper VITS export we know")
+            raise UnsupportedFormatError(f"{self.path}: initializer {name!r} not found; "
+                                         "not a Piper VITS export we know")
         return tuple(self.arrays[name].shape)
 
 
