@@ -16,7 +16,7 @@ Work is split into blocks of ``ROW_BLOCK`` output rows (one ``prange`` item each
   register tile of 16 accumulators, each vectorised along K, computes all M outputs (16 FMAs per 8 loads).
 
 ``w8a8``'s integer product (``matmul_i8i8``) multiplies int8 by int8 in int16 and adds pairs into int32
-(``vpmaddwd`` on every x86 CPU with SSE2; VNNI's ``vpdpwssd`` where present): exact on every ISA, no saturation.
+(``pmaddwd``, on every x86 CPU since SSE2): exact on every ISA, no saturation.
 
 The int4 unpacking is straight-line code that only LLVM's SLP vectoriser turns into vector instructions; numba
 leaves SLP off by default, so the kernels are compiled once, with it switched on, for their one signature
@@ -366,8 +366,9 @@ def _rows_scale(yw, xs, bias, has_bias, y):  # pragma: no cover - compiled
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
 def i8i8_block(xq, w, ws, yw, b):  # pragma: no cover - compiled
-    # output rows [b * ROW_BLOCK, ...): yw[m, o] = float32(sum_k xq[m, k] * w[o, k]) * ws[o], the sum exact in int32:
-    # each int8 x int8 product (|p| <= 16129) is formed in int16 and pairs are added in int32 (LLVM: pmaddwd)
+    # output rows [b * ROW_BLOCK, ...): yw[m, o] = float32(sum_k xq[m, k] * w[o, k]) * ws[o], the sum exact in int32
+    # (|sum| <= 16129 K < 2**31). The accumulator is cut back to int32 at every step: numba's int32 + int32 is
+    # int64, which LLVM vectorises as 64-bit lanes; in 32 bits it forms pmaddwd (int16 pairs into int32).
     M, K = xq.shape
     N = w.shape[0]
     o0 = b * ROW_BLOCK
@@ -379,7 +380,7 @@ def i8i8_block(xq, w, ws, yw, b):  # pragma: no cover - compiled
             xr = xq[m]
             acc = np.int32(0)
             for k in range(K):
-                acc += np.int32(np.int16(row[k]) * np.int16(xr[k]))
+                acc = np.int32(acc + np.int32(row[k]) * np.int32(xr[k]))
             yw[m, o] = _f32(acc) * s
 
 
