@@ -60,15 +60,44 @@ def test_32_concurrent_streaming_chats(served, tiny_chat_dir):
 
 
 def test_full_queue_is_429(tiny_chat_dir):
+    from aigckit.text.engine import GenerationParams
+    from aigckit.text.scheduler import _Request
+
     lm = load_lm(tiny_chat_dir)
-    app = create_app(Registry.from_objects(text={"t": lm}, max_queue=0))
-    with TestClient(app) as c:
+    reg = Registry.from_objects(text={"t": lm}, max_queue=1)
+    sched = reg.models["t"].worker.scheduler
+    parked = _Request([5], GenerationParams(), 1)
+    parked.cancelled.set()  # dropped unread whenever the worker gets to it
+    with sched.lock:  # one request waits and the worker is not woken: the one-place queue is full
+        sched.waiting.append(parked)
+    with TestClient(create_app(reg)) as c:
         r = c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"].count("server busy") == 1  # was "server busy: server busy: ..."
         r = c.post("/v1/chat/completions", json={"model": "t", "messages": [{"role": "user", "content": "w5"}],
                                                  "stream": True})
         assert r.status_code == 429  # before the stream starts: a plain HTTP error
+        with sched.lock:
+            sched.waiting.clear()
+        assert c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2}).status_code == 200
+
+
+def test_request_larger_than_the_queue_is_400_not_429(tiny_chat_dir):
+    """n x prompts beyond --max-queue can never be served: a 400 that says why, not a 429 to retry forever."""
+    app = create_app(Registry.from_objects(text={"t": load_lm(tiny_chat_dir)}, max_queue=2))
+    with TestClient(app) as c:
+        for body in ({"prompt": "w5", "n": 3}, {"prompt": ["w5", "w6"], "n": 2}, {"prompt": [[5], [6], [7]]}):
+            r = c.post("/v1/completions", json={"model": "t", "max_tokens": 2, **body})
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert "queue" in err["message"] and "at most 2" in err["message"], err
+        assert r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/chat/completions", json={"model": "t", "n": 3, "max_tokens": 2, "stream": True,
+                                                 "messages": [{"role": "user", "content": "w5"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/completions", json={"model": "t", "prompt": "w5", "n": 2, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 class _FailingHandle:
@@ -98,6 +127,9 @@ class _FakeWorker:
 
     def __init__(self, handle_cls) -> None:
         self.handle_cls, self.handles = handle_cls, []
+
+    def queue_places(self, params, prompts=1):
+        return prompts * params.num_return_sequences
 
     def stream(self, ids, params):
         h = self.handle_cls()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -123,10 +124,10 @@ def test_rejects_bad_params(lm):
     try:
         with pytest.raises(ValueError, match="num_beams must be <= 2"):
             sched.submit(PROMPTS[0], GenerationParams(num_beams=3))
-        bad = GenerationParams(temperature=0)
-        bad.top_p = 3.0
-        with pytest.raises(ValueError, match="top_p"):
-            sched.submit(PROMPTS[0], bad)
+        with pytest.raises(ValueError, match="top_p"):  # an invalid value cannot be made ...
+            GenerationParams(temperature=0, top_p=3.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):  # ... nor a valid one made invalid
+            GenerationParams(temperature=0).top_p = 3.0
     finally:
         sched.close()
 

@@ -14,7 +14,6 @@ from typing import Any, Literal
 from aigckit.errors import AigcError
 
 Arch = Literal["gpt2", "llama"]
-DType = Literal["float32", "bfloat16"]
 
 
 @dataclass

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+QUANT_MODES = ("int8", "int4", "w8a8")
+
 __all__ = [
     "QuantMode",
     "quantize_int8",
