@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from aigckit import store
 from aigckit.embed import BertConfig, Embedder, load_embedder
 from aigckit.errors import AigcError, CorruptFileError, UnsupportedFormatError
-from embedutil import hf_config, make_tiny_bert_dir, tokenizer_json
+from embedutil import make_tiny_bert_dir
 
 TEXTS = ["A man is eating food.", "The girl is carrying a baby!", "dogs", "the cat sleeps , the dog runs fast ?",
          "unknown zebra", ""]

@@ -27,7 +27,7 @@ from aigckit.text.protocol import (GenerationResult, ScoreResult, TokenEvent, ch
                                    single_stream)
 
 SCORE_WINDOW = 1024  # default scoring window (tokens), if the context is longer
-SCORE_CHUNK = 256  # tokens per forward inside a scoring window (bounds the logits held at once)
+SCORE_CHUNK = 512  # tokens per forward inside a scoring window (bounds the logits held at once: SmolLM2 100 MB)
 
 
 class LM:
