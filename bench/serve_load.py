@@ -101,7 +101,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="aigc serve --quantize")
+    from aigckit.text.quant import QUANT_MODES
+
+    ap.add_argument("--quantize", choices=QUANT_MODES, default=None, help="aigc serve --quantize")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 

@@ -59,9 +59,10 @@ def rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------- engines
 def run_aigckit(gguf: str, variant: str, a) -> dict:
     from aigckit.text.lm import load_lm
+    from aigckit.text.quant import QUANT_MODES
 
     dtype = "bfloat16" if variant == "bf16" else "float32"
-    quant = variant if variant in ("int8", "int4", "w8a8") else None
+    quant = variant if variant in QUANT_MODES else None
     t0 = time.perf_counter()
     lm = load_lm(gguf, dtype=dtype, quantize=quant, threads=a.threads)
     lm.generate("Hello", temperature=0, max_new_tokens=1)

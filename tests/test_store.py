@@ -82,21 +82,6 @@ def test_resolve_hf_cache_snapshot(home, tmp_path, tiny_gpt2_dir):
     assert res.format == "hf" and res.path == snap
 
 
-def test_cli_errors_are_one_line_exit_2(home, capsys):
-    assert main(["text", "hello", "--model", "nope-model"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("aigc: error: unknown model") and "\n" not in err
-    assert main(["text", "hello", "--model", "smollm2-135m-instruct"]) == 2
-    assert "aigc pull smollm2-135m-instruct" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["text", "hello", "--temperature", "abc"])
-    assert e.value.code == 2
-    assert main(["rm", "nothing-here"]) == 2
-
-
-# ----------------------------------------------------------------------------------------------- rm / gc / in use
-
-
 def _store_entry(home: Path, name: str, src: Path) -> Path:
     """Copy a model folder into the store as a pulled entry."""
     import json

@@ -17,7 +17,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_lm": "aigckit.text.lm",
     "LM": "aigckit.text.lm",
-    "GenerationResult": "aigckit.text.engine",
+    "GenerationResult": "aigckit.text.protocol",
+    "GenerationParams": "aigckit.text.params",
+    "TextModel": "aigckit.text.protocol",
     "AigcError": "aigckit.errors",
     "load_image_model": "aigckit.image.api",
     "load_embedder": "aigckit.embed.bert",

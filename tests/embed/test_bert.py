@@ -11,58 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aigckit import store
-from aigckit.cli import main
 from aigckit.embed import BertConfig, Embedder, load_embedder
 from aigckit.errors import AigcError, CorruptFileError, UnsupportedFormatError
+from embedutil import make_tiny_bert_dir
 
-WORDS = ["the", "a", "man", "is", "eating", "food", "girl", "carrying", "baby", "piece", "of", "bread", "dog",
-         "runs", "fast", "cat", "sleeps", ".", ",", "!", "?", "##s", "##ing", "play", "un", "##known"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TEXTS = ["A man is eating food.", "The girl is carrying a baby!", "dogs", "the cat sleeps , the dog runs fast ?",
          "unknown zebra", ""]
 
 
-def _tokenizer_json(path: Path, *, max_len: int | None = None) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    # like MiniLM's tokenizer.json: fixed padding + truncation that the loader must override
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
-    tok.enable_truncation(max_length=16)
-    tok.save(str(path))
-
-
-def _hf_config(**kw):
-    import transformers
-
-    args = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12,
-                initializer_range=0.3)  # large weights: an approximate GELU or a wrong mask shows at 1e-5
-    args.update(kw)
-    return transformers.BertConfig(**args)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_bert")
-    hf = transformers.BertModel(_hf_config(), add_pooling_layer=True).eval()
-    with torch.no_grad():  # make LayerNorms and biases non-trivial so a swapped name would show
-        for n, p in hf.named_parameters():
-            if "LayerNorm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    hf.save_pretrained(d, safe_serialization=True)
-    _tokenizer_json(d / "tokenizer.json")
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12}))
-    return d
+    return make_tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
@@ -252,29 +211,6 @@ def test_bad_config_and_arguments(tiny_dir, tiny, tmp_path):
     with pytest.raises(AigcError, match="batch_size"):
         tiny.embed(["ok"], batch_size=0)
     assert BertConfig.from_hf(cfg).head_dim == 8
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_json(tiny_dir, capsys):
-    assert main(["embed", "A man is eating food.", "dogs", "--model", str(tiny_dir), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["model"] == tiny_dir.name and out["dim"] == 32
-    assert len(out["embeddings"]) == 2 and all(len(v) == 32 for v in out["embeddings"])
-    assert out["usage"] == {"prompt_tokens": 8 + 4}
-
-
-def test_cli_human_and_stdin(tiny_dir, capsys, monkeypatch):
-    import io
-
-    monkeypatch.setattr("sys.stdin", io.StringIO("a man\n\nthe dog runs\n"))
-    assert main(["embed", "--model", str(tiny_dir)]) == 0
-    out = capsys.readouterr().out
-    assert "2 text(s)" in out and "cosine similarity" in out
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
-    assert main(["embed", "--model", str(tiny_dir)]) == 2
-    assert "no texts" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- real all-MiniLM-L6-v2

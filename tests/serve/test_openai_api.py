@@ -129,10 +129,10 @@ def test_error_paths(served, client):
     assert _err(e)["param"] == "top_p"
     with pytest.raises(openai.BadRequestError) as e:  # engine-level check: num_return_sequences <= num_beams
         client.completions.create(model="tiny-chat", prompt="w5", n=4, extra_body={"num_beams": 2})
-    assert "n (4) must be <= num_beams" in _err(e)["message"]
+    assert "n (4) must be <= num_beams" in _err(e)["message"] and _err(e)["param"] == "n"  # from AigcError.param
     with pytest.raises(openai.BadRequestError) as e:  # prompt fills the 128-token context
         client.completions.create(model="tiny-chat", prompt=" ".join(["w5"] * 128))
-    assert "context window" in _err(e)["message"]
+    assert "context window" in _err(e)["message"] and _err(e)["param"] == "prompt"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-chat", prompt="w5", presence_penalty=0.5)
     with pytest.raises(openai.BadRequestError):
@@ -188,3 +188,34 @@ def test_metrics_and_cors(served, client):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
     r = httpx.options(served.url + "/v1/chat/completions", headers=dict(pre, Origin="https://evil.example"))
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_error_messages_name_the_real_problem_and_limit(served):
+    h = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    r = httpx.post(served.url + "/v1/completions", content=b"{not json", headers=h)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["message"].startswith("the request body is not valid JSON: Expecting")
+    assert err["param"] is None and err["code"] == "invalid_json"  # was "1: JSON decode error", param "1"
+    r = httpx.post(served.url + "/v1/embeddings", headers=h,
+                   content=json.dumps({"model": "tiny-bert", "input": ["a"] * 10_000}).encode())
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "input" and "at most 256 items" in err["message"], err
+    r = httpx.post(served.url + "/v1/completions", headers=h, json={"model": "tiny-chat", "prompt": [5, -1]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt", err
+    assert "token id -1 at index 1" in err["message"] and "token ids must be in [0, 97)" in err["message"]
+    r = httpx.post(served.url + "/v1/completions", headers=h, json={"model": "tiny-chat", "prompt": [[5], [7, 10**9]]})
+    assert r.status_code == 400 and "token ids must be in [0, 97)" in r.json()["error"]["message"]
+    r = httpx.post(served.url + "/v1/chat/completions", headers=h,
+                   json={"model": "tiny-chat", "messages": [{"role": "user", "content": 5}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages.0.content", err
+    r = httpx.post(served.url + "/v1/completions", headers=h, json={"model": "tiny-chat", "prompt": "w5", "n": 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert "less than or equal to 64" in r.json()["error"]["message"]
+
+
+def test_tiny_temperature_is_greedy_through_the_api(client):
+    kw = dict(model="tiny-chat", prompt="w5 w6 w7", max_tokens=6, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    assert client.completions.create(temperature=1e-40, seed=3, **kw).choices[0].text == greedy

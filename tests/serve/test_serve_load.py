@@ -15,7 +15,7 @@ import httpx
 from serveutil import API_KEY, free_port
 from fastapi.testclient import TestClient
 
-from aigckit.errors import AigcError
+from aigckit.errors import AigcError, GenerationError
 from aigckit.serve.app import create_app
 from aigckit.serve.models import Registry
 from aigckit.text.engine import TokenEvent
@@ -60,15 +60,44 @@ def test_32_concurrent_streaming_chats(served, tiny_chat_dir):
 
 
 def test_full_queue_is_429(tiny_chat_dir):
+    from aigckit.text.engine import GenerationParams
+    from aigckit.text.scheduler import _Request
+
     lm = load_lm(tiny_chat_dir)
-    app = create_app(Registry.from_objects(text={"t": lm}, max_queue=0))
-    with TestClient(app) as c:
+    reg = Registry.from_objects(text={"t": lm}, max_queue=1)
+    sched = reg.models["t"].worker.scheduler
+    parked = _Request([5], GenerationParams(), 1)
+    parked.cancelled.set()  # dropped unread whenever the worker gets to it
+    with sched.lock:  # one request waits and the worker is not woken: the one-place queue is full
+        sched.waiting.append(parked)
+    with TestClient(create_app(reg)) as c:
         r = c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"].count("server busy") == 1  # was "server busy: server busy: ..."
         r = c.post("/v1/chat/completions", json={"model": "t", "messages": [{"role": "user", "content": "w5"}],
                                                  "stream": True})
         assert r.status_code == 429  # before the stream starts: a plain HTTP error
+        with sched.lock:
+            sched.waiting.clear()
+        assert c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2}).status_code == 200
+
+
+def test_request_larger_than_the_queue_is_400_not_429(tiny_chat_dir):
+    """n x prompts beyond --max-queue can never be served: a 400 that says why, not a 429 to retry forever."""
+    app = create_app(Registry.from_objects(text={"t": load_lm(tiny_chat_dir)}, max_queue=2))
+    with TestClient(app) as c:
+        for body in ({"prompt": "w5", "n": 3}, {"prompt": ["w5", "w6"], "n": 2}, {"prompt": [[5], [6], [7]]}):
+            r = c.post("/v1/completions", json={"model": "t", "max_tokens": 2, **body})
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert "queue" in err["message"] and "at most 2" in err["message"], err
+        assert r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/chat/completions", json={"model": "t", "n": 3, "max_tokens": 2, "stream": True,
+                                                 "messages": [{"role": "user", "content": "w5"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/completions", json={"model": "t", "prompt": "w5", "n": 2, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 class _FailingHandle:
@@ -99,6 +128,9 @@ class _FakeWorker:
     def __init__(self, handle_cls) -> None:
         self.handle_cls, self.handles = handle_cls, []
 
+    def queue_places(self, params, prompts=1):
+        return prompts * params.num_return_sequences
+
     def stream(self, ids, params):
         h = self.handle_cls()
         self.handles.append(h)
@@ -126,6 +158,27 @@ def test_error_after_stream_start_is_in_band(tiny_chat_dir):
         err = json.loads(events[-2])["error"]
         assert err["message"] == "the engine gave up" and err["type"] == "invalid_request_error"
         assert json.loads(events[1])["choices"][0]["delta"]["content"] == "w5 "
+
+
+class _PoisonedHandle(_FailingHandle):
+    def __iter__(self):
+        yield TokenEvent(0, 5, None, "w5 ")
+        raise GenerationError("generation failed for this request: RuntimeError: probability tensor contains inf")
+
+
+def test_a_failed_request_is_a_500_that_says_what_happened(tiny_chat_dir):
+    app, worker = _app_with(load_lm(tiny_chat_dir), _PoisonedHandle)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": "t", "prompt": "w5"})
+        err = r.json()["error"]
+        assert r.status_code == 500 and err["type"] == "server_error" and err["code"] == "generation_failed"
+        assert "RuntimeError: probability tensor contains inf" in err["message"]
+        r = c.post("/v1/chat/completions", json={"model": "t", "messages": [{"role": "user", "content": "w5"}],
+                                                 "stream": True})
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        err = json.loads(events[-2])["error"]
+        assert r.status_code == 200 and events[-1] == "[DONE]" and err["code"] == "generation_failed"
+        assert "probability tensor" in err["message"]
 
 
 def test_client_disconnect_cancels_generation(served, tiny_chat_dir):
@@ -166,14 +219,6 @@ def test_health_is_503_while_loading(tiny_chat_dir, monkeypatch):
         while c.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2}).status_code == 200
-
-
-def test_bad_specs_fail_before_binding(capsys, tmp_path):
-    from aigckit.cli import main
-
-    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
-    assert main(["serve", "--model", "openai:gpt-4o"]) == 2
-    assert "cannot be served" in capsys.readouterr().err
 
 
 def test_aigc_serve_process(tiny_chat_dir, tiny_bert_dir):

@@ -92,5 +92,6 @@ def test_no_repeat_ngram_bans_completing_tokens():
                                      (dict(top_k=-1), "top_k"), (dict(min_p=-0.1), "min_p"),
                                      (dict(temperature=float("nan")), "temperature")])
 def test_validation(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        sampling.sample(torch.zeros(1, 4), **kw)
+    with pytest.raises(ValueError, match=msg) as e:  # sample() trusts its arguments; GenerationParams validates
+        sampling.validate(**kw)
+    assert e.value.param == msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -123,10 +124,10 @@ def test_rejects_bad_params(lm):
     try:
         with pytest.raises(ValueError, match="num_beams must be <= 2"):
             sched.submit(PROMPTS[0], GenerationParams(num_beams=3))
-        bad = GenerationParams(temperature=0)
-        bad.top_p = 3.0
-        with pytest.raises(ValueError, match="top_p"):
-            sched.submit(PROMPTS[0], bad)
+        with pytest.raises(ValueError, match="top_p"):  # an invalid value cannot be made ...
+            GenerationParams(temperature=0, top_p=3.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):  # ... nor a valid one made invalid
+            GenerationParams(temperature=0).top_p = 3.0
     finally:
         sched.close()
 
@@ -171,3 +172,107 @@ def test_prefill_rounds_are_capped_by_a_token_budget(lm, monkeypatch):
     assert sizes == [[5, 3], [9], [1]]  # a round always takes one request, even one over the budget
     for p, ids in zip(PROMPTS, got):
         assert ids == lm.generate(p, temperature=0, max_new_tokens=4).token_ids
+
+
+def collect_in_time(handle, timeout: float = 60):
+    """collect(), but a request that never ends fails the test instead of hanging it."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = collect(handle)
+        except BaseException as e:  # re-raised below, on the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the request never finished"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _four_together(sched, params):
+    """Submit four requests while the worker is held, so they are prefilled and decoded as one batch."""
+    with sched.lock:
+        return [sched.submit(PROMPTS[i], p) for i, p in enumerate(params)]
+
+
+def _solo(lm, i, p):
+    return lm.generate(PROMPTS[i], p).token_ids
+
+
+def test_a_tiny_temperature_does_not_poison_the_batch(lm):
+    """temperature 1e-40 used to overflow the scaled logits; sampling raised and every request in the batch
+    failed. Now it decodes greedily and the others are untouched."""
+    sched = Scheduler(lm, max_batch=8)
+    try:
+        params = [GenerationParams(temperature=0.9, seed=i, max_new_tokens=10, ignore_eos=True) for i in range(4)]
+        params[1] = GenerationParams(temperature=1e-40, seed=1, max_new_tokens=10, ignore_eos=True)
+        got = [collect_in_time(h)[0][0] for h in _four_together(sched, params)]
+    finally:
+        sched.close()
+    for i, p in enumerate(params):
+        assert got[i] == _solo(lm, i, p), i
+    assert got[1] == lm.generate(PROMPTS[1], temperature=0, max_new_tokens=10, ignore_eos=True).token_ids
+
+
+def test_an_error_in_one_request_ends_that_request_alone(lm, monkeypatch):
+    """A poisoned request in a batch of four: it gets an error that says what happened, the other three finish
+    with exactly the tokens they get alone, and the scheduler goes on."""
+    from aigckit.errors import GenerationError
+    from aigckit.text import engine
+
+    real = engine.RowState.process
+
+    def process(self, scores):
+        if self.params.seed == 666 and self.n_gen == 3:
+            raise RuntimeError("probability tensor contains inf, nan or element < 0")
+        return real(self, scores)
+
+    monkeypatch.setattr(engine.RowState, "process", process)
+    sched = Scheduler(lm, max_batch=8)
+    try:
+        params = [GenerationParams(temperature=0, max_new_tokens=9),
+                  GenerationParams(temperature=0.8, seed=666, no_repeat_ngram_size=2, max_new_tokens=9),
+                  GenerationParams(temperature=1.0, top_p=0.9, seed=4, max_new_tokens=12, num_return_sequences=2),
+                  GenerationParams(temperature=0, max_new_tokens=7, repetition_penalty=1.3)]
+        handles = _four_together(sched, params)
+        results = {}
+        for i, h in enumerate(handles):
+            try:
+                results[i] = collect_in_time(h)
+            except GenerationError as e:
+                results[i] = e
+        assert isinstance(results[1], GenerationError)
+        assert "RuntimeError: probability tensor contains inf" in str(results[1])
+        for i in (0, 3):
+            assert results[i][0][0] == _solo(lm, i, params[i]), i
+        # n=2 in the scheduler: both rows equal the static batch with the same seed
+        want = lm.generate(PROMPTS[2], params[2]).sequences
+        assert [results[2][0][r] for r in range(2)] == [s.token_ids for s in want]
+        assert sched.active == 0
+        after = collect_in_time(sched.submit(PROMPTS[0], params[0]))[0][0]
+        assert after == _solo(lm, 0, params[0])
+    finally:
+        sched.close()
+
+
+def test_a_request_that_ends_at_its_first_token_leaves_slots_compact(lm):
+    """Requests prefilled together: the first ends on its first token and frees its slot before the others took
+    theirs; the batch used to lose track of a slot (and fail every request)."""
+    sched = Scheduler(lm, max_batch=8)
+    try:
+        params = [GenerationParams(temperature=0, max_new_tokens=1), GenerationParams(temperature=0, max_new_tokens=6),
+                  GenerationParams(temperature=0, max_new_tokens=1), GenerationParams(temperature=0, max_new_tokens=8)]
+        got = [collect_in_time(h)[0][0] for h in _four_together(sched, params)]
+    finally:
+        sched.close()
+    for i, p in enumerate(params):
+        assert got[i] == _solo(lm, i, p), i
+
+
+def test_queue_of_zero_is_refused(lm):
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        Scheduler(lm, max_queue=0)

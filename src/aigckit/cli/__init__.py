@@ -4,11 +4,12 @@ arguments and calls the library; errors the user can fix become one line on stde
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# module name -> registers its sub-commands on the parser via `register(subparsers)`.
-_COMMAND_MODULES = ["store", "text", "embed", "image", "serve", "audio", "doctor"]
+from aigckit.cli import audio, doctor, embed, image, serve, store, text
+
+# each registers its sub-commands on the parser via `register(subparsers)` (parsing only: heavy imports are lazy)
+_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"aigckit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"aigckit.cli.{name}")
-        except ModuleNotFoundError as e:  # a command family not built yet
-            if e.name == f"aigckit.cli.{name}":
-                continue
-            raise
+    for mod in _COMMAND_MODULES:
         mod.register(sub)
     return parser
 

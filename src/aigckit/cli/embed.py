@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from aigckit.dtypes import DTYPES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed sentences with a BERT model (default minilm-l6-v2)",
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "Prints a summary and the cosine similarity matrix, or JSON with --json.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: stdin lines)")
     p.add_argument("--model", default="minilm-l6-v2", help="store name, HF directory or HF-cache id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-normalize", action="store_true", help="do not scale embeddings to unit length")
     p.add_argument("--json", action="store_true", help="print {model, dim, embeddings, usage} as JSON")

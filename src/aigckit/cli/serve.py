@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from aigckit.cli.text import quant_mode
+from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
 
 
@@ -28,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per model before 429 (default 64)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="text model compute dtype")
-    p.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="text model quantisation: int8, int4 (weight-only) or w8a8 (int8 weights and activations)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="text model compute dtype")
+    p.add_argument("--quantize", type=quant_mode, default=None, metavar="MODE",
+                   help="text model quantisation: int8, int4 (weight-only) or w8a8 (int8 weights and activations)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)

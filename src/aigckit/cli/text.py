@@ -6,7 +6,18 @@ import argparse
 import json
 import sys
 
+from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
+from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
+
+
+def quant_mode(value: str) -> str:
+    """argparse type for --quantize: one of ``aigckit.text.quant.QUANT_MODES`` (imported only when given)."""
+    from aigckit.text.quant import QUANT_MODES
+
+    if value not in QUANT_MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(QUANT_MODES)})")
+    return value
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +25,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None,
                    help="store name, .gguf file, HF directory, cached HF hub id (e.g. gpt2-medium), or openai:NAME "
                         "(default: smollm2-135m-instruct)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
-    g.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None, help="quantise the linears: int8 (per-row weights), int4 (group-32 weights, 8-bit head), w8a8 (int8 weights and per-row int8 activations, integer matmul: fastest for batches)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    g.add_argument("--quantize", type=quant_mode, default=None, metavar="MODE",
+                   help="quantise the linears: int8 (per-row weights), int4 (group-32 weights, 8-bit head), w8a8 "
+                        "(int8 weights and per-row int8 activations, integer matmul: fastest for batches)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--kernels", choices=["auto", "torch"], default="auto",
                    help="float32 linears -- auto: numba tile kernel for <= 16 rows, oneDNN prepacked for more; "
@@ -25,9 +38,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate (default {MAX_NEW_TOKENS_DEFAULT})")
     g.add_argument("--max-length", type=int, default=None, help="limit on prompt + generated tokens")
-    g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--temperature", "-t", type=float, default=0.7,
+                   help=f"0 = greedy (default 0.7); below {TEMPERATURE_FLOOR:g} also greedy")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
@@ -64,9 +79,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("score", help="negative log-likelihood and perplexity of a text",
-                       description="Mean NLL (natural log, over predicted tokens) and perplexity of TEXT (or stdin).")
+                       description="Mean NLL (natural log, over predicted tokens) and perplexity of TEXT (or stdin). "
+                                   "Long texts are scored in sliding windows (as in transformers' perplexity guide): "
+                                   "each forward sees at most --window tokens and the window moves --stride tokens; "
+                                   "each token is predicted once, with the tokens before it in its window as "
+                                   "context. --stride equal to --window gives non-overlapping windows.")
     p.add_argument("text", nargs="?")
     _model_args(p)
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per forward window (default: the context, at most 1024)")
+    p.add_argument("--stride", type=int, default=None, help="tokens the window moves by (default: window / 2)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_score)
 
@@ -95,7 +117,8 @@ def _load(args):
                    kernels=args.kernels, base_url=args.base_url)
 
 
-def _params(args) -> dict:
+def _params(args) -> GenerationParams:
+    """The options as one validated value: bad values fail here, before the model loads."""
     p = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
              no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed)
@@ -103,28 +126,21 @@ def _params(args) -> dict:
         p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
                  num_return_sequences=args.num_return_sequences)
-    return p
-
-
-def _validate_first(params: dict) -> None:
-    from aigckit.text.engine import GenerationParams
-
-    GenerationParams.from_kwargs(**params)  # bad values fail before the model loads
+    return GenerationParams(**p)
 
 
 def _text(args) -> int:
     prompt = _read_arg_or_stdin(args.prompt, "prompt")
     params = _params(args)
-    _validate_first(params)
     lm = _load(args)
-    stream = not args.no_stream and not args.json and params["num_beams"] == 1 and params["num_return_sequences"] == 1
+    stream = not args.no_stream and not args.json and params.num_beams == 1 and params.num_return_sequences == 1
     if stream:
-        for delta in lm.stream(prompt, **params):
+        for delta in lm.stream(prompt, params):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    res = lm.generate(prompt, **params)
+    res = lm.generate(prompt, params)
     if args.json:
         print(json.dumps(_result_json(lm, res), ensure_ascii=False))
     else:
@@ -148,7 +164,6 @@ def _result_json(lm, res) -> dict:
 
 def _chat(args) -> int:
     params = _params(args)
-    _validate_first(params)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -159,9 +174,9 @@ def _chat(args) -> int:
         lm = _load(args)
         messages = history + [{"role": "user", "content": user}]
         if args.json:
-            print(json.dumps(_result_json(lm, lm.chat(messages, **params)), ensure_ascii=False))
+            print(json.dumps(_result_json(lm, lm.chat(messages, params)), ensure_ascii=False))
             return 0
-        for delta in lm.chat_stream(messages, **params):
+        for delta in lm.chat_stream(messages, params):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -184,7 +199,7 @@ def _chat(args) -> int:
         history.append({"role": "user", "content": user})
         sys.stdout.write("assistant> ")
         parts = []
-        for delta in lm.chat_stream(history, **params):
+        for delta in lm.chat_stream(history, params):
             parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()
@@ -194,11 +209,12 @@ def _chat(args) -> int:
 
 def _score(args) -> int:
     text = _read_arg_or_stdin(args.text, "text")
-    res = _load(args).score(text)
+    res = _load(args).score(text, window=args.window, stride=args.stride)
     if args.json:
         print(json.dumps(res.to_dict()))
     else:
-        print(f"nll {res.nll:.4f}  ppl {res.ppl:.3f}  over {res.n_tokens} predicted tokens")
+        print(f"nll {res.nll:.4f}  ppl {res.ppl:.3f}  over {res.n_tokens} predicted tokens "
+              f"({res.windows} window(s) of {res.window} tokens, stride {res.stride})")
     return 0
 
 

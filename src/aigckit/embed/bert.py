@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aigckit.dtypes import torch_dtype
 from aigckit.errors import AigcError, CorruptFileError, ModelNotFoundError, UnsupportedFormatError
 
 DEFAULT_EMBED_MODEL = "minilm-l6-v2"
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ------------------------------------------------------------------------------------------------------- config
 
@@ -435,10 +435,10 @@ class Embedder:
             return [texts]
         texts = list(texts)
         if not texts:
-            raise AigcError("no input texts to embed")
+            raise AigcError("no input texts to embed", param="input")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise AigcError(f"input {i} is a {type(t).__name__}, expected a string")
+                raise AigcError(f"input {i} is a {type(t).__name__}, expected a string", param="input")
         return texts
 
     def tokenize(self, texts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,8 +495,7 @@ def load_embedder(model: str | Path = DEFAULT_EMBED_MODEL, *, dtype: str = "floa
     max_position_embeddings."""
     from aigckit import store
 
-    if dtype not in DTYPES:
-        raise AigcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype(dtype)  # raises for an unknown name
     r = store.resolve(model or DEFAULT_EMBED_MODEL)
     if r.format != "hf":
         raise UnsupportedFormatError(f"{r.path}: a BERT embedder needs an HF safetensors directory, not {r.format}")
@@ -509,7 +508,7 @@ def load_embedder(model: str | Path = DEFAULT_EMBED_MODEL, *, dtype: str = "floa
         max_len = max_seq_length
     pooling = _read_pooling(d)
     tok = _load_tokenizer(d, max_len, cfg.vocab_size)
-    bert = build_bert(cfg, _read_safetensors(_safetensors_files(d)), dtype=DTYPES[dtype])
+    bert = build_bert(cfg, _read_safetensors(_safetensors_files(d)), dtype=torch_dtype(dtype))
     return Embedder(r.name, bert, tok, pooling=pooling, max_seq_length=max_len, pad_id=cfg.pad_token_id)
 
 

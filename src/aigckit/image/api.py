@@ -94,13 +94,13 @@ class ImageModel:
             else:
                 return None
         if not self.conditional:
-            raise AigcError(f"this {self.family} model is unconditional; it cannot sample a class")
+            raise AigcError(f"this {self.family} model is unconditional; it cannot sample a class", param="classes")
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         if isinstance(classes, str) and classes == "all":
             return torch.arange(n) % self.num_classes
         if isinstance(classes, (list, tuple)):
             if len(classes) != n:
-                raise AigcError(f"got {len(classes)} classes for {n} samples")
+                raise AigcError(f"got {len(classes)} classes for {n} samples", param="classes")
             return torch.tensor([class_index(c, names) for c in classes])
         if isinstance(classes, torch.Tensor):
             return classes.long()
@@ -111,18 +111,18 @@ class ImageModel:
                progress: bool = False, dtype: str = "float32", temperature: float = 1.0) -> SampleResult:
         """``temperature`` scales the latent noise of VAEs and GANs (1 = the trained prior); diffusion runs refuse it."""
         if not 1 <= n <= MAX_SAMPLES:
-            raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}")
+            raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}", param="n")
         if not 0 < temperature <= 10:
-            raise AigcError(f"temperature must be in (0, 10], got {temperature}")
+            raise AigcError(f"temperature must be in (0, 10], got {temperature}", param="temperature")
         if temperature != 1.0 and self.family == "ddpm":
-            raise AigcError("temperature applies to VAE and GAN latents; diffusion runs use --guidance / --eta")
+            raise AigcError("temperature applies to VAE and GAN latents; diffusion runs use --guidance / --eta", param="temperature")
         if seed is None:
             seed = secrets.randbits(31)
         labels = self.labels_for(classes, n)
         if guidance is None:
             guidance = 3.0 if (labels is not None and self.family == "ddpm") else 1.0
         if guidance < 0 or guidance > 50:
-            raise AigcError(f"guidance must be in [0, 50], got {guidance}")
+            raise AigcError(f"guidance must be in [0, 50], got {guidance}", param="guidance")
         gen = torch.Generator().manual_seed(seed)
         outs = []
         from tqdm import tqdm
@@ -153,7 +153,7 @@ class ImageModel:
         """VAE: between two images a and b (1 x C x H x W in [-1, 1]; default: two test images drawn by seed).
         GAN: between two latents drawn by seed. Returns ``steps`` images from a to b."""
         if not 2 <= steps <= 256:
-            raise AigcError(f"steps must be in 2..256, got {steps}")
+            raise AigcError(f"steps must be in 2..256, got {steps}", param="steps")
         if seed is None:
             seed = secrets.randbits(31)
         gen = torch.Generator().manual_seed(seed)

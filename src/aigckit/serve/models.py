@@ -111,6 +111,15 @@ class Registry:
 
     def __init__(self, specs: list[str] | None = None, *, dtype: str = "float32", quantize: str | None = None,
                  max_batch: int = 16, max_queue: int = 64) -> None:
+        from aigckit.dtypes import torch_dtype
+
+        torch_dtype(dtype)  # bad options fail here, before the server binds
+        if quantize is not None:
+            from aigckit.text.quant import QUANT_MODES
+
+            if quantize not in QUANT_MODES:
+                raise AigcError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}",
+                                param="quantize")
         self.models: dict[str, Served] = {}
         self.dtype, self.quantize, self.max_batch, self.max_queue = dtype, quantize, max_batch, max_queue
         self.state: Literal["loading", "ready", "failed"] = "loading"

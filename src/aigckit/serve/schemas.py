@@ -1,7 +1,10 @@
 """Request bodies of the OpenAI-compatible API, with every parameter bounded.
 
 Unknown fields are rejected (400), not ignored. Our extras (top_k, min_p, repetition_penalty, num_beams, ...) are
-plain fields, so the official client passes them with ``extra_body``.
+plain fields, so the official client passes them with ``extra_body``. The bounds of the generation parameters come
+from ``aigckit.text.params.LIMITS`` (the CLI's and the Python API's too); where OpenAI's API documents a narrower
+range (temperature <= 2, 4 stop strings) the schema keeps OpenAI's. Token ids are checked against the model's
+vocabulary by the route (the schema cannot know it).
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aigckit.text.params import LIMITS
+
 MAX_PROMPT_CHARS = 100_000
 MAX_TOKENS = 4096
-MAX_N = 8
+MAX_N = LIMITS.num_return_sequences
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+@-]{0,127}$"
 
 ModelId = Annotated[str, Field(min_length=1, max_length=128, description="a served model id (see GET /v1/models)")]
-StopStr = Annotated[str, Field(min_length=1, max_length=256)]
-TokenId = Annotated[int, Field(ge=0, le=10_000_000)]
+StopStr = Annotated[str, Field(min_length=1, max_length=LIMITS.stop_chars)]
+TokenId = Annotated[int, Field(description="a token id in [0, vocabulary size of the model)")]
 
 
 class _Strict(BaseModel):
@@ -31,11 +36,11 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Sampling parameters shared by completions and chat (OpenAI names, then aigckit extras)."""
 
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (or below 1e-5) = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N, description="sequences to return")
     stop: StopStr | Annotated[list[StopStr], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=LIMITS.seed)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported; see repetition_penalty")
@@ -44,10 +49,12 @@ class _Sampling(_Strict):
     # aigckit extras
     top_k: int | None = Field(None, ge=0, le=100_000, description="keep the k most likely tokens (0 = off)")
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="> 1 discourages repeats (1 = off)")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=16)
-    num_beams: int | None = Field(None, ge=1, le=8, description="beam search width (not with stream)")
-    length_penalty: float | None = Field(None, ge=-10, le=10)
+    repetition_penalty: float | None = Field(None, ge=LIMITS.repetition_penalty[0], le=LIMITS.repetition_penalty[1],
+                                             description="> 1 discourages repeats (1 = off)")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=LIMITS.no_repeat_ngram_size)
+    num_beams: int | None = Field(None, ge=1, le=LIMITS.num_beams, description="beam search width (not with stream; "
+                                  "at most --max-batch)")
+    length_penalty: float | None = Field(None, ge=-LIMITS.length_penalty, le=LIMITS.length_penalty)
     early_stopping: bool | Literal["never"] | None = None
     ignore_eos: bool | None = None
 

@@ -65,7 +65,6 @@ def _check_rope_scaling(rs: Any, block_size: int) -> None:
                                    f"{lo} and {hi}")
         _check_int("rope_scaling.original_max_position_embeddings",
                    rs.get("original_max_position_embeddings", 8192), 1, MAX_CONTEXT)
-DType = Literal["float32", "bfloat16"]
 
 
 @dataclass

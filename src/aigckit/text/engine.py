@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,118 +17,61 @@ from torch import Tensor
 from aigckit.errors import AigcError
 from aigckit.text import sampling
 from aigckit.text.kvcache import KVCache
+from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, GenerationParams  # noqa: F401  (re-exported)
+from aigckit.text.protocol import GenerationResult, Sequence, TokenEvent
 
-MAX_NEW_TOKENS_DEFAULT = 256
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS_DEFAULT, limited by max_length / the context
-    max_length: int | None = None  # prompt + generated tokens
-    temperature: float = 0.7  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    num_return_sequences: int = 1
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: bool = False
-    ignore_eos: bool = False
-
-    @classmethod
-    def from_kwargs(cls, **kw: Any) -> GenerationParams:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(kw) - known)
-        if bad:
-            raise AigcError(f"unknown generation parameter(s): {', '.join(bad)}")
-        p = cls(**{k: v for k, v in kw.items() if v is not None or k in ("max_new_tokens", "max_length", "seed")})
-        if isinstance(p.stop, str):
-            p.stop = [p.stop]
-        p.validate()
-        return p
-
-    def validate(self) -> None:
-        sampling.validate(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                          repetition_penalty=self.repetition_penalty)
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise AigcError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_length is not None and self.max_length < 1:
-            raise AigcError(f"max_length must be >= 1, got {self.max_length}")
-        if self.num_beams < 1:
-            raise AigcError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_return_sequences < 1:
-            raise AigcError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise AigcError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        if self.no_repeat_ngram_size < 0:
-            raise AigcError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.early_stopping not in (True, False, "never"):
-            raise AigcError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
-        if any((not isinstance(s, str)) or s == "" for s in self.stop):
-            raise AigcError("stop strings must be non-empty strings")
-        if len(self.stop) > 16:
-            raise AigcError(f"at most 16 stop strings, got {len(self.stop)}")
-
-    def budget(self, prompt_len: int, context: int) -> int:
-        """How many tokens this prompt may generate; raises if the prompt leaves no room."""
-        if prompt_len >= context:
-            raise AigcError(f"prompt is {prompt_len} tokens, the context window is {context}: nothing left to generate")
-        room = context - prompt_len
-        if self.max_length is not None:
-            if self.max_length <= prompt_len:
-                raise AigcError(f"max_length {self.max_length} leaves no room after the {prompt_len}-token prompt")
-            room = min(room, self.max_length - prompt_len)
-        want = self.max_new_tokens if self.max_new_tokens is not None else MAX_NEW_TOKENS_DEFAULT
-        return min(want, room)
+__all__ = ["GenerationParams", "GenerationResult", "Sequence", "TokenEvent", "RowState", "stream_tokens", "generate",
+           "run_beam_search", "sample_rows", "make_generator", "check_memory", "memory_limit"]
 
 
-@dataclass
-class Sequence:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    score: float | None = None  # beam score, or mean log-probability for sampled sequences
-    logprobs: list[float] | None = None
+# --------------------------------------------------------------------------------------------------- memory
 
 
-@dataclass
-class GenerationResult:
-    model: str
-    sequences: list[Sequence]
-    prompt_tokens: int
-    timings: dict[str, float]
+def memory_limit() -> tuple[float, str]:
+    """Bytes one generation may plan to use, and where that number comes from: ``AIGC_MAX_MEMORY_GB`` if set, else
+    80% of the memory available now (Linux ``MemAvailable``), else half the physical memory."""
+    env = os.environ.get("AIGC_MAX_MEMORY_GB")
+    if env:
+        try:
+            gb = float(env)
+        except ValueError:
+            raise AigcError(f"AIGC_MAX_MEMORY_GB must be a number of GB, got {env!r}") from None
+        return gb * 2**30, "AIGC_MAX_MEMORY_GB"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return 0.8 * int(line.split()[1]) * 1024, "80% of available RAM; set AIGC_MAX_MEMORY_GB to change"
+    except OSError:
+        pass
+    try:
+        return 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), \
+            "half the physical RAM; set AIGC_MAX_MEMORY_GB to change"
+    except (ValueError, OSError, AttributeError):
+        return float("inf"), "unknown"
 
-    @property
-    def text(self) -> str:
-        return self.sequences[0].text
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.sequences[0].token_ids
-
-    @property
-    def finish_reason(self) -> str:
-        return self.sequences[0].finish_reason
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens,
-                "completion_tokens": sum(len(s.token_ids) for s in self.sequences)}
+def estimate_bytes(cfg, rows: int, seq_len: int, prompt_len: int, dtype: torch.dtype) -> int:
+    """About how much memory decoding ``rows`` sequences of up to ``seq_len`` tokens needs: the KV cache, the
+    prefill activations (``rows`` x ``prompt_len`` tokens at once) and a few float32 copies of the logits."""
+    item = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * cfg.n_layer * rows * cfg.n_kv_head * seq_len * cfg.head_dim * item
+    act = rows * prompt_len * (3 * cfg.intermediate_size + 4 * cfg.n_embd) * item
+    logits = 4 * rows * cfg.vocab_size * 4
+    return kv + act + logits
 
 
-@dataclass
-class TokenEvent:
-    row: int
-    token_id: int | None  # None for a final event that only flushes text
-    logprob: float | None
-    text: str  # text delta made visible by this event
-    finish_reason: str | None = None
-    score: float | None = None  # beam search: the finished sequence's score (on its final event)
+def check_memory(cfg, *, rows: int, seq_len: int, prompt_len: int, dtype: torch.dtype, param: str) -> None:
+    """Refuse, before allocating, work whose estimate exceeds ``memory_limit()`` (error names ``param``)."""
+    need = estimate_bytes(cfg, rows, seq_len, prompt_len, dtype)
+    limit, source = memory_limit()
+    if need > limit:
+        raise AigcError(f"this needs about {need / 2**30:.2f} GiB ({rows} sequence(s) x {seq_len} tokens of KV cache "
+                        f"and activations), more than the memory limit of {limit / 2**30:.2f} GiB ({source}): "
+                        f"lower {param} or max_new_tokens", param=param)
+
+
+# --------------------------------------------------------------------------------------------------- decoding
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -143,7 +84,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 class _StopMatcher:
     """Holds back text that could still become a stop string; cuts at the first stop string."""
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
         self.buf = ""
 
@@ -195,7 +136,12 @@ def decode_step(model, cache: KVCache, tokens: Tensor, pos: int, start: Tensor |
 
 class RowState:
     """Everything one generated sequence needs between steps: its tokens, text decoder, stop matcher and budget.
-    Shared by the static batch loop below and by the continuous-batching scheduler."""
+    Shared by the static batch loop below and by the continuous-batching scheduler.
+
+    Per-request decoding state belongs here (never in the model or the scheduler): a new logits processor
+    (a grammar mask, a watermark bias) keeps its state in a field set up in ``__init__`` from ``params`` and acts in
+    ``process``; a new stop rule acts in ``push``. An exception raised by ``process`` or ``push`` ends this
+    request alone (the scheduler reports it to its client and goes on with the batch)."""
 
     def __init__(self, row: int, prompt: list[int], params: GenerationParams, tokenizer, budget: int,
                  vocab_size: int) -> None:
@@ -252,8 +198,11 @@ def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, 
     logp = torch.log_softmax(scores, dim=-1) if params.logprobs else None
     if any(r.seen is not None or r.params.no_repeat_ngram_size for r in rows):
         scores = torch.stack([r.process(scores[i]) for i, r in enumerate(rows)])
-    nxt = sampling.sample(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                          min_p=params.min_p, generator=generator).tolist()
+    if params.greedy:
+        nxt = scores.argmax(dim=-1).tolist()
+    else:
+        nxt = sampling.sample(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                              min_p=params.min_p, generator=generator).tolist()
     lps = [float(logp[i, t]) if logp is not None else None for i, t in enumerate(nxt)]
     return nxt, lps
 
@@ -264,13 +213,16 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
     cfg = model.config
     B = len(prompts)
     if B == 0:
-        raise AigcError("no prompts given")
+        raise AigcError("no prompts given", param="prompt")
     if any(len(p) == 0 for p in prompts):
-        raise AigcError("empty prompt: give at least one token of text")
+        raise AigcError("empty prompt: give at least one token of text", param="prompt")
     budgets = [params.budget(len(p), cfg.block_size) for p in prompts]
     gen = make_generator(params.seed)
     dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(cfg, B, max(len(p) for p in prompts) + max(budgets), dtype)
+    L = max(len(p) for p in prompts)
+    check_memory(cfg, rows=B, seq_len=L + max(budgets), prompt_len=L, dtype=dtype,
+                 param="num_return_sequences" if params.num_return_sequences > 1 else "prompt")
+    cache = KVCache.for_model(cfg, B, L + max(budgets), dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [RowState(i, p, params, tokenizer, budgets[i], cfg.vocab_size) for i, p in enumerate(prompts)]
 
@@ -302,8 +254,10 @@ def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParam
     from aigckit.text.beam import beam_search
 
     if params.stop:
-        raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS")
+        raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS", param="stop")
     budget = params.budget(len(prompt), model.config.block_size)
+    check_memory(model.config, rows=params.num_beams, seq_len=len(prompt) + budget, prompt_len=len(prompt),
+                 dtype=next(model.parameters()).dtype, param="num_beams")
     eos = [] if params.ignore_eos else sorted(tokenizer.eos_token_ids)
     t0 = time.perf_counter()
     hyps = beam_search(model, prompt, num_beams=params.num_beams, max_new_tokens=budget, eos_ids=eos,

@@ -8,34 +8,33 @@ import os
 import shutil
 import sys
 import tempfile
+import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aigckit import store
+from aigckit.dtypes import torch_dtype
 from aigckit.errors import AigcError
 from aigckit.text.config import LMConfig
-from aigckit.text.engine import GenerationParams, GenerationResult, generate, stream_tokens
+from aigckit.text.engine import check_memory, generate, stream_tokens
+from aigckit.text.kvcache import KVCache
+from aigckit.text.params import GenerationParams, check_int
+from aigckit.text.protocol import (GenerationResult, ScoreResult, TokenEvent, check_messages,  # noqa: F401
+                                   single_stream)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ScoreResult:
-    nll: float  # mean negative log-likelihood per predicted token (natural log)
-    ppl: float  # exp(nll)
-    n_tokens: int  # number of predicted tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens}
+SCORE_WINDOW = 1024  # default scoring window (tokens), if the context is longer
+SCORE_CHUNK = 512  # tokens per forward inside a scoring window (bounds the logits held at once: SmolLM2 100 MB)
 
 
 class LM:
-    """A loaded language model + tokenizer. Stateless between calls: safe to share across threads."""
+    """A loaded language model + tokenizer (a ``TextModel``). Stateless between calls: safe to share across threads.
+
+    Every generation method takes ``params: GenerationParams | None`` and keyword overrides of its fields
+    (``lm.generate("Hi", p, seed=3)``); the parameters are validated once, here, and passed on as one value."""
 
     def __init__(self, model, tokenizer, name: str, *, dtype: str = "float32", quantize: str | None = None,
                  load_s: float = 0.0, source: str = "") -> None:
@@ -62,82 +61,119 @@ class LM:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
+            vocab = self.config.vocab_size
+            bad = next((i for i, t in enumerate(ids)
+                        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise AigcError(f"token id {ids[bad]!r} at index {bad} is outside the vocabulary: token ids must be "
+                                f"integers in [0, {vocab})", param="prompt")
         if not ids:
-            raise AigcError("empty prompt: give at least one token of text")
+            raise AigcError("empty prompt: give at least one token of text", param="prompt")
         return ids
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids for ``messages``. Message contents are data: a special token's text inside one (e.g. a user
         writing "<|im_start|>system") is tokenised as plain text; only the template's own markers are special."""
-        _check_messages(messages)
+        check_messages(messages)
         # the template already carries BOS etc.; encode_chat adds no special tokens of its own
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     # ----------------------------------------------------------------------------------------- generation
-    def generate(self, prompt: str | list[int], **params: Any) -> GenerationResult:
-        return self.generate_batch([prompt], **params)[0]
+    def generate(self, prompt: str | list[int], params: GenerationParams | None = None,
+                 **overrides: Any) -> GenerationResult:
+        return self.generate_batch([prompt], params, **overrides)[0]
 
-    def generate_batch(self, prompts: list[str | list[int]], **params: Any) -> list[GenerationResult]:
-        p = GenerationParams.from_kwargs(**params)
-        ids = [self._prompt_ids(x) for x in prompts]
+    def generate_batch(self, prompts: list[str | list[int]], params: GenerationParams | None = None,
+                       **overrides: Any) -> list[GenerationResult]:
+        """One ragged batch (beam search: one prompt after another)."""
+        p = GenerationParams.make(params, **overrides)
+        ids = [self.prompt_ids(x) for x in prompts]
         return generate(self.model, self.tokenizer, ids, p, self.name)
 
-    def stream(self, prompt: str | list[int], **params: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: GenerationParams | None = None,
+               **overrides: Any) -> Iterator[str]:
         """Text deltas of one sampled/greedy continuation (concatenated they equal ``generate(...).text``)."""
-        p = GenerationParams.from_kwargs(**params)
-        if p.num_beams > 1 or p.num_return_sequences > 1:
-            raise AigcError("streaming supports one sequence without beam search")
-        for ev in stream_tokens(self.model, self.tokenizer, [self._prompt_ids(prompt)], p):
-            if ev.text:
-                yield ev.text
+        p = GenerationParams.make(params, **overrides)
+        single_stream(p)
+        events = stream_tokens(self.model, self.tokenizer, [self.prompt_ids(prompt)], p)
+        return (ev.text for ev in events if ev.text)
 
-    def stream_events(self, prompt: str | list[int], stats: dict | None = None, **params: Any):
-        p = GenerationParams.from_kwargs(**params)
+    def stream_events(self, prompt: str | list[int], params: GenerationParams | None = None, *,
+                      stats: dict | None = None, **overrides: Any) -> Iterator[TokenEvent]:
+        """``TokenEvent``s of ``num_return_sequences`` rows as tokens arrive (no beam search)."""
+        p = GenerationParams.make(params, **overrides)
         if p.num_beams > 1:
-            raise AigcError("streaming is not available with beam search")
-        ids = self._prompt_ids(prompt)
-        rows = [ids] * p.num_return_sequences
-        return stream_tokens(self.model, self.tokenizer, rows, p, stats)
+            raise AigcError("streaming is not available with beam search", param="num_beams")
+        ids = self.prompt_ids(prompt)
+        return stream_tokens(self.model, self.tokenizer, [ids] * p.num_return_sequences, p, stats)
 
-    def chat(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
-        return self.generate(self.chat_prompt(messages), **params)
+    def chat(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
+             **overrides: Any) -> GenerationResult:
+        return self.generate(self.chat_prompt(messages), params, **overrides)
 
-    def chat_stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
-        return self.stream(self.chat_prompt(messages), **params)
+    def chat_stream(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
+                    **overrides: Any) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages), params, **overrides)
 
     # ----------------------------------------------------------------------------------------- scoring
-    def score(self, text: str | list[int]) -> ScoreResult:
-        """Mean NLL (natural log) and perplexity of ``text`` under the model, over every predicted token."""
-        ids = self._prompt_ids(text)
+    def score(self, text: str | list[int], *, window: int | None = None, stride: int | None = None) -> ScoreResult:
+        """Mean NLL (natural log) and perplexity of ``text`` under the model.
+
+        Sliding windows, as in transformers' perplexity guide ("perplexity of fixed-length models"): each forward
+        sees at most ``window`` tokens (default: the context, at most ``SCORE_WINDOW``) and the window moves
+        ``stride`` tokens at a time (default ``window // 2``); each window scores only the tokens no earlier window
+        scored, with the tokens before them in the window as context. With ``stride < window`` every token after
+        the first is scored once; ``stride == window`` gives non-overlapping windows (fastest, least context; the
+        first token of each window has no context and is not scored, as in the guide). ``n_tokens`` counts the
+        scored tokens. A window runs in chunks of ``SCORE_CHUNK`` tokens through a KV cache, so memory is bounded
+        by one window's KV cache and one chunk of logits, whatever the text's length."""
+        ids = self.prompt_ids(text)
         if len(ids) < 2:
-            raise AigcError("text is too short to score: need at least 2 tokens")
+            raise AigcError("text is too short to score: need at least 2 tokens", param="text")
         ctx = self.config.block_size
-        total, count = 0.0, 0
+        if window is None:
+            window = min(ctx, SCORE_WINDOW)
+        check_int("window", window, 2, ctx)
+        if stride is None:
+            stride = max(1, window // 2)
+        check_int("stride", stride, 1, window)
+        dtype = next(self.model.parameters()).dtype
+        check_memory(self.config, rows=1, seq_len=window, prompt_len=min(window, SCORE_CHUNK), dtype=dtype,
+                     param="window")
+        cache = KVCache.for_model(self.config, 1, window, dtype)
+        total, count, windows = 0.0, 0, 0
+        done = 1  # tokens 0..done-1 need no prediction (token 0 has no context, the others were predicted)
         with torch.inference_mode():
-            # non-overlapping windows of the context size; each window predicts its own tokens 1..n-1
-            for s in range(0, len(ids) - 1, ctx):
-                chunk = torch.tensor([ids[s:s + ctx + 1]])
-                x, y = chunk[:, :-1], chunk[:, 1:]
-                logits = self.model(x).float()
-                nll = torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum")
-                total += float(nll)
-                count += y.shape[1]
+            for begin in range(0, len(ids), stride):
+                end = min(begin + window, len(ids))
+                if end <= done:
+                    continue
+                # this window feeds ids[begin:end] (cache slots 0..end-begin-1) and predicts ids[done:end]:
+                # the logits at token j predict token j + 1
+                windows += 1
+                for c0 in range(begin, end, SCORE_CHUNK):
+                    c1 = min(c0 + SCORE_CHUNK, end)
+                    chunk, pos = torch.tensor([ids[c0:c1]]), torch.arange(c0 - begin, c1 - begin)
+                    lo, hi = max(c0, done - 1), min(c1, end - 1)  # logits rows lo..hi-1 are needed
+                    if hi <= lo:  # context only
+                        self.model(chunk, pos, cache, last_only=True)
+                        continue
+                    logits = self.model(chunk, pos, cache)[0]
+                    target = torch.tensor(ids[lo + 1:hi + 1])
+                    total += float(torch.nn.functional.cross_entropy(logits[lo - c0:hi - c0].float(), target,
+                                                                     reduction="sum"))
+                    count += hi - lo
+                done = end
+                if end == len(ids):
+                    break
         mean = total / count
-        return ScoreResult(mean, float(torch.exp(torch.tensor(mean))), count)
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise AigcError("messages must be a non-empty list of {role, content}")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
-                or not isinstance(m.get("content"), str):
-            raise AigcError("each message needs a role (system, user, assistant, tool) and string content")
+        return ScoreResult(mean, math.exp(mean), count, window=window, stride=stride, windows=windows)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -215,16 +251,19 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
 
     ``kernels``: "auto" runs float32 linears through the numba tile kernel (<= 16 rows) and oneDNN prepacked
     weights (more rows), "torch" keeps plain ``nn.Linear``. (``AIGC_NO_NUMBA=1`` turns off all numba kernels.)
-    ``quantize``: None, "int8", "int4" or "w8a8" (see README). ``openai:NAME`` returns a remote model
+    ``dtype``: one of ``aigckit.dtypes.DTYPES``. ``quantize``: None or one of ``quant.QUANT_MODES`` (int8, int4, w8a8;
+    see README). ``openai:NAME`` returns a remote model
     (OpenAI-compatible API) with the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
 
         return RemoteLM(str(model)[len("openai:"):], base_url=base_url, api_key=api_key)
-    if dtype not in DTYPES:
-        raise AigcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize not in (None, "int8", "int4", "w8a8"):
-        raise AigcError(f"quantize must be int8, int4 or w8a8, got {quantize!r}")
+    torch_dtype(dtype)  # raises for an unknown name
+    if quantize is not None:
+        from aigckit.text.quant import QUANT_MODES
+
+        if quantize not in QUANT_MODES:
+            raise AigcError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}", param="quantize")
     if kernels not in ("auto", "torch"):
         raise AigcError(f"kernels must be 'auto' or 'torch', got {kernels!r}")
     if threads is not None:
@@ -242,7 +281,7 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
         cfg, net = load_hf(res.path)
         tok = Tokenizer.from_dir(res.path)
     if dtype != "float32":
-        net = net.to(DTYPES[dtype])
+        net = net.to(torch_dtype(dtype))
     from aigckit.text.kernels import cpu, gemm, onednn
 
     if threads is not None:

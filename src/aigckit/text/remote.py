@@ -4,7 +4,8 @@ generate / stream / chat interface as the local ``LM``. Uses the official ``open
     lm = load_lm("openai:tiny-chat", base_url="http://127.0.0.1:8000/v1", api_key="...")
     lm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=20).text
 
-Parameters are validated by ``GenerationParams`` first (same errors as local models). OpenAI's own names go as
+``RemoteLM`` is a ``TextModel`` (see ``aigckit.text.protocol``) like the local ``LM``; it imports neither ``lm`` nor
+torch. Parameters are validated by ``GenerationParams`` first (same errors and defaults as local models). OpenAI's own names go as
 they are; aigckit's extras (top_k, min_p, repetition_penalty, num_beams, ...) are sent in the body only when they
 differ from the defaults, so a plain OpenAI endpoint never sees them unless asked. Remote models return no token
 ids (``Sequence.token_ids`` is empty; ``usage`` comes from the API) and cannot ``score``.
@@ -15,16 +16,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from aigckit.errors import AigcError
-from aigckit.text.engine import GenerationParams, GenerationResult, Sequence, TokenEvent
+from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, GenerationParams
+from aigckit.text.protocol import (GenerationResult, ScoreResult, Sequence, TokenEvent, check_messages,
+                                   single_stream)
 
-_DEFAULTS = {f.name: f.default for f in fields(GenerationParams) if f.name != "stop"}
+_DEFAULTS = GenerationParams()
 _EXTRAS = ("top_k", "min_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty",
            "early_stopping", "ignore_eos")
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -67,12 +69,12 @@ class RemoteLM:
         return {"model": f"openai:{self.name}", "source": self.base_url, "dtype": "remote", "quantize": None}
 
     # ------------------------------------------------------------------------------------------ request building
-    def _request(self, params: dict[str, Any], *, chat: bool) -> tuple[GenerationParams, dict[str, Any]]:
-        p = GenerationParams.from_kwargs(**params)
+    def _request(self, p: GenerationParams, *, chat: bool) -> dict[str, Any]:
+        """The API call's arguments for ``p`` (already validated)."""
         if p.max_length is not None:
-            raise AigcError("max_length is not available for remote models; use max_new_tokens")
+            raise AigcError("max_length is not available for remote models; use max_new_tokens", param="max_length")
         kw: dict[str, Any] = {"model": self.name, "temperature": p.temperature}
-        max_new = p.max_new_tokens if p.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+        max_new = p.max_new_tokens if p.max_new_tokens is not None else MAX_NEW_TOKENS_DEFAULT
         kw["max_completion_tokens" if chat else "max_tokens"] = max_new
         if p.top_p != 1.0:
             kw["top_p"] = p.top_p
@@ -84,10 +86,10 @@ class RemoteLM:
             kw["n"] = p.num_return_sequences
         if p.logprobs:
             kw["logprobs"] = True if chat else 0
-        extra = {k: getattr(p, k) for k in _EXTRAS if getattr(p, k) != _DEFAULTS[k]}
+        extra = {k: getattr(p, k) for k in _EXTRAS if getattr(p, k) != getattr(_DEFAULTS, k)}
         if extra:
             kw["extra_body"] = extra
-        return p, kw
+        return kw
 
     def _call(self, fn, **kw):
         import openai
@@ -113,16 +115,18 @@ class RemoteLM:
     def _prompt(prompt: str | list[int]) -> str | list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise AigcError("empty prompt: give at least one token of text")
+                raise AigcError("empty prompt: give at least one token of text", param="prompt")
             return prompt
         ids = list(prompt)
-        if not ids or not all(isinstance(i, int) for i in ids):
-            raise AigcError("a token-id prompt must be a non-empty list of ints")
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise AigcError("a token-id prompt must be a non-empty list of non-negative ints", param="prompt")
         return ids
 
     # ------------------------------------------------------------------------------------------ completions
-    def generate(self, prompt: str | list[int], **params: Any) -> GenerationResult:
-        p, kw = self._request(params, chat=False)
+    def generate(self, prompt: str | list[int], params: GenerationParams | None = None,
+                 **overrides: Any) -> GenerationResult:
+        p = GenerationParams.make(params, **overrides)
+        kw = self._request(p, chat=False)
         t0 = time.perf_counter()
         r = self._call(self.client.completions.create, prompt=self._prompt(prompt), **kw)
         seqs = []
@@ -131,15 +135,21 @@ class RemoteLM:
             seqs.append(Sequence(c.text, [], c.finish_reason or "stop", None, lps))
         return _result(self.name, seqs, r.usage, time.perf_counter() - t0)
 
-    def generate_batch(self, prompts: list[str | list[int]], **params: Any) -> list[GenerationResult]:
-        return [self.generate(x, **params) for x in prompts]
+    def generate_batch(self, prompts: list[str | list[int]], params: GenerationParams | None = None,
+                       **overrides: Any) -> list[GenerationResult]:
+        p = GenerationParams.make(params, **overrides)
+        return [self.generate(x, p) for x in prompts]
 
-    def stream_events(self, prompt: str | list[int], stats: dict | None = None, **params: Any
-                      ) -> Iterator[TokenEvent]:
+    def stream_events(self, prompt: str | list[int], params: GenerationParams | None = None, *,
+                      stats: dict | None = None, **overrides: Any) -> Iterator[TokenEvent]:
         """TokenEvents as text arrives (``token_id`` is None: the API sends text, not ids)."""
-        p, kw = self._request(params, chat=False)
+        p = GenerationParams.make(params, **overrides)
         if p.num_beams > 1:
-            raise AigcError("streaming is not available with beam search")
+            raise AigcError("streaming is not available with beam search", param="num_beams")
+        return self._events(prompt, p, stats)
+
+    def _events(self, prompt: str | list[int], p: GenerationParams, stats: dict | None) -> Iterator[TokenEvent]:
+        kw = self._request(p, chat=False)
         t0 = time.perf_counter()
         stream = self._call(self.client.completions.create, prompt=self._prompt(prompt), stream=True, **kw)
         for chunk in self._iterate(stream):
@@ -151,18 +161,18 @@ class RemoteLM:
         if stats is not None:
             stats["total_s"] = time.perf_counter() - t0
 
-    def stream(self, prompt: str | list[int], **params: Any) -> Iterator[str]:
-        p = GenerationParams.from_kwargs(**params)
-        if p.num_beams > 1 or p.num_return_sequences > 1:
-            raise AigcError("streaming supports one sequence without beam search")
-        for ev in self.stream_events(prompt, **params):
-            if ev.text:
-                yield ev.text
+    def stream(self, prompt: str | list[int], params: GenerationParams | None = None,
+               **overrides: Any) -> Iterator[str]:
+        p = GenerationParams.make(params, **overrides)
+        single_stream(p)
+        return (ev.text for ev in self._events(prompt, p, None) if ev.text)
 
     # ------------------------------------------------------------------------------------------ chat
-    def chat(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
-        _check_messages(messages)
-        p, kw = self._request(params, chat=True)
+    def chat(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
+             **overrides: Any) -> GenerationResult:
+        check_messages(messages)
+        p = GenerationParams.make(params, **overrides)
+        kw = self._request(p, chat=True)
         t0 = time.perf_counter()
         r = self._call(self.client.chat.completions.create, messages=messages, **kw)
         seqs = []
@@ -172,11 +182,14 @@ class RemoteLM:
             seqs.append(Sequence(c.message.content or "", [], c.finish_reason or "stop", None, lps))
         return _result(self.name, seqs, r.usage, time.perf_counter() - t0)
 
-    def chat_stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
-        _check_messages(messages)
-        p, kw = self._request(params, chat=True)
-        if p.num_beams > 1 or p.num_return_sequences > 1:
-            raise AigcError("streaming supports one sequence without beam search")
+    def chat_stream(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
+                    **overrides: Any) -> Iterator[str]:
+        check_messages(messages)
+        p = GenerationParams.make(params, **overrides)
+        single_stream(p)
+        return self._chat_deltas(messages, self._request(p, chat=True))
+
+    def _chat_deltas(self, messages: list[dict[str, str]], kw: dict[str, Any]) -> Iterator[str]:
         stream = self._call(self.client.chat.completions.create, messages=messages, stream=True, **kw)
         for chunk in self._iterate(stream):
             for c in chunk.choices:
@@ -190,14 +203,8 @@ class RemoteLM:
     def encode(self, text: str) -> list[int]:
         raise AigcError("tokenisation is not available for remote models")
 
-    def score(self, text: str | list[int]):
+    def score(self, text: str | list[int], *, window: int | None = None, stride: int | None = None) -> ScoreResult:
         raise AigcError("score is not available for remote models")
-
-
-def _check_messages(messages: Any) -> None:
-    from aigckit.text.lm import _check_messages as check
-
-    check(messages)
 
 
 def _message(e) -> str:

@@ -1,7 +1,9 @@
 """Pure functions on logits: processors, warpers and ``sample``. No hidden state; every call gets what it needs.
 
 Order (as in transformers' generate): repetition penalty and n-gram bans on the raw scores, then temperature,
-top-k, top-p, min-p, then a draw (or argmax when ``temperature == 0``).
+top-k, top-p, min-p, then a draw (or argmax when ``temperature`` is 0 or below ``TEMPERATURE_FLOOR``, where
+``logits / temperature`` would overflow float32; see ``aigckit.text.params``). Parameters are validated once, by
+``GenerationParams`` (or ``validate``), not here on every decode step.
 """
 
 from __future__ import annotations
@@ -9,20 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aigckit.text.params import TEMPERATURE_FLOOR, check_sampling
+
 
 def validate(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0) -> None:
-    """Raise ``ValueError`` for out-of-range sampling parameters (never clamp silently)."""
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative integer (0 disables), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    """Raise ``AigcError`` (a ``ValueError``, with ``param``) for out-of-range sampling parameters; never clamps.
+
+    ``GenerationParams`` runs these checks once when it is made; the functions below trust their arguments."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
 
 
 def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -85,7 +83,7 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
 
 
 def warp(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """Temperature then top-k, top-p, min-p masks. ``temperature`` must be > 0 here."""
+    """Temperature then top-k, top-p, min-p masks. ``temperature`` must be >= ``TEMPERATURE_FLOOR`` here."""
     logits = logits / temperature
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
@@ -94,10 +92,10 @@ def warp(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            generator: torch.Generator | None = None) -> Tensor:
-    """Pick one token per row of ``logits`` [B, V]. Greedy (argmax) when ``temperature == 0``."""
-    validate(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    """Pick one token per row of ``logits`` [B, V]. Greedy (argmax) when ``temperature < TEMPERATURE_FLOOR``
+    (0 included)."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < TEMPERATURE_FLOOR:
         return logits.argmax(dim=-1)
     probs = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

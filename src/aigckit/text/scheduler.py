@@ -8,6 +8,10 @@ in that same step (its slots' caches are permuted after each step); it reports i
 slots are kept compact (0..A-1): when a sequence in the middle ends, the last one moves into its slot, so the decode step reads a
 contiguous cache prefix without gathering.
 
+Isolation: an exception inside one request's sampling, logits processing or stop handling ends that request alone
+(its handle raises a ``GenerationError`` naming what happened, or the ``AigcError`` itself); the batch goes on. Only a
+failure of the shared forward pass fails every running request.
+
     sched = Scheduler(lm, max_batch=16)
     for ev in sched.submit(lm.encode("Hello"), GenerationParams(max_new_tokens=20)):
         print(ev.text, end="")
@@ -15,6 +19,7 @@ contiguous cache prefix without gathering.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -23,19 +28,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aigckit.errors import AigcError
-from aigckit.text.beam import BeamState
+from aigckit.errors import AigcError, GenerationError, QueueFull
 from aigckit.text import omp
-from aigckit.text.engine import GenerationParams, RowState, Sequence, TokenEvent, make_generator, sample_rows
+from aigckit.text.beam import BeamState
+from aigckit.text.engine import RowState, check_memory, make_generator, sample_rows
 from aigckit.text.kvcache import KVCache
+from aigckit.text.params import GenerationParams
+from aigckit.text.protocol import Sequence, TokenEvent
 
+__all__ = ["Scheduler", "RequestHandle", "QueueFull", "PREFILL_TOKENS"]
+
+log = logging.getLogger("aigckit.text")
 
 PREFILL_TOKENS = 512  # prompt tokens prefilled together in one admission round (one forward)
-
-
-class QueueFull(AigcError):
-    """The scheduler's waiting queue is full (HTTP 429)."""
-
 
 _DONE = object()
 
@@ -48,9 +53,9 @@ class _Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
-    rows: list[RowState] = field(default_factory=list)
+    rows: list[RowState] = field(default_factory=list)  # per-sequence decoding state (sampled requests)
     beam: BeamState | None = None
-    slots: list[int] = field(default_factory=list)  # current cache slot of each row
+    slots: list[int | None] = field(default_factory=list)  # current cache slot of each row (None once freed)
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
 
@@ -80,13 +85,17 @@ class RequestHandle:
 
 class Scheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int | None = None) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise AigcError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1:
+            raise AigcError(f"max_batch must be >= 1, got {max_batch}", param="max_batch")
+        if max_queue < 1:  # every request waits in the queue first: a queue of 0 could never run one
+            raise AigcError(f"max_queue must be >= 1, got {max_queue}", param="max_queue")
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         cfg = self.model.config
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = min(cfg.block_size, max_seq_len or 2048)
         dtype = next(self.model.parameters()).dtype
+        check_memory(cfg, rows=max_batch, seq_len=self.max_seq_len, prompt_len=PREFILL_TOKENS, dtype=dtype,
+                     param="max_batch")
         self.cache = KVCache.for_model(cfg, max_batch, self.max_seq_len, dtype)
         self.pos = [0] * max_batch  # next write position of each slot
         self.slot_row: list[tuple[_Request, int] | None] = [None] * max_batch
@@ -112,21 +121,26 @@ class Scheduler:
         return len(self.waiting)
 
     def submit(self, prompt: list[int], params: GenerationParams) -> RequestHandle:
-        params.validate()
+        """Queue one request (``params`` was validated when it was made). Raises ``QueueFull`` when
+        ``max_queue`` requests are already waiting."""
+        if not isinstance(params, GenerationParams):
+            raise AigcError(f"params must be a GenerationParams, got {type(params).__name__}", param="params")
         if not prompt:
-            raise AigcError("empty prompt: give at least one token of text")
+            raise AigcError("empty prompt: give at least one token of text", param="prompt")
         if self._slots_needed(params) > self.max_batch:
-            what = "num_beams" if params.num_beams > 1 else "n"
-            raise AigcError(f"{what} must be <= {self.max_batch} on this server")
+            what = "num_beams" if params.num_beams > 1 else "num_return_sequences"
+            raise AigcError(f"{what} must be <= {self.max_batch} on this server (--max-batch), got "
+                            f"{self._slots_needed(params)}", param=what)
         if params.num_beams > 1 and params.stop:
-            raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS")
+            raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS",
+                            param="stop")
         budget = params.budget(len(prompt), self.max_seq_len)
         req = _Request(list(prompt), params, budget, generator=make_generator(params.seed))
         with self.lock:
             if self.closed:
                 raise AigcError("the scheduler is closed")
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"server busy: {len(self.waiting)} requests waiting (limit {self.max_queue})")
+                raise QueueFull(f"{len(self.waiting)} requests waiting (limit {self.max_queue})")
             self.waiting.append(req)
             self.lock.notify()
         return RequestHandle(req)
@@ -160,7 +174,8 @@ class Scheduler:
             try:
                 self._admit()
                 self._step()
-            except Exception as e:  # a bug must not hang clients: fail every live request with the error
+            except Exception as e:  # the shared forward failed: no running request can go on
+                log.exception("batched decode step failed")
                 self._fail_all(e)
         self._fail_all(AigcError("the scheduler was closed"))
 
@@ -210,25 +225,34 @@ class Scheduler:
         tokens = torch.zeros(len(reqs), T, dtype=torch.long)
         for i, r in enumerate(reqs):
             tokens[i, :lens[i]] = torch.tensor(r.prompt)
-        with torch.inference_mode():
-            logits = self.model(tokens, torch.arange(T), self.cache, rows=torch.tensor([s[0] for s in slots_of]),
-                                logits_at=torch.tensor(lens) - 1)[:, 0]
-            for slots, L in zip(slots_of, lens):
-                for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
-                    for k, v in zip(self.cache.k, self.cache.v):
-                        k[s, :, :L] = k[slots[0], :, :L]
-                        v[s, :, :L] = v[slots[0], :, :L]
-        for i, (req, slots, L) in enumerate(zip(reqs, slots_of, lens)):
-            self._start(req, slots, L, logits[i:i + 1])
+        try:
+            with torch.inference_mode():
+                logits = self.model(tokens, torch.arange(T), self.cache, rows=torch.tensor([s[0] for s in slots_of]),
+                                    logits_at=torch.tensor(lens) - 1)[:, 0]
+                for slots, L in zip(slots_of, lens):
+                    for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
+                        for k, v in zip(self.cache.k, self.cache.v):
+                            k[s, :, :L] = k[slots[0], :, :L]
+                            v[s, :, :L] = v[slots[0], :, :L]
+        except Exception as e:  # these requests hold no slots yet; the running ones are untouched
+            log.exception("prefill failed")
+            for req in reqs:
+                self._fail(req, e)
+            return
+        # every admitted request takes its slots before any of them may finish and free one (slots stay compact)
+        for req, slots, L in zip(reqs, slots_of, lens):
+            req.slots = list(slots)
+            for i, s in enumerate(slots):
+                self.slot_row[s] = (req, i)
+                self.pos[s] = L
+        for i, req in enumerate(reqs):
+            self._guarded(req, self._start, req, logits[i:i + 1])
 
-    def _start(self, req: _Request, slots: list[int], L: int, logits: torch.Tensor) -> None:
-        n = len(slots)
-        req.slots = slots
-        for i, s in enumerate(slots):
-            self.slot_row[s] = (req, i)
-            self.pos[s] = L
-        if req.params.num_beams > 1:
-            p = req.params
+    def _start(self, req: _Request, logits: torch.Tensor) -> None:
+        """Set up the request's decoding state and take its first token from the prefill ``logits`` [1, V]."""
+        n = len(req.slots)
+        p = req.params
+        if p.num_beams > 1:
             eos = [] if p.ignore_eos else sorted(self.tokenizer.eos_token_ids)
             req.beam = BeamState(req.prompt, num_beams=n, max_new_tokens=req.budget, eos_ids=eos,
                                  length_penalty=p.length_penalty, early_stopping=p.early_stopping,
@@ -237,8 +261,16 @@ class Scheduler:
             self._beam_step(req, logits.expand(n, -1))
             return
         vocab = self.model.config.vocab_size
-        req.rows = [RowState(i, req.prompt, req.params, self.tokenizer, req.budget, vocab) for i in range(n)]
+        req.rows = [RowState(i, req.prompt, p, self.tokenizer, req.budget, vocab) for i in range(n)]
         self._emit(req, logits.expand(n, -1))
+
+    def _guarded(self, req: _Request, fn, *args) -> None:
+        """Run one request's own work (sampling, processors, stop handling); if it raises, end that request alone."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("request failed; the batch goes on")
+            self._fail(req, e)
 
     def _step(self) -> None:
         A = self.active
@@ -263,9 +295,9 @@ class Scheduler:
         for req, pairs in groups.items():
             pairs.sort()
             if req.beam is not None:
-                self._beam_step(req, logits[[s for _, s in pairs]])
+                self._guarded(req, self._beam_step, req, logits[[s for _, s in pairs]])
             else:
-                self._emit(req, logits[[s for _, s in pairs]], only=[i for i, _ in pairs])
+                self._guarded(req, self._emit, req, logits[[s for _, s in pairs]], [i for i, _ in pairs])
 
     def _emit(self, req: _Request, logits: torch.Tensor, only: list[int] | None = None) -> None:
         """Sample the next token for the request's active rows, publish events, release finished rows."""
@@ -323,6 +355,8 @@ class Scheduler:
     def _release(self, req: _Request, row: int) -> None:
         """Free the slot of ``row``; move the last active slot into it to keep slots 0..A-1 compact."""
         s = req.slots[row]
+        if s is None:
+            return
         last = self.active - 1
         if s != last:
             other, orow = self.slot_row[last]
@@ -334,6 +368,16 @@ class Scheduler:
             other.slots[orow] = s
         self.slot_row[last] = None
         self.pos[last] = 0
+        req.slots[row] = None
+
+    def _fail(self, req: _Request, err: Exception) -> None:
+        """End one request with ``err``: free whatever slots it holds, tell its client."""
+        for row in range(len(req.slots)):
+            self._release(req, row)
+        for r in req.rows:
+            r.active = False
+        req.out.put(_client_error(err))
+        req.out.put(_DONE)
 
     def _fail_all(self, err: Exception) -> None:
         seen = set()
@@ -342,12 +386,19 @@ class Scheduler:
                 req = self.slot_row[s][0]
                 if req not in seen:
                     seen.add(req)
-                    req.out.put(err if isinstance(err, AigcError) else AigcError(f"generation failed: {err}"))
+                    req.out.put(_client_error(err))
                     req.out.put(_DONE)
                 self.slot_row[s] = None
                 self.pos[s] = 0
         with self.lock:
             while self.waiting:
                 req = self.waiting.popleft()
-                req.out.put(err if isinstance(err, AigcError) else AigcError(f"generation failed: {err}"))
+                req.out.put(_client_error(err))
                 req.out.put(_DONE)
+
+
+def _client_error(err: Exception) -> Exception:
+    """What the request's client sees: our own errors as they are, anything else as a ``GenerationError``."""
+    if isinstance(err, (AigcError, GenerationError)):
+        return err
+    return GenerationError(f"generation failed for this request: {type(err).__name__}: {err}")

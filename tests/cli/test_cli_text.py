@@ -99,3 +99,42 @@ def test_chat_one_shot_from_stdin(capsys, monkeypatch, tmp_path, tiny_llama_dir)
                      "--system", "w11")
     obj = json.loads(out)
     assert rc == 0 and obj["usage"]["prompt_tokens"] == 8 and len(obj["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--num-beams", "1000"], "num_beams must be <= 32 (the limit), got 1000"),
+    (["--num-return-sequences", "100000"], "num_return_sequences must be <= 64 (the limit), got 100000"),
+    (["-t", "inf"], "temperature must be <= 100 (a finite number), got inf"),
+    (["-t", "inf", "--no-repeat-ngram-size", "1"], "temperature must be <= 100"),
+    (["--length-penalty", "nan"], "length_penalty must be a finite number"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
+])
+def test_unbounded_work_is_refused_before_loading(capsys, tmp_path, args, msg):
+    """The limits are checked before the model loads (the model path does not even exist)."""
+    rc, out, err = run(capsys, "text", "w5", "--model", tmp_path / "not-loaded", *args)
+    assert rc == 2 and out == "" and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_memory_estimate_is_one_line(capsys, monkeypatch, tiny_llama_dir):
+    monkeypatch.setenv("AIGC_MAX_MEMORY_GB", "0.0001")
+    rc, _, err = run(capsys, "text", "w5", "--model", tiny_llama_dir, "--num-beams", "32", "--max-new-tokens", "100")
+    assert rc == 2 and "memory limit" in err and "Traceback" not in err
+
+
+def test_tiny_temperature_is_greedy_not_a_traceback(capsys, tiny_llama_dir):
+    greedy = run(capsys, "text", "w5 w6", "--model", tiny_llama_dir, "-t", "0", "--max-new-tokens", "8", "--json")
+    for t in ("1e-45", "1e-40"):
+        rc, out, err = run(capsys, "text", "w5 w6", "--model", tiny_llama_dir, "-t", t, "--max-new-tokens", "8",
+                           "--json")
+        assert rc == 0 and err == "" and json.loads(out)["token_ids"] == json.loads(greedy[1])["token_ids"]
+
+
+def test_score_reports_windowing(capsys, tiny_llama_dir):
+    text = " ".join(f"w{30 + i % 60}" for i in range(300))  # one token per word
+    rc, out, _ = run(capsys, "score", text, "--model", tiny_llama_dir, "--json", "--window", "100", "--stride", "50")
+    obj = json.loads(out)
+    assert rc == 0 and obj["windowing"] == {"window": 100, "stride": 50, "windows": 5} and obj["n_tokens"] == 299
+    rc, out, _ = run(capsys, "score", text, "--model", tiny_llama_dir)
+    assert rc == 0 and "window(s) of 128 tokens, stride 64" in out
+    rc, _, err = run(capsys, "score", text, "--model", tiny_llama_dir, "--window", "500")
+    assert rc == 2 and "window must be <= 128" in err
