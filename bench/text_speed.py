@@ -59,10 +59,9 @@ def rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------- engines
 def run_aigckit(gguf: str, variant: str, a) -> dict:
     from aigckit.text.lm import load_lm
-    from aigckit.text.quant import QUANT_MODES
 
     dtype = "bfloat16" if variant == "bf16" else "float32"
-    quant = variant if variant in QUANT_MODES else None
+    quant = variant if variant in ("int8", "int4", "w8a8") else None  # (also for --base trees before QUANT_MODES)
     t0 = time.perf_counter()
     lm = load_lm(gguf, dtype=dtype, quantize=quant, threads=a.threads)
     lm.generate("Hello", temperature=0, max_new_tokens=1)
@@ -216,16 +215,25 @@ def main() -> None:
                          "a slow spell of a shared machine then hits all engines alike, not one engine's whole column")
     ap.add_argument("--cap", choices=["avx2"], help="run every engine as on a CPU of this class (see above)")
     ap.add_argument("--llama-cpp-avx2", help="folder holding an AVX2-only llama-cpp-python build (for --cap avx2)")
+    ap.add_argument("--base", metavar="DIR",
+                    help="also run the aigckit variants from another checkout (its src/ first on the path), labelled "
+                         "'base': an interleaved before/after comparison in one run")
     ap.add_argument("--json", default="bench/text_speed.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:  # child process: run one engine, print its JSON
         kind, _, variant = a.one.partition(":")
-        fn = {"aigckit": lambda: run_aigckit(a.gguf, variant, a), "transformers": lambda: run_transformers(a.gguf, a),
-              "llama-cpp": lambda: run_llamacpp(a.gguf, a)}[kind]
-        print("RESULT " + json.dumps(fn()))
+        fn = {"aigckit": lambda: run_aigckit(a.gguf, variant, a), "aigckit-base": lambda: run_aigckit(a.gguf, variant, a),
+              "transformers": lambda: run_transformers(a.gguf, a), "llama-cpp": lambda: run_llamacpp(a.gguf, a)}[kind]
+        res = fn()
+        if kind == "aigckit-base":
+            res["engine"] = res["engine"].replace("aigckit", "aigckit base")
+        print("RESULT " + json.dumps(res))
         return
-    jobs = [f"aigckit:{v}" for v in a.variants.split(",") if v] + [p for p in a.peers.split(",") if p]
+    jobs = [f"aigckit:{v}" for v in a.variants.split(",") if v]
+    if a.base:
+        jobs += [f"aigckit-base:{v}" for v in a.variants.split(",") if v]
+    jobs += [p for p in a.peers.split(",") if p]
     env = dict(os.environ)
     if a.cap == "avx2":
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
@@ -249,7 +257,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", job, "--gguf", a.gguf, "--decode-tokens", str(a.decode_tokens),
                    "--beam-tokens", str(a.beam_tokens), "--repeat", str(a.repeat)] + (["--threads", str(a.threads)] if a.threads else [])
             print(f"running {job} (round {rnd + 1}/{a.rounds}) ...", file=sys.stderr)
-            out = subprocess.run(cmd, capture_output=True, text=True, env=llama_env if job == "llama-cpp" else env)
+            job_env = llama_env if job == "llama-cpp" else env
+            if job.startswith("aigckit-base:"):
+                job_env = dict(env, PYTHONPATH=str(Path(a.base) / "src") + os.pathsep + env.get("PYTHONPATH", ""))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=job_env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not line:
                 print(f"{job} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
