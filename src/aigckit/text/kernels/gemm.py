@@ -384,10 +384,81 @@ def i8i8_block(xq, w, ws, yw, b):  # pragma: no cover - compiled
             yw[m, o] = _f32(acc) * s
 
 
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _i8i8_dot1(row, xr):  # pragma: no cover - compiled
+    acc = np.int32(0)
+    for k in range(row.shape[0]):
+        acc = np.int32(acc + np.int32(row[k]) * np.int32(xr[k]))
+    return acc
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def i8i8_tile_block(x16, w, ws, yw, b):  # pragma: no cover - compiled
+    # i8i8_block for several rows: a register tile of 2 weight rows x 4 input rows (8 int32 accumulators) over the
+    # activations widened to int16 once (x16 [M, K]), so each weight and activation load serves 4 or 2 products
+    M, K = x16.shape
+    N = w.shape[0]
+    o0 = b * ROW_BLOCK
+    o1 = min(o0 + ROW_BLOCK, N)
+    o = o0
+    while o < o1:
+        two = o + 1 < o1
+        r0 = w[o]
+        r1 = w[o + 1] if two else w[o]
+        m = 0
+        while two and m + 4 <= M:
+            x0 = x16[m]
+            x1 = x16[m + 1]
+            x2 = x16[m + 2]
+            x3 = x16[m + 3]
+            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.int32(0)
+            for k in range(K):
+                w0 = np.int32(r0[k])
+                w1 = np.int32(r1[k])
+                v0 = np.int32(x0[k])
+                v1 = np.int32(x1[k])
+                v2 = np.int32(x2[k])
+                v3 = np.int32(x3[k])
+                a0 = np.int32(a0 + w0 * v0)
+                a1 = np.int32(a1 + w0 * v1)
+                a2 = np.int32(a2 + w0 * v2)
+                a3 = np.int32(a3 + w0 * v3)
+                c0 = np.int32(c0 + w1 * v0)
+                c1 = np.int32(c1 + w1 * v1)
+                c2 = np.int32(c2 + w1 * v2)
+                c3 = np.int32(c3 + w1 * v3)
+            s0 = ws[o]
+            s1 = ws[o + 1]
+            yw[m, o] = _f32(a0) * s0
+            yw[m + 1, o] = _f32(a1) * s0
+            yw[m + 2, o] = _f32(a2) * s0
+            yw[m + 3, o] = _f32(a3) * s0
+            yw[m, o + 1] = _f32(c0) * s1
+            yw[m + 1, o + 1] = _f32(c1) * s1
+            yw[m + 2, o + 1] = _f32(c2) * s1
+            yw[m + 3, o + 1] = _f32(c3) * s1
+            m += 4
+        for oo in range(o, o + 2 if two else o + 1):  # leftover input rows (and a last odd weight row)
+            row = w[oo]
+            for mm in range(m, M):
+                yw[mm, oo] = _f32(_i8i8_dot1(row, x16[mm])) * ws[oo]
+        o += 2 if two else 1
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _i8i8_kernel(xq, w, ws, yw):  # pragma: no cover - compiled
-    for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        i8i8_block(xq, w, ws, yw, b)
+    M, K = xq.shape
+    nb = (w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+    if M <= 2:
+        for b in prange(nb):
+            i8i8_block(xq, w, ws, yw, b)
+    else:
+        x16 = np.empty((M, K), dtype=np.int16)
+        for m in range(M):
+            for k in range(K):
+                x16[m, k] = np.int16(xq[m, k])
+        for b in prange(nb):
+            i8i8_tile_block(x16, w, ws, yw, b)
 
 
 _COMPILED: set[str] = set()
