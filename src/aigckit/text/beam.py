@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aigckit.errors import GenerationError
+from aigckit.text import processors as procs
 from aigckit.text.kvcache import KVCache
 from aigckit.text.sampling import apply_no_repeat_ngram, apply_repetition_penalty
 
@@ -37,7 +39,8 @@ class BeamState:
 
     def __init__(self, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids: list[int],
                  length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
-                 repetition_penalty: float = 1.0, num_return_sequences: int = 1) -> None:
+                 repetition_penalty: float = 1.0, num_return_sequences: int = 1, processors: tuple = (),
+                 tokenizer=None, vocab_size: int = 0) -> None:
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if not 1 <= num_return_sequences <= num_beams:
@@ -65,6 +68,10 @@ class BeamState:
         self.improvable = True
         self.cur_len = self.prompt_len
         self.done = False
+        self.procs: list[list] = []  # per running beam: its logits processors' states (aigckit.text.processors)
+        if processors:
+            first = procs.start_all(tuple(processors), list(prompt), tokenizer, vocab_size)
+            self.procs = [first] + [procs.fork_all(first) for _ in range(nb - 1)]
 
     def next_tokens(self) -> torch.Tensor:
         return self.running[:, self.cur_len - 1]
@@ -79,6 +86,13 @@ class BeamState:
         if self.no_repeat_ngram_size > 0:
             log_probs = apply_no_repeat_ngram(log_probs.clone(), self.running[:, :cur_len].tolist(),
                                               self.no_repeat_ngram_size)
+        if self.procs:
+            log_probs = log_probs.clone()
+            seqs = self.running[:, :cur_len].tolist()
+            for i, states in enumerate(self.procs):
+                log_probs[i] = procs.apply_all(states, seqs[i], log_probs[i])
+            if not bool(torch.isfinite(log_probs[self.running_scores > NEG / 2]).any()):
+                raise GenerationError("the logits processors allow no next token for any beam")
         V = log_probs.shape[-1]
         acc = (log_probs + self.running_scores[:, None]).reshape(-1)
         topk_lp, topk_idx = torch.topk(acc, self.beams_to_keep)
@@ -91,6 +105,11 @@ class BeamState:
         masked = topk_lp + hits.float() * NEG
         sel = torch.topk(masked, nb).indices
         self.running, self.running_scores, reorder = topk_seqs[sel], masked[sel], src_beam[sel]
+        if self.procs:
+            new_tok = tok[sel].tolist()
+            self.procs = [procs.fork_all(self.procs[int(j)]) for j in reorder]
+            for states, t in zip(self.procs, new_tok):
+                procs.advance_all(states, t)
 
         # finished candidates (only among the top num_beams) compete for the finished slots
         just_done = hits & self.top_nb_mask
@@ -132,13 +151,14 @@ class BeamState:
 
 def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids: list[int],
                 length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
-                repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-                cache_dtype: torch.dtype | None = None) -> list[Hypothesis]:
+                repetition_penalty: float = 1.0, num_return_sequences: int = 1, processors: tuple = (),
+                tokenizer=None, cache_dtype: torch.dtype | None = None) -> list[Hypothesis]:
     """Run a whole beam search on its own KV cache (one batched forward of all beams per step)."""
     state = BeamState(prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       length_penalty=length_penalty, early_stopping=early_stopping,
                       no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-                      num_return_sequences=num_return_sequences)
+                      num_return_sequences=num_return_sequences, processors=processors, tokenizer=tokenizer,
+                      vocab_size=model.config.vocab_size)
     nb, L = num_beams, len(prompt)
     cache = KVCache.for_model(model.config, nb, state.max_length, cache_dtype or next(model.parameters()).dtype)
     with torch.inference_mode():

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from aigckit.errors import AigcError
-from aigckit.text import sampling
+from aigckit.errors import AigcError, GenerationError
+from aigckit.text import processors, sampling
 from aigckit.text.kvcache import KVCache
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, GenerationParams  # noqa: F401  (re-exported)
 from aigckit.text.protocol import GenerationResult, Sequence, TokenEvent
@@ -156,6 +156,11 @@ class RowState:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[prompt] = True
+        self.procs = processors.start_all(params.processors, self.seq, tokenizer, vocab_size)
+
+    @property
+    def needs_process(self) -> bool:
+        return self.seen is not None or bool(self.params.no_repeat_ngram_size) or bool(self.procs)
 
     def process(self, scores: Tensor) -> Tensor:
         """Logits processors for this row (``scores`` [V] float32)."""
@@ -164,10 +169,17 @@ class RowState:
             scores = sampling.apply_repetition_penalty(scores, self.seen, p.repetition_penalty)
         if p.no_repeat_ngram_size:
             scores = sampling.apply_no_repeat_ngram(scores[None].clone(), [self.seq], p.no_repeat_ngram_size)[0]
+        if self.procs:
+            scores = processors.apply_all(self.procs, self.seq, scores.clone())
+            if not bool(torch.isfinite(scores).any()):
+                raise GenerationError("the logits processors allow no next token for this sequence "
+                                      f"(after {self.n_gen} generated tokens)")
         return scores
 
     def push(self, tok: int, lp: float | None) -> TokenEvent:
         """Account for the sampled token; returns the event to emit (with finish_reason when the row ends)."""
+        if self.procs:
+            processors.advance_all(self.procs, tok)
         if tok in self.eos:
             self.active = False
             return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), "stop")
@@ -196,7 +208,7 @@ def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, 
     """Process and sample one token for each row of ``logits`` [len(rows), V] that share ``params``."""
     scores = logits.float()
     logp = torch.log_softmax(scores, dim=-1) if params.logprobs else None
-    if any(r.seen is not None or r.params.no_repeat_ngram_size for r in rows):
+    if any(r.needs_process for r in rows):
         scores = torch.stack([r.process(scores[i]) for i, r in enumerate(rows)])
     if params.greedy:
         nxt = scores.argmax(dim=-1).tolist()
@@ -264,7 +276,8 @@ def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParam
                        length_penalty=params.length_penalty, early_stopping=params.early_stopping,
                        no_repeat_ngram_size=params.no_repeat_ngram_size,
                        repetition_penalty=params.repetition_penalty,
-                       num_return_sequences=params.num_return_sequences)
+                       num_return_sequences=params.num_return_sequences,
+                       processors=params.processors, tokenizer=tokenizer)
     out = []
     for h in hyps:
         ids = h.token_ids[:-1] if h.ended_with_eos else h.token_ids

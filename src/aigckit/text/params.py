@@ -117,12 +117,16 @@ class GenerationParams:
     seed: int | None = None
     logprobs: bool = False
     ignore_eos: bool = False
+    # logits processors (grammar masks, watermarks, ...): immutable values, see aigckit.text.processors
+    processors: tuple[Any, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.processors, list):
+            object.__setattr__(self, "processors", tuple(self.processors))
         self.validate()
 
     @classmethod
@@ -177,6 +181,13 @@ class GenerationParams:
         for name in ("logprobs", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.processors, tuple):
+            raise _fail("processors", f"processors must be a tuple of logits processors, got "
+                                      f"{type(self.processors).__name__}")
+        for proc in self.processors:
+            if not callable(getattr(proc, "start", None)):
+                raise _fail("processors", f"a logits processor needs a start(prompt, tokenizer, vocab_size) method "
+                                          f"(aigckit.text.processors), got {type(proc).__name__}")
 
     def budget(self, prompt_len: int, context: int) -> int:
         """How many tokens this prompt may generate; raises if the prompt leaves no room."""

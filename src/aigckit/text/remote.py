@@ -73,6 +73,9 @@ class RemoteLM:
         """The API call's arguments for ``p`` (already validated)."""
         if p.max_length is not None:
             raise AigcError("max_length is not available for remote models; use max_new_tokens", param="max_length")
+        if p.processors:
+            raise AigcError("logits processors run inside the local engine; a remote model cannot apply them",
+                            param="processors")
         kw: dict[str, Any] = {"model": self.name, "temperature": p.temperature}
         max_new = p.max_new_tokens if p.max_new_tokens is not None else MAX_NEW_TOKENS_DEFAULT
         kw["max_completion_tokens" if chat else "max_tokens"] = max_new

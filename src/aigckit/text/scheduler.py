@@ -257,7 +257,9 @@ class Scheduler:
             req.beam = BeamState(req.prompt, num_beams=n, max_new_tokens=req.budget, eos_ids=eos,
                                  length_penalty=p.length_penalty, early_stopping=p.early_stopping,
                                  no_repeat_ngram_size=p.no_repeat_ngram_size,
-                                 repetition_penalty=p.repetition_penalty, num_return_sequences=p.num_return_sequences)
+                                 repetition_penalty=p.repetition_penalty, num_return_sequences=p.num_return_sequences,
+                                 processors=p.processors, tokenizer=self.tokenizer,
+                                 vocab_size=self.model.config.vocab_size)
             self._beam_step(req, logits.expand(n, -1))
             return
         vocab = self.model.config.vocab_size
