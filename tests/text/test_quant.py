@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -256,7 +257,7 @@ def _w8a8_reference(mod: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     # integer arithmetic written out: per-row int8 activations, int8 weights, exact products, then the scales
     amax = x.abs().amax(dim=1, keepdim=True)
     s = amax / 127.0
-    xq = torch.round(x * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    xq = torch.round(x * quant.act_inv_scale(amax)).clamp(-127, 127)
     acc = xq.double() @ mod.qweight.double().T
     y = acc * s.double() * mod.scale.double()
     return y + mod.bias.double() if mod.bias is not None else y
@@ -282,6 +283,32 @@ def test_w8a8_kernel_matches_integer_reference_and_is_batch_invariant(bias, shap
         xg = x.clone().requires_grad_(True)
         torch.testing.assert_close(mod(xg).detach(), y, atol=1e-4, rtol=1e-4)
     assert torch.equal(mod(torch.zeros(2, k)), (mod.bias if bias else torch.zeros(n)).expand(2, n))
+
+
+def _f32_bits(*bits: int) -> np.ndarray:
+    return np.array(bits, np.uint32).view(np.float32)
+
+
+@needs_numba
+def test_w8a8_activations_round_alike_in_kernel_and_reference():
+    # Two real SmolLM2 activation rows (AVX2 CPU) on which the two paths disagreed, each by one step on a value near
+    # a half: (1) PyTorch's 127.0 / amax is reciprocal-then-multiply, one ulp below the correctly rounded division,
+    # so 11.5 became 11.499999 (-> 11) in the reference; (2) the kernel, compiled with 'reassoc', computed
+    # (x * 127) / amax, so -11.499999 became -11.5 (-> -12). Both: a whole row of a layer one step apart, and
+    # perplexity 0.6% apart between the paths. Now 127 / amax is one division and x * inv one rounded product.
+    cases = [(_f32_bits(0x3F99B053)[0], _f32_bits(0x3DDEAACD)[0], 12),
+             (_f32_bits(0x3FB30143)[0], _f32_bits(0xBE01AC40)[0], -11)]
+    row = np.zeros((4, 64), np.float32)
+    for i, (amax, v, _) in enumerate(cases):
+        row[2 * i, 0], row[2 * i, 1:] = amax, v
+        row[2 * i + 1] = -row[2 * i]
+    xq, xs = np.empty(row.shape, np.int8), np.empty(4, np.float32)
+    gemm.quantize_rows(row, xq, xs)
+    assert [xq[0, 1], xq[1, 1], xq[2, 1], xq[3, 1]] == [12, -12, -11, 11]
+    mod = Int8Linear.from_linear(_linear(64, 8, True), act_quant=True)
+    x = torch.from_numpy(row)
+    assert torch.equal(mod(x), mod(x, use_kernel=False))
+    assert torch.equal(quant.fake_quant_act(x), torch.from_numpy(xq.astype(np.float32) * xs[:, None]))
 
 
 def test_w8a8_differs_from_weight_only_by_activation_rounding():

@@ -46,11 +46,14 @@ def test_int8_perplexity_within_1_percent(ppl):
 
 
 def test_w8a8_perplexity_within_1_percent(ppl):
-    # with SmoothQuant's folds (without them: ~+4% on this set)
+    # with SmoothQuant's folds (without them: ~+4% on this set). A guard against quality lost: at most 1% above
+    # float32. Below is not a loss: on an AVX2 machine this set measured -1.6% (21.16 vs 21.50), on an AVX-512 one
+    # within +-1%; the folds are calibrated in float32 on the machine that quantises, and flipping a single
+    # activation row by one step moved this 330-token set by ~0.5%. Far below (-5%) would point to a bug.
     import math
 
     base, q = math.exp(ppl[None][0]), math.exp(ppl["w8a8"][0])
-    assert abs(q / base - 1) <= 0.01, (base, q)
+    assert -0.05 <= q / base - 1 <= 0.01, (base, q)
 
 
 def test_int4_perplexity_within_5_percent(ppl):

@@ -229,12 +229,21 @@ class _QuantLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+def act_inv_scale(amax: Tensor) -> Tensor:
+    """``127 / amax`` as one correctly rounded float32 division (0 where ``amax`` is 0), as the kernels compute it.
+
+    Not ``127.0 / amax``: PyTorch evaluates ``scalar / tensor`` as ``tensor.reciprocal() * scalar``, two roundings,
+    one ulp off for some ``amax``. On a real activation row of SmolLM2 that turned 11.5 into 11.499999, so the
+    reference path rounded values the kernels round to 12 down to 11: a whole row of a w8a8 layer one step apart."""
+    return torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+
+
 def fake_quant_act(x: Tensor) -> Tensor:
     """What ``w8a8`` does to activations, in float: per-row symmetric int8 round trip
     (``round(x * (127 / max|x|)) * max|x| / 127`` over the last dimension). Gradients pass straight through."""
     xf = x.detach().float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = act_inv_scale(amax)
     fq = (torch.round(xf * inv).clamp_(-127, 127) * (amax / 127.0)).to(x.dtype)
     return x + (fq - x.detach())
 
@@ -337,7 +346,7 @@ class Int8Linear(_QuantLinear):
         what the kernels compute, bit for bit."""
         x2 = _as_rows(x, self.in_features).detach()
         amax = x2.abs().amax(dim=1, keepdim=True)
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        inv = act_inv_scale(amax)
         xq = torch.round(x2 * inv).clamp_(-127, 127)
         acc = (xq.double() @ self.qweight.double().T).float()
         y = (acc * self.scale) * (amax / 127.0)

@@ -68,6 +68,6 @@ def test_quantize_rows_matches_torch_reference():
     xq, xs = np.empty((7, 91), dtype=np.int8), np.empty(7, dtype=np.float32)
     gemm.quantize_rows(x.numpy(), xq, xs)
     amax = x.abs().amax(1, keepdim=True)
-    want = torch.round(x * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    want = torch.round(x * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)).clamp(-127, 127)
     assert torch.equal(torch.from_numpy(xq).float(), want)
     torch.testing.assert_close(torch.from_numpy(xs), (amax / 127).squeeze(1))

@@ -318,17 +318,27 @@ def _f32_kernel(x, w, bias, has_bias, y):  # pragma: no cover - compiled
         f32_block(x, w, bias, has_bias, y, b)
 
 
-# reassociation lets the max-reduction vectorise; no 'arcp', so 127 / amax stays a correctly rounded division
-# (the torch reference computes the same float32 reciprocal). Not inlined: callers keep these flags.
+# Not inlined: callers keep these flags. Reassociation lets the max-reduction vectorise (a max is exact in any order).
 @njit(fastmath={"reassoc", "nnan", "ninf", "nsz"}, cache=True, nogil=True)
-def quant_row(row, dst):  # pragma: no cover - compiled
-    # dst = round(row * (127 / max|row|)) as int8; returns the row's scale max|row| / 127
-    K = row.shape[0]
+def _row_amax(row):  # pragma: no cover - compiled
+    # max |row[k]|
     amax = _f32(0.0)
-    for k in range(K):
+    for k in range(row.shape[0]):
         a = abs(row[k])
         if a > amax:
             amax = a
+    return amax
+
+
+# No 'reassoc' (nor 'arcp', 'contract') here: with it LLVM turned row[k] * (127 / amax) into (row[k] * 127) / amax
+# on an AVX2 CPU, which rounds differently: a SmolLM2 activation that PyTorch takes to -11.499999 (-> -11) became
+# -11.5 (-> -12). 127 / amax is one correctly rounded division, the product is rounded to float32, then rint: the
+# bits of the reference path (quant.act_inv_scale).
+@njit(fastmath={"nnan", "ninf", "nsz"}, cache=True, nogil=True)
+def quant_row(row, dst):  # pragma: no cover - compiled
+    # dst = round(row * (127 / max|row|)) as int8; returns the row's scale max|row| / 127
+    K = row.shape[0]
+    amax = _row_amax(row)
     if amax > 0:
         inv = _f32(127.0) / amax
         for k in range(K):
