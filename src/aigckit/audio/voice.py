@@ -388,6 +388,11 @@ def resolve_voice(name: str | Path | None) -> tuple[str, Path]:
         return (p.stem if p.is_file() else p.name), p
     d = store.models_dir() / s
     if (d / "manifest.json").exists():
+        import json
+
+        kind = json.loads((d / "manifest.json").read_text()).get("kind", "voice")
+        if kind != "voice":
+            raise AigcError(f"{s!r} is a {kind} model, not a voice")
         return s, d
     if s in store.REGISTRY:
         if store.REGISTRY[s].kind != "voice":

@@ -111,6 +111,10 @@ def detect(spec: str) -> tuple[str, Kind, str]:
                     mt = None
                 if mt == "bert":
                     kind = "embedding"
+    if kind == "speech":
+        from aigckit.audio.voice import resolve_voice
+
+        resolve_voice(spec)  # a missing file, an unpulled or non-voice store name: fails here, before binding
     if alias is None:
         alias = p.name if (p.exists() or spec.startswith((".", "/", "~"))) else spec
         for ext in (".gguf", ".onnx"):
