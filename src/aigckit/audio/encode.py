@@ -124,11 +124,13 @@ def _resampled(chunks: Iterable[np.ndarray], rate_in: int, rate_out: int) -> Ite
 
 
 def _raw(chunks: Iterable[np.ndarray], rate: int, header: bool, info: dict[str, str] | None) -> Iterator[bytes]:
-    if header:
-        yield wav_header(rate, info=info)
+    head = wav_header(rate, info=info) if header else b""  # goes out with the first audio: one piece, not two
     for c in chunks:
         if len(c):
-            yield pcm16(c)
+            yield head + pcm16(c)
+            head = b""
+    if head:
+        yield head
 
 
 def _soundfile(chunks: Iterable[np.ndarray], rate: int, f: AudioFormat, info: dict[str, str] | None

@@ -51,31 +51,39 @@ async def speech(request: Request, req: SpeechRequest):
         raise QueueFull(f"{sm.waiting} requests already being spoken by {sm.id} (limit {limit})")
 
     chunks = voice.stream(req.input, params)
-    first = await to_thread(request, next, chunks, None)
-    if first is None:
-        raise ApiError(400, "input has no speakable words", param="input")
     seconds = [0.0]
 
-    def samples():
+    def samples(first):
         for chunk in itertools.chain([first], chunks):
             seconds[0] += len(chunk.samples) / voice.sample_rate
             yield chunk.samples
 
-    rate, data = encode_audio(samples(), voice.sample_rate, fmt.name, info=voice.info(params, req.input))
+    def start():
+        """The first audio and its first bytes in one trip to a worker thread (what the time to first byte is)."""
+        first = next(chunks, None)
+        if first is None:
+            return None
+        rate, data = encode_audio(samples(first), voice.sample_rate, fmt.name, info=voice.info(params, req.input))
+        return rate, data, next(data, b"")
+
+    started = await to_thread(request, start)
+    if started is None:
+        raise ApiError(400, "input has no speakable words", param="input")
+    rate, data, head = started
     headers = {"x-aigc-seed": str(params.seed), "x-aigc-sample-rate": str(rate), "cache-control": "no-store"}
     metrics = request.app.state.metrics
 
     async def body():
         sm.waiting += 1
         try:
-            while (piece := await to_thread(request, next, data, None)) is not None:
-                if not piece:
-                    continue
-                if req.stream_format == "sse":
+            piece = head
+            while piece is not None:
+                if piece and req.stream_format == "sse":
                     event = {"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}
                     yield f"data: {json.dumps(event)}\n\n".encode()
-                else:
+                elif piece:
                     yield piece
+                piece = await to_thread(request, next, data, None)
             if req.stream_format == "sse":
                 yield b'data: {"type": "speech.audio.done"}\n\n'
         except Exception as e:
