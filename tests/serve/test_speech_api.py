@@ -178,6 +178,13 @@ def test_model_errors(client):
     assert card["kind"] == "speech" and card["voices"] == ["default", "tiny-voice"] and card["sample_rate"] == 8000
 
 
+def test_metrics_count_the_audio(server, client):
+    _speak(client)
+    text = httpx.get(server[0].url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    line = next(x for x in text.splitlines() if x.startswith('aigc_audio_seconds_total{model="tiny-voice"}'))
+    assert float(line.split()[-1]) > 0
+
+
 def test_concurrent_requests_get_their_own_audio(client):
     want = {s: _speak(client, extra_body={"seed": s}).content for s in (1, 2)}
     got, errors = {}, []
