@@ -37,7 +37,7 @@ class _SlowVoice:
         for c in self.voice.stream(text, params):
             self.made.append(time.monotonic())
             yield c
-            time.sleep(0.3)
+            time.sleep(0.15)
 
 
 @pytest.fixture(scope="module")
