@@ -87,6 +87,21 @@ def test_each_sentence_is_spoken_while_the_reply_still_streams(tmp_path, voice_d
     assert abs(len(wav.samples) / wav.sample_rate - speaker.seconds) < 1e-3 and speaker.seconds > first
 
 
+def test_speak_streams_a_wav_into_the_player(capsys, monkeypatch, tmp_path, chat_dir, voice_dir):
+    played = tmp_path / "played.wav"  # the "player" writes what it is sent to a file
+    monkeypatch.setattr("aigckit.audio.playback.player_command", lambda: ["sh", "-c", f"cat > '{played}'"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("w9 w10"))
+    args = ["chat", "--model", str(chat_dir), "-t", "0", "--max-new-tokens", "12", "--seed", "3", "--voice",
+            str(voice_dir)]
+    assert main(args + ["--speak"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("w9 w10"))
+    assert main(args + ["--speak-out", str(tmp_path / "file.wav")]) == 0
+    data = played.read_bytes()
+    assert data[4:8] == b"\xff\xff\xff\xff"  # a streaming WAV header: sent before the length was known
+    np.testing.assert_array_equal(read_wav(data).samples, read_wav((tmp_path / "file.wav").read_bytes()).samples)
+
+
 def test_speak_without_a_sound_device_is_one_clear_line(capsys, monkeypatch, chat_dir, voice_dir):
     monkeypatch.setattr("aigckit.audio.playback._pulse_or_pipewire", lambda: False)
     monkeypatch.setattr("aigckit.audio.playback._alsa_device", lambda: False)
