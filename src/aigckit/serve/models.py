@@ -73,9 +73,9 @@ def _looks_like_image_run(p: Path) -> bool:
 
 
 def speakers(model_id: str, voice) -> list[str]:
-    """The names a speech request's ``voice`` may take for this served voice (one speaker: "default", its id)."""
-    names = list(voice.voice_config.get("speaker_id_map") or {})
-    return names if len(names) > 1 else ["default", model_id]
+    """The names a speech request's ``voice`` may take for a served voice: "default" and its id (voices have one
+    speaker; multi-speaker Piper files are refused by the loader)."""
+    return ["default", model_id]
 
 
 def detect(spec: str) -> tuple[str, Kind, str]:
