@@ -51,7 +51,7 @@ class Served:
         elif self.kind == "embedding":
             d.update(dimensions=o.dim, max_input_tokens=o.max_seq_length)
         elif self.kind == "speech":
-            d.update(sample_rate=o.sample_rate, voices=speakers(self.id, o))
+            d.update(sample_rate=o.sample_rate, voices=speakers(self.id))
         else:
             res = o.model.cfg.resolution
             d.update(family=o.family, size=f"{res}x{res}", classes=o.class_names or
@@ -72,7 +72,7 @@ def _looks_like_image_run(p: Path) -> bool:
     return False
 
 
-def speakers(model_id: str, voice) -> list[str]:
+def speakers(model_id: str) -> list[str]:
     """The names a speech request's ``voice`` may take for a served voice: "default" and its id (voices have one
     speaker; multi-speaker Piper files are refused by the loader)."""
     return ["default", model_id]

@@ -34,7 +34,7 @@ async def speech(request: Request, req: SpeechRequest):
     sm = get_model(request, req.model, "speech")
     voice = sm.obj
     name = req.voice if isinstance(req.voice, str) else req.voice.id
-    names = speakers(sm.id, voice)
+    names = speakers(sm.id)
     if name not in names:
         raise ApiError(400, f"voice must be one of {', '.join(names)} (the speakers of {sm.id}), got {name!r}",
                        param="voice", code="unknown_voice")
