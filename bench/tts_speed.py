@@ -5,7 +5,8 @@ Rows (interleaved rounds; each cell keeps the best and the median of its rounds)
   sentence from the same phoneme ids: aigckit's Voice pipeline (worker pool, windowed decoder), aigckit's plain
   ``VitsModel.infer`` per sentence with torch's own intra-op threads, and onnxruntime (``intra_op_num_threads``);
 - first-audio latency for a 3-sentence input: aigckit streaming (first chunk), aigckit whole text, onnxruntime's
-  first sentence (a sentence-streaming Piper) and its whole text.
+  first sentence (a sentence-streaming Piper) and its whole text; and over HTTP, the first byte of raw PCM from
+  ``POST /v1/audio/speech`` on a local server with the same voice (``--no-http`` leaves it out).
 
     .venv/bin/python bench/tts_speed.py                   # 2 threads, 3 rounds
     .venv/bin/python bench/tts_speed.py --threads 2 --rounds 5 --json bench/tts_speed.json
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-http", action="store_true", help="leave out the /v1/audio/speech first-byte row")
     a = ap.parse_args()
 
     import numpy as np
@@ -92,6 +94,22 @@ def main() -> None:
             n += audio.shape[-1] + int(round(u.pause_before * sr))
         return n
 
+    url = None if a.no_http else _serve(voice)
+    if url:
+        import httpx
+
+        client = httpx.Client(timeout=120)  # one client, kept alive: its setup is not part of the latency
+
+    def http_first_byte(text):
+        t = time.perf_counter()
+        with client.stream("POST", url, json={"model": "voice", "voice": "default", "input": text,
+                                              "response_format": "pcm", "seed": a.seed}) as r:
+            r.raise_for_status()
+            for piece in r.iter_bytes():
+                if piece:
+                    return time.perf_counter() - t
+        raise RuntimeError("no audio")
+
     def timed(fn, *args, **kw):
         t = time.perf_counter()
         n = fn(*args, **kw)
@@ -130,6 +148,9 @@ def main() -> None:
                 fn(list(voice.utterances(THREE, params)), **kw)
                 secs = time.perf_counter() - t
             record(name, secs, rtf=False)
+        if url:
+            time.sleep(0.3)
+            record("first byte /v1/audio/speech pcm (s)", http_first_byte(THREE), rtf=False)
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k.split(' (')[0]}={v[-1]:.3f}" for k, v in rows.items()),
               flush=True)
 
@@ -146,6 +167,32 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     voice.close()
+
+
+def _serve(voice) -> str:
+    """A local server for ``voice`` (id "voice") in a thread; its speech URL."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from aigckit.serve.app import create_app
+    from aigckit.serve.models import Registry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Registry.from_objects(speech={"voice": voice}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1/audio/speech"
 
 
 if __name__ == "__main__":

@@ -115,3 +115,10 @@ def write_piper_onnx(model: VitsModel, folder: Path, name: str = "tiny") -> Path
     onnx.save(helper.make_model(graph), str(path))
     (folder / f"{name}.onnx.json").write_text(json.dumps(tiny_voice_config(cfg.sample_rate)))
     return path
+
+
+def saved_tiny_voice(tmp_path_factory, seed: int = 0) -> Path:
+    """A tiny random voice saved as a Piper-style folder (``tiny.onnx`` + ``.onnx.json``), for the CLI and server."""
+    d = tmp_path_factory.mktemp("voice") / "tiny"
+    write_piper_onnx(tiny_model(seed=seed), d)
+    return d

@@ -13,6 +13,13 @@ def test_bad_specs_fail_before_binding(capsys, tmp_path):
     assert "cannot be served" in capsys.readouterr().err
 
 
+def test_bad_voices_fail_before_binding(capsys, tmp_path):
+    assert main(["serve", "--voice", str(tmp_path / "missing.onnx")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["serve", "--voice", "v=minilm-l6-v2"]) == 2
+    assert "'minilm-l6-v2' is a embed model, not a voice" in capsys.readouterr().err
+
+
 def test_bad_options_fail_before_binding(capsys):
     assert main(["serve", "--max-queue", "0"]) == 2
     assert "--max-queue must be >= 1" in capsys.readouterr().err

@@ -13,16 +13,14 @@ import pytest
 
 from aigckit.audio import espeak, read_wav
 from aigckit.cli import main
-from audioutil import tiny_model, write_piper_onnx
+from audioutil import saved_tiny_voice
 
 pytestmark = pytest.mark.skipif(not espeak.available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
 
 
 @pytest.fixture(scope="module")
 def voice_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("voice") / "tiny"
-    write_piper_onnx(tiny_model(seed=2), d)
-    return d
+    return saved_tiny_voice(tmp_path_factory, seed=2)
 
 
 def _speak(args, capsys):

@@ -1,5 +1,6 @@
 """The playground in headless Chromium (Debian `chromium` + Playwright's Python package; no `playwright install`):
-type a prompt, watch streamed text appear, press stop; generate images and see them in the gallery."""
+type a prompt, watch streamed text appear, press stop; have a reply spoken; generate images and see them in the
+gallery."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class _Slow:
 
 @pytest.fixture(scope="module")
 def playground(tiny_chat_dir, tiny_image_runs):
+    from audioutil import tiny_voice
+
     from aigckit.image.api import load_image_model
     from aigckit.serve.app import create_app
     from aigckit.serve.models import Registry
@@ -45,7 +48,8 @@ def playground(tiny_chat_dir, tiny_image_runs):
 
     reg = Registry.from_objects(text={"tiny-chat": load_lm(tiny_chat_dir)},
                                 image={"gan": load_image_model(tiny_image_runs["gan"]),
-                                       "ddpm": load_image_model(tiny_image_runs["ddpm"])})
+                                       "ddpm": load_image_model(tiny_image_runs["ddpm"])},
+                                speech={"tiny-voice": tiny_voice(window_frames=64)})
     worker = reg.models["tiny-chat"].worker
     real_stream, handles = worker.stream, []
 
@@ -97,6 +101,28 @@ def test_chat_streams_and_stops(page, playground):
         time.sleep(0.05)
     assert handles[-1].cancelled.is_set()  # the server stopped decoding too
     assert page.locator(".msg.user").first.text_content() == "w10 w11 w12"
+
+
+def test_speak_button_plays_a_reply(page):
+    page.click("#tab-chat")
+    assert page.input_value("#voice-model") == "tiny-voice"
+    page.eval_on_selector("#max-tokens", "el => { el.value = '6'; el.dispatchEvent(new Event('input')); }")
+    n = page.locator(".msg.assistant").count()
+    page.fill("#chat-input", "w20 w21")
+    page.click("#send")
+    page.wait_for_selector(f".msg.assistant >> nth={n}")
+    button = page.locator(".msg.assistant").nth(n).locator("button.speak")
+    button.wait_for()
+    with page.expect_response("**/v1/audio/speech") as info:
+        button.click()
+    resp = info.value
+    assert resp.status == 200 and resp.headers["content-type"] == "audio/pcm"
+    assert resp.request.post_data_json["input"] == page.locator(".msg.assistant .text").nth(n).text_content()
+    page.wait_for_function(f"['done', 'error'].includes(document.querySelectorAll('.msg.assistant')[{n}]"
+                           ".querySelector('button.speak').dataset.state)")
+    assert button.get_attribute("data-state") == "done", page.locator("#status").text_content()
+    assert int(button.get_attribute("data-bytes")) > 1000  # the audio was read and scheduled for playing
+    assert page.locator("#status").text_content() == ""
 
 
 def test_image_gallery(page):

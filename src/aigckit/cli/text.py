@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from aigckit.cli.audio import add_speak_args, reply_speaker
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _gen_args(p, chat=True)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--json", action="store_true", help="(one-shot mode) print a JSON object")
+    add_speak_args(p)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("score", help="negative log-likelihood and perplexity of a text",
@@ -163,6 +165,11 @@ def _result_json(lm, res) -> dict:
 
 
 def _chat(args) -> int:
+    with reply_speaker(args) as speak:  # reads replies aloud with --speak / --speak-out, else passes them through
+        return _chat_turns(args, speak)
+
+
+def _chat_turns(args, speak) -> int:
     params = _params(args)
     history: list[dict] = []
     if args.system:
@@ -174,9 +181,11 @@ def _chat(args) -> int:
         lm = _load(args)
         messages = history + [{"role": "user", "content": user}]
         if args.json:
-            print(json.dumps(_result_json(lm, lm.chat(messages, params)), ensure_ascii=False))
+            out = _result_json(lm, lm.chat(messages, params))
+            print(json.dumps(out, ensure_ascii=False))
+            list(speak([out["text"]]))
             return 0
-        for delta in lm.chat_stream(messages, params):
+        for delta in speak(lm.chat_stream(messages, params)):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -199,7 +208,7 @@ def _chat(args) -> int:
         history.append({"role": "user", "content": user})
         sys.stdout.write("assistant> ")
         parts = []
-        for delta in lm.chat_stream(history, params):
+        for delta in speak(lm.chat_stream(history, params)):
             parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()

@@ -32,12 +32,12 @@ from aigckit.serve import errors
 from aigckit.serve.metrics import Metrics
 from aigckit.serve.middleware import Guard
 from aigckit.serve.models import Registry
-from aigckit.serve.routes import admin, media, text
+from aigckit.serve.routes import admin, audio, media, text
 
 log = logging.getLogger("aigckit.serve")
 STATIC = Path(__file__).parent / "static"
 LOCAL_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$"
-ROUTERS = (admin.router, text.router, media.router)
+ROUTERS = (admin.router, text.router, media.router, audio.router)
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: list[str] | None = None,
@@ -69,7 +69,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
         registry.close()
 
     app = FastAPI(title="aigckit", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API for aigckit's local text, embedding and image models.")
+                  description="OpenAI-compatible API for aigckit's local text, embedding, image and speech models.")
     metrics = Metrics()
     app.state.registry = registry
     app.state.metrics = metrics

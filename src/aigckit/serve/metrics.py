@@ -22,6 +22,7 @@ class Metrics:
         self.queue = Gauge("aigc_queue_depth", "requests waiting", ["model"], registry=r)
         self.active = Gauge("aigc_active_requests", "requests decoding", ["model"], registry=r)
         self.images = Counter("aigc_images_total", "images generated", ["model"], registry=r)
+        self.audio_seconds = Counter("aigc_audio_seconds_total", "seconds of speech synthesised", ["model"], registry=r)
 
     def render(self, reg) -> bytes:
         from prometheus_client import generate_latest

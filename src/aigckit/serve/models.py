@@ -1,4 +1,5 @@
-"""What a server serves: ``--model`` specs -> loaded text, embedding and image models, each under a plain id.
+"""What a server serves: ``--model`` specs -> loaded text, embedding, image and speech models (voices), each under a
+plain id.
 
 Requests name models by id only; ids are looked up in a dict, never resolved as paths.
 """
@@ -19,8 +20,10 @@ from aigckit.serve.schemas import MODEL_ID_PATTERN
 
 log = logging.getLogger("aigckit.serve")
 
-Kind = Literal["text", "embedding", "image"]
-_KIND_PREFIX = {"text": "text", "lm": "text", "embed": "embedding", "embedding": "embedding", "image": "image"}
+Kind = Literal["text", "embedding", "image", "speech"]
+_KIND_PREFIX = {"text": "text", "lm": "text", "embed": "embedding", "embedding": "embedding", "image": "image",
+                "speech": "speech", "voice": "speech"}
+_STORE_KINDS: dict[str, Kind] = {"lm": "text", "embed": "embedding", "image": "image", "voice": "speech"}
 _ID_RE = re.compile(MODEL_ID_PATTERN)
 
 
@@ -29,7 +32,7 @@ class Served:
     id: str
     kind: Kind
     spec: str = ""
-    obj: Any = None  # LM | Embedder | ImageModel
+    obj: Any = None  # LM | Embedder | ImageModel | Voice
     worker: Any = None  # TextWorker for text models
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)  # embeddings/images: one computation at a time
@@ -47,6 +50,8 @@ class Served:
                      chat=o.tokenizer.chat_template is not None)
         elif self.kind == "embedding":
             d.update(dimensions=o.dim, max_input_tokens=o.max_seq_length)
+        elif self.kind == "speech":
+            d.update(sample_rate=o.sample_rate, voices=speakers(self.id))
         else:
             res = o.model.cfg.resolution
             d.update(family=o.family, size=f"{res}x{res}", classes=o.class_names or
@@ -67,8 +72,15 @@ def _looks_like_image_run(p: Path) -> bool:
     return False
 
 
+def speakers(model_id: str) -> list[str]:
+    """The names a speech request's ``voice`` may take for a served voice: "default" and its id (voices have one
+    speaker; multi-speaker Piper files are refused by the loader)."""
+    return ["default", model_id]
+
+
 def detect(spec: str) -> tuple[str, Kind, str]:
-    """``[ID=][KIND:]SPEC`` -> (id, kind, spec). KIND is text, embed or image; guessed from the files if absent."""
+    """``[ID=][KIND:]SPEC`` -> (id, kind, spec). KIND is text, embed, image or voice; guessed from the files if
+    absent."""
     from aigckit import store
 
     alias = None
@@ -85,8 +97,10 @@ def detect(spec: str) -> tuple[str, Kind, str]:
     if kind is None:
         if p.is_dir() and _looks_like_image_run(p):
             kind = "image"
+        elif spec.endswith(".onnx"):
+            kind = "speech"
         elif spec in store.REGISTRY:
-            kind = {"lm": "text", "embed": "embedding", "image": "image"}[store.REGISTRY[spec].kind]
+            kind = _STORE_KINDS[store.REGISTRY[spec].kind]
         else:
             r = store.resolve(spec)
             kind = "text"
@@ -97,10 +111,14 @@ def detect(spec: str) -> tuple[str, Kind, str]:
                     mt = None
                 if mt == "bert":
                     kind = "embedding"
+    if kind == "speech":
+        from aigckit.audio.voice import resolve_voice
+
+        resolve_voice(spec)  # a missing file, an unpulled or non-voice store name: fails here, before binding
     if alias is None:
         alias = p.name if (p.exists() or spec.startswith((".", "/", "~"))) else spec
-        if alias.endswith(".gguf"):
-            alias = alias[:-5]
+        for ext in (".gguf", ".onnx"):
+            alias = alias.removesuffix(ext)
     if not _ID_RE.match(alias):
         raise AigcError(f"model id {alias!r} is not a valid id; name it with ID=SPEC (letters, digits, . _ : + @ -)")
     return alias, kind, spec
@@ -135,12 +153,12 @@ class Registry:
 
     @classmethod
     def from_objects(cls, *, text: dict | None = None, embedding: dict | None = None, image: dict | None = None,
-                     max_batch: int = 16, max_queue: int = 64) -> Registry:
+                     speech: dict | None = None, max_batch: int = 16, max_queue: int = 64) -> Registry:
         """Serve already-loaded models (tests, notebooks)."""
         from aigckit.serve.worker import TextWorker
 
         r = cls(max_batch=max_batch, max_queue=max_queue)
-        for kind, objs in (("text", text), ("embedding", embedding), ("image", image)):
+        for kind, objs in (("text", text), ("embedding", embedding), ("image", image), ("speech", speech)):
             for mid, obj in (objs or {}).items():
                 if not _ID_RE.match(mid):
                     raise AigcError(f"model id {mid!r} is not a valid id")
@@ -167,6 +185,10 @@ class Registry:
                     from aigckit.embed import load_embedder
 
                     sm.obj = load_embedder(sm.spec)
+                elif sm.kind == "speech":
+                    from aigckit.audio import load_voice
+
+                    sm.obj = load_voice(sm.spec)
                 else:
                     from aigckit.image.api import load_image_model
 
@@ -194,3 +216,5 @@ class Registry:
         for sm in self.models.values():
             if sm.worker is not None:
                 sm.worker.close()
+            if sm.kind == "speech" and sm.obj is not None:
+                sm.obj.close()  # the voice's worker threads

@@ -113,3 +113,25 @@ class ImageRequest(_Strict):
     steps: int | None = Field(None, ge=1, le=1000, description="diffusion sampling steps (DDIM)")
     guidance: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale (diffusion)")
     sampler: Literal["ddim", "ddpm"] | None = None
+
+
+class VoiceRef(_Strict):
+    id: str = Field(min_length=1, max_length=128)
+
+
+class SpeechRequest(_Strict):
+    """POST /v1/audio/speech (OpenAI's fields, then aigckit extras)."""
+
+    model: ModelId = Field(description="a served voice id (see GET /v1/models, kind speech)")
+    input: str = Field(min_length=1, max_length=4096, description="the text to say")
+    voice: Annotated[str, Field(min_length=1, max_length=128)] | VoiceRef = Field(
+        description="a speaker of the model: 'default' or the model id for one-speaker voices (see its card)")
+    instructions: str | None = Field(None, max_length=4096, description="not supported by VITS voices: must be empty")
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
+        "mp3", description="wav and pcm always; flac, mp3, opus with the soundfile package; aac not supported")
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    # aigckit extras
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same audio (default: random)")
+    noise_scale: float | None = Field(None, ge=0, le=2, description="voice variation (default: the voice's)")
+    noise_w: float | None = Field(None, ge=0, le=2, description="rhythm variation (default: the voice's)")

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], history: [], controller: null };
+const state = { models: [], history: [], controller: null, speaking: null };
 
 // ---------------------------------------------------------------------------------------------- API helpers
 function headers() {
@@ -29,6 +29,7 @@ async function loadModels() {
   state.models = (await resp.json()).data;
   fill($("chat-model"), state.models.filter((m) => m.kind === "text"));
   fill($("image-model"), state.models.filter((m) => m.kind === "image"));
+  fill($("voice-model"), state.models.filter((m) => m.kind === "speech"));
   onImageModel();
 }
 
@@ -167,6 +168,77 @@ async function send(text) {
   div.appendChild(meta);
   div.dataset.finish = finish || "";
   if (finish !== "error") state.history.push({ role: "assistant", content: answer });
+  if (finish !== "error" && answer.trim() && $("voice-model").value) {
+    const btn = document.createElement("button");
+    btn.className = "speak secondary";
+    btn.textContent = "🔊 Speak";
+    btn.title = "read this reply aloud (POST /v1/audio/speech)";
+    btn.addEventListener("click", () => speak(answer, btn));
+    meta.appendChild(btn);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- speech
+// Plays a reply through /v1/audio/speech as it streams: raw 16-bit PCM at 24 kHz, each piece scheduled on a Web
+// Audio clock right after the previous one, so the first sentence plays while the rest is synthesised.
+const PCM_RATE = 24000;
+
+async function speak(text, btn) {
+  if (state.speaking) { state.speaking.stop(); return; }
+  const controller = new AbortController();
+  const ctx = new AudioContext({ sampleRate: PCM_RATE });
+  state.speaking = { stop: () => { controller.abort(); ctx.close(); } };
+  btn.textContent = "■ Stop";
+  btn.dataset.state = "loading";
+  let bytes = 0, end = 0, rest = new Uint8Array(0);
+  try {
+    const resp = await fetch("/v1/audio/speech", {
+      method: "POST", headers: headers(), signal: controller.signal,
+      body: JSON.stringify({ model: $("voice-model").value, voice: "default", input: text.slice(0, 4096),
+                             response_format: "pcm" }),
+    });
+    if (!resp.ok) throw new Error(await errorMessage(resp));
+    const reader = resp.body.getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const buf = new Uint8Array(rest.length + value.length);
+      buf.set(rest);
+      buf.set(value, rest.length);
+      const n = buf.length >> 1;
+      rest = buf.slice(2 * n);
+      if (!n) continue;
+      const view = new DataView(buf.buffer, 0, 2 * n);
+      const audio = ctx.createBuffer(1, n, PCM_RATE);
+      const samples = audio.getChannelData(0);
+      for (let i = 0; i < n; i++) samples[i] = view.getInt16(2 * i, true) / 32768;
+      const src = ctx.createBufferSource();
+      src.buffer = audio;
+      src.connect(ctx.destination);
+      end = Math.max(end, ctx.currentTime + 0.05);
+      src.start(end);
+      end += audio.duration;
+      bytes += 2 * n;
+      btn.dataset.state = "playing";
+    }
+    btn.dataset.bytes = String(bytes);
+    while (ctx.currentTime < end && !controller.signal.aborted && ctx.state === "running") {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    btn.dataset.state = "done";
+  } catch (e) {
+    btn.dataset.bytes = String(bytes);
+    if (e.name === "AbortError") {
+      btn.dataset.state = "stopped";
+    } else {
+      btn.dataset.state = "error";
+      status("Speech failed: " + e.message);
+    }
+  } finally {
+    if (ctx.state !== "closed") ctx.close();
+    state.speaking = null;
+    btn.textContent = "🔊 Speak";
+  }
 }
 
 $("chat-form").addEventListener("submit", (ev) => {
