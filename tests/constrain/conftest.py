@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serve"))  # serveutil (LiveServer) for the server tests
 
 from constrainutil import make_tiny_bytes
 

@@ -111,7 +111,7 @@ def _schema_of(schema: Any) -> dict:
 class JsonSchema(Constraint):
     """Output is one JSON value that validates against ``schema`` (dict, JSON text or a Pydantic model)."""
 
-    schema: str  # canonical JSON text (sorted keys): the value is hashable and its grammar cacheable
+    schema: str  # JSON text, key order kept (properties are written in the order given): hashable, cacheable
     whitespace: str = "bounded"  # "bounded" | "compact" | "flexible" | a regex for the gap between JSON tokens
 
     param = "json_schema"
@@ -119,7 +119,7 @@ class JsonSchema(Constraint):
     def __init__(self, schema: Any, whitespace: str = "bounded") -> None:
         d = _schema_of(schema)
         try:
-            text = json.dumps(d, sort_keys=True, allow_nan=False)
+            text = json.dumps(d, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise AigcError(f"json_schema is not JSON-serialisable: {e}", param="json_schema") from None
         if len(text) > MAX_SOURCE_CHARS:

@@ -20,6 +20,7 @@ from aigckit.serve.errors import ApiError, in_band
 from aigckit.serve.models import Served
 from aigckit.serve.routes.common import get_model, now, request_id, to_thread
 from aigckit.serve.schemas import ChatCompletionRequest, CompletionRequest
+from aigckit.serve.structured import ToolDeltas, add_constraints, assistant_message, chat_prompt_ids, message_dict
 from aigckit.text.params import GenerationParams
 from aigckit.text.protocol import TokenEvent
 
@@ -227,6 +228,7 @@ async def completions(request: Request, req: CompletionRequest):
     if req.echo and req.logprobs is not None:
         raise ApiError(400, "echo with logprobs is not supported", param="echo")
     params = generation_params(req, req.max_tokens, logprobs=req.logprobs is not None)
+    params, _ = add_constraints(params, req)
     p = req.prompt
     if isinstance(p, str):
         prompts_ids, texts = [lm.encode(p)], [p]
@@ -293,15 +295,12 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
             and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
     params = generation_params(req, req.max_completion_tokens or req.max_tokens, logprobs=req.logprobs)
-    messages = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) or m.content is None \
-            else "".join(part.text for part in m.content)
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    params, tools = add_constraints(params, req)  # response_format / tools: constraints (serve/structured.py)
+    messages = [message_dict(m) for m in req.messages]
     if lm.tokenizer.chat_template is None:
         raise ApiError(400, f"model {sm.id!r} has no chat template; use /v1/completions", param="model",
                        code="no_chat_template")
-    ids = await to_thread(request, lm.chat_prompt, messages)
+    ids = await to_thread(request, chat_prompt_ids, lm, messages, tools)
     check_prompt(sm, ids, params)
     n = params.num_return_sequences
     cid, created = request_id("chatcmpl"), now()
@@ -318,8 +317,8 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
         request.app.state.metrics.count(sm.id, len(ids), completion_tokens)
         return {"id": cid, "object": "chat.completion", "created": created, "model": sm.id,
                 "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(r.text)},
-                             "logprobs": logprobs_obj(r.ids[:len(r.lps)], r.lps), "finish_reason": r.finish}
+                "choices": [dict(zip(("message", "finish_reason"), assistant_message("".join(r.text), r.finish, tools)),
+                                 index=i, logprobs=logprobs_obj(r.ids[:len(r.lps)], r.lps))
                             for i, r in enumerate(rows)],
                 "usage": usage(len(ids), completion_tokens)}
 
@@ -329,11 +328,18 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
     def start(j: int) -> list[dict]:
         return [choice(i, {"role": "assistant", "content": ""}) for i in range(n)]
 
+    splits = [ToolDeltas() for _ in range(n)] if tools.active else None
+
     def encode(j: int, ev: TokenEvent) -> list[dict]:
         out = []
         lp = None
         if req.logprobs and ev.token_id is not None and ev.logprob is not None:
             lp = logprobs_obj([ev.token_id], [ev.logprob])
+        if splits is not None:  # tool calls go out as delta.tool_calls, one chunk per complete call
+            out.extend(choice(ev.row, d) for d in splits[ev.row].feed(ev.text or ""))
+            if ev.finish_reason:
+                out.append(choice(ev.row, {}, splits[ev.row].finish(ev.finish_reason)))
+            return out
         if ev.text or lp:
             out.append(choice(ev.row, {"content": ev.text}, None, lp))
         if ev.finish_reason:
