@@ -39,7 +39,7 @@ def _valid(text: str, schema: dict) -> None:
 
 @pytest.mark.parametrize("kw", MODES, ids=["greedy", "sample", "beam", "n2"])
 def test_json_schema_every_mode(blm, kw):
-    res = blm.generate("Describe a person:", constraint=JsonSchema(NESTED), max_new_tokens=160, **kw)
+    res = blm.generate("Describe a person:", constraint=JsonSchema(NESTED), max_new_tokens=400, **kw)
     assert res.sequences
     for seq in res.sequences:
         assert seq.finish_reason == "stop", seq

@@ -81,8 +81,10 @@ class CompletionRequest(_Sampling):
              | Annotated[list[TokenId], Field(min_length=1, max_length=32_768)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1, max_length=32_768)]],
                          Field(min_length=1, max_length=16)])
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS, description="clamped to the context window")
-    logprobs: int | None = Field(None, ge=0, le=0, description="0: log-probability of each sampled token")
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS, description="clamped to the context window; 0 with "
+                                   "echo: only the prompt (and its logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each token, and the N most "
+                                 "likely tokens at each position (0-5); with echo also the prompt's")
     echo: bool = False
 
 
@@ -137,7 +139,8 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="default: up to 256, within the context")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0 (the sampled token's log-probability)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the N most likely tokens at "
+                                     "each position (0-20)")
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -185,6 +185,32 @@ class LM:
         mean = total / count
         return ScoreResult(mean, math.exp(mean), count, window=window, stride=stride, windows=windows)
 
+    def token_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """Per token of ``ids``: (its log-probability given the tokens before it, the ``top`` most likely (id,
+        logprob) there); the first token has (None, []). One pass through a KV cache in ``SCORE_CHUNK`` pieces, as
+        ``score`` runs (the prompt log-probabilities of the server's ``echo``; evaluation harnesses read them)."""
+        ids = self.prompt_ids(ids)
+        check_int("top_logprobs", top, 0, 20)
+        if len(ids) > self.config.block_size:
+            raise AigcError(f"{len(ids)} tokens do not fit the context window of {self.config.block_size}",
+                            param="prompt")
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache.for_model(self.config, 1, len(ids), dtype)
+        out: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
+        with torch.inference_mode():
+            for c0 in range(0, len(ids) - 1, SCORE_CHUNK):
+                c1 = min(c0 + SCORE_CHUNK, len(ids) - 1)
+                logp = torch.log_softmax(self.model(torch.tensor([ids[c0:c1]]), torch.arange(c0, c1), cache)[0]
+                                         .float(), dim=-1)
+                got = logp.gather(1, torch.tensor(ids[c0 + 1:c1 + 1])[:, None])[:, 0].tolist()
+                if top:
+                    v, ix = torch.topk(logp, top, dim=-1)
+                    tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+                else:
+                    tops = [[] for _ in got]
+                out.extend(zip(got, tops))
+        return out
+
 
 # --------------------------------------------------------------------------------------------------- loading
 
