@@ -183,7 +183,8 @@ class RowState:
             processors.advance_all(self.procs, tok)
         if tok in self.eos:
             self.active = False
-            return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), "stop")
+            return TokenEvent(self.row, None, lp, self.stops.flush() + self.decoder.flush(), "stop",
+                              top_logprobs=self.top, stop_token_id=tok)
         self.seq.append(tok)
         self.n_gen += 1
         if self.seen is not None:

@@ -64,6 +64,7 @@ class TokenEvent:
     finish_reason: str | None = None
     score: float | None = None  # beam search: the finished sequence's score (on its final event)
     top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs > 0: the k most likely (id, logprob)
+    stop_token_id: int | None = None  # the EOS token that ended the row (token_id is None then; logprob is its)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def token_texts(sm: Served, ids: list[int]) -> list[str]:
 class _Row:
     """One returned sequence as it grows."""
 
-    __slots__ = ("text", "ids", "lps", "tops", "finish")
+    __slots__ = ("text", "ids", "lps", "tops", "finish", "eos")
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -86,6 +86,7 @@ class _Row:
         self.lps: list[float] = []
         self.tops: list[list[tuple[int, float]]] = []  # top_logprobs: per token, the k most likely (id, logprob)
         self.finish = "length"
+        self.eos: tuple[int, float, list] | None = None  # the EOS that ended the row: (id, logprob, top)
 
     def add(self, ev: TokenEvent) -> None:
         self.text.append(ev.text)
@@ -95,6 +96,8 @@ class _Row:
                 self.lps.append(ev.logprob)
             if ev.top_logprobs is not None:
                 self.tops.append(ev.top_logprobs)
+        elif ev.stop_token_id is not None and ev.logprob is not None:
+            self.eos = (ev.stop_token_id, ev.logprob, ev.top_logprobs or [])
         if ev.finish_reason:
             self.finish = ev.finish_reason
 
@@ -272,6 +275,8 @@ async def completions(request: Request, req: CompletionRequest):
         if req.echo:  # the prompt's own log-probabilities first (the first token has none)
             ids, lps = prompts_ids[j] + ids, [lp for lp, _ in prompt_lps[j]] + lps
             tops = [t for _, t in prompt_lps[j]] + tops
+            if row.eos is not None:  # and the EOS that ended it, as vLLM lists it (harnesses drop the last entry)
+                ids, lps, tops = ids + [row.eos[0]], lps + [row.eos[1]], tops + [row.eos[2]]
         toks = token_texts(sm, ids)
         offs, o = [], 0  # with echo the tokens start with the prompt's
         for t in toks:
