@@ -64,3 +64,15 @@ def test_bad_constraints_exit_2_with_one_line(capsys, tmp_path):
         rc, _, err = run(capsys, "text", "hi", "-m", "/nonexistent/model", *args)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("aigc: error:"), (args, err)
         assert "nonexistent" not in err  # refused before the model is looked up
+
+
+def test_text_logprobs_in_json(capsys, tiny_bytes_dir):
+    rc, out, _ = run(capsys, "text", "hi", "-m", tiny_bytes_dir, "-t", "0", "--json", "--max-new-tokens", "3",
+                     "--logprobs", "2")
+    obj = json.loads(out)
+    assert rc == 0 and len(obj["logprobs"]) == len(obj["token_ids"]) == 3
+    for e, tid in zip(obj["logprobs"], obj["token_ids"]):
+        assert e["id"] == tid and len(e["top"]) == 2 and e["top"][0]["id"] == tid  # greedy: the best one
+        assert e["logprob"] == e["top"][0]["logprob"] <= 0
+    rc, _, err = run(capsys, "text", "hi", "-m", "/nonexistent", "--logprobs", "21")
+    assert rc == 2 and "top_logprobs" in err

@@ -20,6 +20,8 @@ def add_constraint_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--grammar", metavar="FILE", default=None,
                    help="the output is a sentence of this grammar: Lark (start: ...) or GBNF (root ::= ...); a file "
                         "or the grammar's text")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N most likely tokens at each step (0-20)")
 
 
 def _text_or_file(value: str, param: str) -> str:
@@ -31,6 +33,28 @@ def _text_or_file(value: str, param: str) -> str:
         raise AigcError(f"--{param.replace('_', '-')} {value!r}: no such file (give a file or the text itself)",
                         param=param)
     return path.read_text(encoding="utf-8")
+
+
+def params_from_args(args) -> dict:
+    """GenerationParams fields from these options: processors (the constraint) and logprobs."""
+    out: dict = {"processors": constraint_from_args(args)}
+    if getattr(args, "logprobs", None) is not None:
+        out.update(logprobs=True, top_logprobs=args.logprobs)
+    return out
+
+
+def logprobs_json(tokenizer, seq) -> list[dict] | None:
+    """A sequence's logprobs for ``--json``: [{token, id, logprob, top: [{token, id, logprob}]}]."""
+    if seq.logprobs is None:
+        return None
+    tops = seq.top_logprobs or [[] for _ in seq.logprobs]
+
+    def text(i: int) -> str:
+        return tokenizer.decode([i]) if i < tokenizer.vocab_size else ""
+
+    return [{"token": text(t), "id": t, "logprob": lp,
+             "top": [{"token": text(a), "id": a, "logprob": b} for a, b in k]}
+            for t, lp, k in zip(seq.token_ids, seq.logprobs, tops)]
 
 
 def constraint_from_args(args) -> tuple:

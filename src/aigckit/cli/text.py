@@ -8,7 +8,7 @@ import sys
 
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
-from aigckit.cli.constrain import add_constraint_args, constraint_from_args
+from aigckit.cli.constrain import add_constraint_args, logprobs_json, params_from_args
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
 
 
@@ -128,7 +128,7 @@ def _params(args) -> GenerationParams:
         p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
                  num_return_sequences=args.num_return_sequences)
-    return GenerationParams(**p, processors=constraint_from_args(args))
+    return GenerationParams(**p, **params_from_args(args))
 
 
 def _text(args) -> int:
@@ -158,6 +158,8 @@ def _result_json(lm, res) -> dict:
            "finish_reason": res.finish_reason, "usage": res.usage,
            "timings": {"load_s": round(lm.load_s, 3), "prefill_tok_s": res.timings.get("prefill_tok_s"),
                        "decode_tok_s": res.timings.get("decode_tok_s")}}
+    if res.sequences[0].logprobs is not None:
+        out["logprobs"] = logprobs_json(lm.tokenizer, res.sequences[0])
     if len(res.sequences) > 1:
         out["sequences"] = [{"text": s.text, "token_ids": s.token_ids, "score": s.score,
                              "finish_reason": s.finish_reason} for s in res.sequences]
