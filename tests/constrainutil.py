@@ -50,7 +50,7 @@ def make_tiny_bytes(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     n = write_bytelevel_tokenizer(d)
     torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=n + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=False, bos_token_id=n - 3, eos_token_id=n - 3, pad_token_id=n - 3)
     LlamaForCausalLM(cfg).eval().save_pretrained(d, safe_serialization=True)

@@ -22,7 +22,7 @@ NESTED = {
         "name": {"type": "string", "maxLength": 6},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
-        "pos": {"type": "object", "properties": {"x": {"type": "number", "minimum": -10, "maximum": 10},
+        "pos": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -10, "maximum": 10},
                                                   "ok": {"type": "boolean"}},
                 "required": ["x", "ok"], "additionalProperties": False},
     },
@@ -167,3 +167,11 @@ def test_constraint_keyword_and_processor_checks(blm):
     assert "".join(blm.stream("x", p, constraint=Choice(["yes"]))) == "yes"
     with pytest.raises(AigcError):
         blm.generate("x", p, constraint="not a constraint")
+
+
+def test_padded_model_vocabulary_is_masked(blm):
+    """A model whose vocabulary is padded past the tokenizer's: the padding ids are never allowed."""
+    V = blm.config.vocab_size + 5
+    st = JsonSchema({"type": "object"}).start([1], blm.tokenizer, V)
+    ok = st.allowed()
+    assert ok.shape == (V,) and ok[:V - 5].any() and not ok[V - 5:].any()

@@ -10,7 +10,7 @@ from pathlib import Path
 from aigckit.errors import AigcError
 
 
-def add_constraint_args(p: argparse.ArgumentParser) -> None:
+def add_constraint_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     g = p.add_argument_group("constrained decoding (the output is guaranteed to match; see docs/CONSTRAIN.md)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--json-schema", metavar="FILE|JSON", default=None,
@@ -20,6 +20,11 @@ def add_constraint_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--grammar", metavar="FILE", default=None,
                    help="the output is a sentence of this grammar: Lark (start: ...) or GBNF (root ::= ...); a file "
                         "or the grammar's text")
+    if chat:
+        p.add_argument("--tools", action="append", default=[], metavar="MODULE:FUNCTION",
+                       help="a Python function the model may call (repeatable); its schema comes from the type "
+                            "hints, its description from the docstring; calls and results are shown on stderr")
+        p.add_argument("--max-tool-rounds", type=int, default=4, help="tool-call rounds per answer (default 4)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each token's log-probability and the N most likely tokens at each step (0-20)")
 
@@ -119,3 +124,50 @@ def _template(args) -> int:
     else:
         sys.stdout.write(res.text if res.text.endswith("\n") else res.text + "\n")
     return 0
+
+
+def tool_chat(args, params, load) -> int:
+    """``aigc chat --tools mod:fn ...``: one answer from stdin, or an interactive chat, with the tool loop."""
+    import sys
+
+    from aigckit.constrain.tools import load_function, run_tools
+
+    if params.processors:
+        raise AigcError("--tools cannot be combined with --json-schema/--regex/--grammar/--json-object",
+                        param="tools")
+    functions = [load_function(s) for s in args.tools]
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def show(kind, obj) -> None:
+        if kind == "call":
+            sys.stderr.write(f"[tool call] {obj['name']}({json.dumps(obj['arguments'], ensure_ascii=False)})\n")
+        else:
+            sys.stderr.write(f"[tool result] {obj['name']}: {obj['result'][:200]}\n")
+
+    def answer(user: str) -> dict:
+        nonlocal history
+        out = run_tools(lm, history + [{"role": "user", "content": user}], functions, params,
+                        max_rounds=args.max_tool_rounds, on_event=None if args.json else show)
+        history = out.messages
+        return {"text": out.text, "tool_calls": out.calls, "messages": out.messages}
+
+    if sys.stdin is not None and not sys.stdin.isatty():
+        user = sys.stdin.read().strip()
+        if not user:
+            raise AigcError("empty message on stdin")
+        lm = load(args)
+        res = answer(user)
+        print(json.dumps(res, ensure_ascii=False) if args.json else res["text"])
+        return 0
+    lm = load(args)
+    print(f"chatting with {lm.name} and {len(functions)} tool(s) - /exit to leave", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user:
+            print("assistant> " + answer(user)["text"])

@@ -8,7 +8,7 @@ import sys
 
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
-from aigckit.cli.constrain import add_constraint_args, logprobs_json, params_from_args
+from aigckit.cli.constrain import add_constraint_args, logprobs_json, params_from_args, tool_chat
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
 
 
@@ -57,7 +57,7 @@ def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
         g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
                        help="beam search stopping rule (as in transformers)")
         g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return")
-    add_constraint_args(p)
+    add_constraint_args(p, chat=chat)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,6 +168,8 @@ def _result_json(lm, res) -> dict:
 
 def _chat(args) -> int:
     params = _params(args)
+    if args.tools:  # a tool-calling loop (cli/constrain.py)
+        return tool_chat(args, params, _load)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
