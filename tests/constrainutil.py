@@ -8,21 +8,11 @@ from pathlib import Path
 
 import torch
 
+from aigckit.text.tokenizer import _bytes_to_unicode  # GPT-2's byte alphabet
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MERGES = ['{ "', '" :', ': Ġ', ', Ġ', 'Ġ "', '" ,', '" }', 'a b', 'y e', 'ye s', 'n o', 't r', 'tr u', 'tru e']
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def write_bytelevel_tokenizer(d: Path) -> int:

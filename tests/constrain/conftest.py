@@ -20,3 +20,16 @@ def blm(tiny_bytes_dir):
     from aigckit.text.lm import load_lm
 
     return load_lm(str(tiny_bytes_dir))
+
+
+@pytest.fixture(scope="session")
+def tb_server(tiny_bytes_dir):
+    """`aigc serve` on the byte-level tiny model (id "tb"), for the server tests of this folder."""
+    from serveutil import API_KEY, LiveServer, free_port
+
+    from aigckit.serve.app import create_app
+    from aigckit.serve.models import Registry
+
+    srv = LiveServer(create_app(Registry([f"tb={tiny_bytes_dir}"], max_queue=64), api_key=API_KEY), free_port())
+    yield srv.start()
+    srv.stop()

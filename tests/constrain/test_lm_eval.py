@@ -7,20 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from serveutil import API_KEY, LiveServer, free_port
+from serveutil import API_KEY
 
 lm_eval = pytest.importorskip("lm_eval")
 TASK_DIR = Path(__file__).parent / "lmeval"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bytes_dir):
-    from aigckit.serve.app import create_app
-    from aigckit.serve.models import Registry
-
-    srv = LiveServer(create_app(Registry([f"tb={tiny_bytes_dir}"], max_queue=64), api_key=API_KEY), free_port())
-    yield srv.start()
-    srv.stop()
+def server(tb_server):
+    return tb_server
 
 
 def _score_ll(lm, context: str, continuation: str) -> float:

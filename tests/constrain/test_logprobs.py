@@ -10,17 +10,12 @@ import pytest
 
 from aigckit.errors import AigcError
 from aigckit.text.params import GenerationParams
-from serveutil import API_KEY, LiveServer, free_port
+from serveutil import API_KEY
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bytes_dir):
-    from aigckit.serve.app import create_app
-    from aigckit.serve.models import Registry
-
-    srv = LiveServer(create_app(Registry([f"tb={tiny_bytes_dir}"], max_queue=64), api_key=API_KEY), free_port())
-    yield srv.start()
-    srv.stop()
+def server(tb_server):
+    return tb_server
 
 
 def post(server, path, body):

@@ -11,7 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from serveutil import API_KEY, LiveServer, free_port
+from serveutil import API_KEY
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "color": {"enum": ["red", "green"]}},
@@ -27,14 +27,8 @@ MSG = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bytes_dir):
-    from aigckit.serve.app import create_app
-    from aigckit.serve.models import Registry
-
-    app = create_app(Registry([f"tb={tiny_bytes_dir}"], max_queue=64), api_key=API_KEY)
-    srv = LiveServer(app, free_port()).start()
-    yield srv
-    srv.stop()
+def server(tb_server):
+    return tb_server
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,13 @@ class Constraint:
         raise TypeError("constraints cannot be combined with |; write one grammar")
 
 
+def _check_source(text: Any, param: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise AigcError(f"{param} must be a non-empty string, got {text!r}", param=param)
+    if len(text) > MAX_SOURCE_CHARS:
+        raise AigcError(f"{param} is longer than {MAX_SOURCE_CHARS} characters", param=param)
+
+
 def _schema_of(schema: Any) -> dict:
     """A JSON Schema as a dict from a dict, JSON text, or a Pydantic model class (or instance)."""
     if isinstance(schema, dict):
@@ -166,10 +173,7 @@ class Regex(Constraint):
     param = "regex"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pattern, str) or not self.pattern:
-            raise AigcError(f"regex must be a non-empty string, got {self.pattern!r}", param="regex")
-        if len(self.pattern) > MAX_SOURCE_CHARS:
-            raise AigcError(f"regex is longer than {MAX_SOURCE_CHARS} characters", param="regex")
+        _check_source(self.pattern, "regex")
         self._check()
 
     @cached_property
@@ -191,10 +195,7 @@ class Grammar(Constraint):
     param = "grammar"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise AigcError("grammar must be a non-empty string", param="grammar")
-        if len(self.text) > MAX_SOURCE_CHARS:
-            raise AigcError(f"grammar is longer than {MAX_SOURCE_CHARS} characters", param="grammar")
+        _check_source(self.text, "grammar")
         self._check()
 
     @cached_property
