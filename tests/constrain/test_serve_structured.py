@@ -138,3 +138,17 @@ def test_bad_structured_requests_are_400(server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert param in (err["param"] or "") and "\n" not in err["message"]
+
+
+def test_remote_model_sends_json_schema_as_response_format(server):
+    from aigckit.constrain import JsonSchema, Regex
+    from aigckit.errors import AigcError
+    from aigckit.text.lm import load_lm
+
+    remote = load_lm("openai:tb", base_url=server.url + "/v1", api_key=API_KEY)
+    for res in (remote.chat(MSG, constraint=JsonSchema(SCHEMA), temperature=0, max_new_tokens=60),
+                remote.generate("x", constraint=JsonSchema(SCHEMA), temperature=0, max_new_tokens=60)):
+        assert res.finish_reason == "stop"
+        jsonschema.validate(json.loads(res.text), SCHEMA)
+    with pytest.raises(AigcError):  # other constraints need the local engine
+        remote.generate("x", constraint=Regex("a+"), max_new_tokens=4)

@@ -148,6 +148,11 @@ class JsonSchema(Constraint):
     def schema_dict(self) -> dict:
         return json.loads(self.schema)
 
+    def response_format(self) -> dict:
+        """OpenAI's ``response_format`` for this schema (what a remote model, ``openai:NAME``, is sent)."""
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": self.schema_dict,
+                                                       "strict": True}}
+
     @cached_property
     def grammar(self) -> str:
         ws = WHITESPACE.get(self.whitespace, self.whitespace)

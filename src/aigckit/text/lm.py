@@ -22,22 +22,12 @@ from aigckit.errors import AigcError
 from aigckit.text.config import LMConfig
 from aigckit.text.engine import check_memory, generate, stream_tokens
 from aigckit.text.kvcache import KVCache
-from aigckit.text.params import GenerationParams, check_int
+from aigckit.text.params import GenerationParams, check_int, with_constraint
 from aigckit.text.protocol import (GenerationResult, ScoreResult, TokenEvent, check_messages,  # noqa: F401
                                    single_stream)
 
 SCORE_WINDOW = 1024  # default scoring window (tokens), if the context is longer
 SCORE_CHUNK = 512  # tokens per forward inside a scoring window (bounds the logits held at once: SmolLM2 100 MB)
-
-
-def with_constraint(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
-    """``GenerationParams.make(params, **overrides)`` where ``constraint=`` (an ``aigckit.constrain`` value, or any
-    logits processor) is a convenience for appending it to ``processors``."""
-    constraint = overrides.pop("constraint", None)
-    p = GenerationParams.make(params, **overrides)
-    if constraint is None:
-        return p
-    return GenerationParams.make(p, processors=p.processors + (constraint,))
 
 
 class LM:

@@ -209,5 +209,15 @@ class GenerationParams:
         return min(want, room)
 
 
+def with_constraint(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams.make(params, **overrides)`` where ``constraint=`` (an ``aigckit.constrain`` value, or any
+    logits processor) is a convenience for appending it to ``processors``."""
+    constraint = overrides.pop("constraint", None)
+    p = GenerationParams.make(params, **overrides)
+    if constraint is None:
+        return p
+    return GenerationParams.make(p, processors=p.processors + (constraint,))
+
+
 _FIELDS = frozenset(f.name for f in fields(GenerationParams))
 _DEFAULT = GenerationParams()
