@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "constrain_json.py"
 
 
 def test_smollm_json_schemas_always_valid(smollm_gguf):
-    import constrain_json as cj
-
+    spec = importlib.util.spec_from_file_location("constrain_json", BENCH)  # not via sys.path: bench/ has a
+    cj = importlib.util.module_from_spec(spec)                               # kernels.py that shadows a package
+    spec.loader.exec_module(cj)
     from aigckit.constrain import JsonSchema
     from aigckit.text.lm import load_lm
 

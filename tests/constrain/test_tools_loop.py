@@ -11,6 +11,7 @@ import jsonschema
 
 from aigckit.cli import main
 from aigckit.constrain.tools import function_tool, run_tools
+from aigckit.text.params import GenerationParams
 
 SEEN: list[dict] = []
 
@@ -33,7 +34,8 @@ def test_function_tool_schema():
 def test_run_tools_calls_then_answers(blm):
     SEEN.clear()
     events = []
-    out = run_tools(blm, [{"role": "user", "content": "2+3?"}], [add], None, max_rounds=1, tool_choice="required",
+    p = GenerationParams(temperature=0.7, seed=0, max_new_tokens=200)  # seeded: the same calls every run
+    out = run_tools(blm, [{"role": "user", "content": "2+3?"}], [add], p, max_rounds=1, tool_choice="required",
                     on_event=lambda kind, obj: events.append(kind))
     assert out.calls >= 1 and len(SEEN) == out.calls and all(isinstance(s["a"], int) for s in SEEN)
     roles = [m["role"] for m in out.messages]
