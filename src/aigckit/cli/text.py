@@ -9,6 +9,7 @@ import sys
 from aigckit.cli.audio import add_speak_args, reply_speaker
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
+from aigckit.cli.constrain import add_constraint_args, logprobs_json, params_from_args, tool_chat
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
 
 
@@ -57,6 +58,7 @@ def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
         g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
                        help="beam search stopping rule (as in transformers)")
         g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return")
+    add_constraint_args(p, chat=chat)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +130,7 @@ def _params(args) -> GenerationParams:
         p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
                  num_return_sequences=args.num_return_sequences)
-    return GenerationParams(**p)
+    return GenerationParams(**p, **params_from_args(args))
 
 
 def _text(args) -> int:
@@ -158,6 +160,8 @@ def _result_json(lm, res) -> dict:
            "finish_reason": res.finish_reason, "usage": res.usage,
            "timings": {"load_s": round(lm.load_s, 3), "prefill_tok_s": res.timings.get("prefill_tok_s"),
                        "decode_tok_s": res.timings.get("decode_tok_s")}}
+    if res.sequences[0].logprobs is not None:
+        out["logprobs"] = logprobs_json(lm.tokenizer, res.sequences[0])
     if len(res.sequences) > 1:
         out["sequences"] = [{"text": s.text, "token_ids": s.token_ids, "score": s.score,
                              "finish_reason": s.finish_reason} for s in res.sequences]
@@ -171,6 +175,8 @@ def _chat(args) -> int:
 
 def _chat_turns(args, speak) -> int:
     params = _params(args)
+    if args.tools:  # a tool-calling loop (cli/constrain.py)
+        return tool_chat(args, params, _load)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

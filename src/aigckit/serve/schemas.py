@@ -33,6 +33,19 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    schema_: dict | None = Field(None, alias="schema", description="a JSON Schema; the output always follows it")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Strict):
     """Sampling parameters shared by completions and chat (OpenAI names, then aigckit extras)."""
 
@@ -57,6 +70,8 @@ class _Sampling(_Strict):
     length_penalty: float | None = Field(None, ge=-LIMITS.length_penalty, le=LIMITS.length_penalty)
     early_stopping: bool | Literal["never"] | None = None
     ignore_eos: bool | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained "
+                                                   "decoding (the output parses and validates)")
 
 
 class CompletionRequest(_Sampling):
@@ -66,8 +81,10 @@ class CompletionRequest(_Sampling):
              | Annotated[list[TokenId], Field(min_length=1, max_length=32_768)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1, max_length=32_768)]],
                          Field(min_length=1, max_length=16)])
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS, description="clamped to the context window")
-    logprobs: int | None = Field(None, ge=0, le=0, description="0: log-probability of each sampled token")
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS, description="clamped to the context window; 0 with "
+                                   "echo: only the prompt (and its logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each token, and the N most "
+                                 "likely tokens at each position (0-5); with echo also the prompt's")
     echo: bool = False
 
 
@@ -76,10 +93,44 @@ class TextPart(_Strict):
     text: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
+class FunctionCall(_Strict):
+    name: str = Field(..., max_length=64)
+    arguments: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ToolCall(_Strict):
+    id: str = Field(..., max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Strict):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(..., max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)] | None
     name: str | None = Field(None, max_length=64)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=64)] | None = None
+    tool_call_id: str | None = Field(None, max_length=128)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -88,7 +139,11 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="default: up to 256, within the context")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0 (the sampled token's log-probability)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the N most likely tokens at "
+                                     "each position (0-20)")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingRequest(_Strict):

@@ -157,6 +157,7 @@ class RowState:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[prompt] = True
         self.procs = processors.start_all(params.processors, self.seq, tokenizer, vocab_size)
+        self.top: list[tuple[int, float]] | None = None  # set by sample_rows when params.top_logprobs > 0
 
     @property
     def needs_process(self) -> bool:
@@ -182,7 +183,8 @@ class RowState:
             processors.advance_all(self.procs, tok)
         if tok in self.eos:
             self.active = False
-            return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), "stop")
+            return TokenEvent(self.row, None, lp, self.stops.flush() + self.decoder.flush(), "stop",
+                              top_logprobs=self.top, stop_token_id=tok)
         self.seq.append(tok)
         self.n_gen += 1
         if self.seen is not None:
@@ -190,13 +192,13 @@ class RowState:
         text, hit = self.stops.feed(self.decoder.push(tok))
         if hit:
             self.active = False
-            return TokenEvent(self.row, tok, lp, text, "stop")
+            return TokenEvent(self.row, tok, lp, text, "stop", top_logprobs=self.top)
         if self.n_gen >= self.budget:
             self.active = False
             tail, hit = self.stops.feed(self.decoder.flush())
             return TokenEvent(self.row, tok, lp, text + tail + ("" if hit else self.stops.flush()),
-                              "stop" if hit else "length")
-        return TokenEvent(self.row, tok, lp, text)
+                              "stop" if hit else "length", top_logprobs=self.top)
+        return TokenEvent(self.row, tok, lp, text, top_logprobs=self.top)
 
     def finish(self, reason: str) -> TokenEvent:
         self.active = False
@@ -216,6 +218,10 @@ def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, 
         nxt = sampling.sample(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                               min_p=params.min_p, generator=generator).tolist()
     lps = [float(logp[i, t]) if logp is not None else None for i, t in enumerate(nxt)]
+    if params.top_logprobs:  # the model's most likely tokens (before processors), handed to each row's next event
+        v, ix = torch.topk(logp, params.top_logprobs, dim=-1)
+        for i, r in enumerate(rows):
+            r.top = list(zip(ix[i].tolist(), v[i].tolist()))
     return nxt, lps
 
 
@@ -306,6 +312,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParam
     texts = [[] for _ in rows]
     ids: list[list[int]] = [[] for _ in rows]
     lps: list[list[float]] = [[] for _ in rows]
+    tops: list[list] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
     for ev in stream_tokens(model, tokenizer, rows, params, stats):
         texts[ev.row].append(ev.text)
@@ -313,13 +320,16 @@ def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParam
             ids[ev.row].append(ev.token_id)
             if ev.logprob is not None:
                 lps[ev.row].append(ev.logprob)
+            if ev.top_logprobs is not None:
+                tops[ev.row].append(ev.top_logprobs)
         if ev.finish_reason:
             reasons[ev.row] = ev.finish_reason
     for j, p in enumerate(prompts):
         seqs = []
         for r in range(j * n, (j + 1) * n):
             score = sum(lps[r]) / len(lps[r]) if lps[r] else None
-            seqs.append(Sequence("".join(texts[r]), ids[r], reasons[r], score, lps[r] if params.logprobs else None))
+            seqs.append(Sequence("".join(texts[r]), ids[r], reasons[r], score, lps[r] if params.logprobs else None,
+                                 tops[r] if params.top_logprobs else None))
         results.append(GenerationResult(model_name, seqs, len(p), _timings(stats, seqs)))
     return results
 

@@ -22,7 +22,7 @@ from aigckit.errors import AigcError
 from aigckit.text.config import LMConfig
 from aigckit.text.engine import check_memory, generate, stream_tokens
 from aigckit.text.kvcache import KVCache
-from aigckit.text.params import GenerationParams, check_int
+from aigckit.text.params import GenerationParams, check_int, with_constraint
 from aigckit.text.protocol import (GenerationResult, ScoreResult, TokenEvent, check_messages,  # noqa: F401
                                    single_stream)
 
@@ -92,14 +92,14 @@ class LM:
     def generate_batch(self, prompts: list[str | list[int]], params: GenerationParams | None = None,
                        **overrides: Any) -> list[GenerationResult]:
         """One ragged batch (beam search: one prompt after another)."""
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         ids = [self.prompt_ids(x) for x in prompts]
         return generate(self.model, self.tokenizer, ids, p, self.name)
 
     def stream(self, prompt: str | list[int], params: GenerationParams | None = None,
                **overrides: Any) -> Iterator[str]:
         """Text deltas of one sampled/greedy continuation (concatenated they equal ``generate(...).text``)."""
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         single_stream(p)
         events = stream_tokens(self.model, self.tokenizer, [self.prompt_ids(prompt)], p)
         return (ev.text for ev in events if ev.text)
@@ -107,7 +107,7 @@ class LM:
     def stream_events(self, prompt: str | list[int], params: GenerationParams | None = None, *,
                       stats: dict | None = None, **overrides: Any) -> Iterator[TokenEvent]:
         """``TokenEvent``s of ``num_return_sequences`` rows as tokens arrive (no beam search)."""
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         if p.num_beams > 1:
             raise AigcError("streaming is not available with beam search", param="num_beams")
         ids = self.prompt_ids(prompt)
@@ -174,6 +174,32 @@ class LM:
                     break
         mean = total / count
         return ScoreResult(mean, math.exp(mean), count, window=window, stride=stride, windows=windows)
+
+    def token_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """Per token of ``ids``: (its log-probability given the tokens before it, the ``top`` most likely (id,
+        logprob) there); the first token has (None, []). One pass through a KV cache in ``SCORE_CHUNK`` pieces, as
+        ``score`` runs (the prompt log-probabilities of the server's ``echo``; evaluation harnesses read them)."""
+        ids = self.prompt_ids(ids)
+        check_int("top_logprobs", top, 0, 20)
+        if len(ids) > self.config.block_size:
+            raise AigcError(f"{len(ids)} tokens do not fit the context window of {self.config.block_size}",
+                            param="prompt")
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache.for_model(self.config, 1, len(ids), dtype)
+        out: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
+        with torch.inference_mode():
+            for c0 in range(0, len(ids) - 1, SCORE_CHUNK):
+                c1 = min(c0 + SCORE_CHUNK, len(ids) - 1)
+                logp = torch.log_softmax(self.model(torch.tensor([ids[c0:c1]]), torch.arange(c0, c1), cache)[0]
+                                         .float(), dim=-1)
+                got = logp.gather(1, torch.tensor(ids[c0 + 1:c1 + 1])[:, None])[:, 0].tolist()
+                if top:
+                    v, ix = torch.topk(logp, top, dim=-1)
+                    tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+                else:
+                    tops = [[] for _ in got]
+                out.extend(zip(got, tops))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -48,6 +48,7 @@ class Limits:
     stop: int = 16  # stop strings per request
     stop_chars: int = 256  # characters per stop string
     seed: int = 2**63 - 1
+    top_logprobs: int = 20
 
 
 LIMITS = Limits()
@@ -116,6 +117,7 @@ class GenerationParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # a str or list is accepted and stored as a tuple
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens at each step (0-20, OpenAI's range)
     ignore_eos: bool = False
     # logits processors (grammar masks, watermarks, ...): immutable values, see aigckit.text.processors
     processors: tuple[Any, ...] = field(default_factory=tuple)
@@ -181,6 +183,9 @@ class GenerationParams:
         for name in ("logprobs", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_int("top_logprobs", self.top_logprobs, 0, LIMITS.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            raise _fail("top_logprobs", "top_logprobs needs logprobs")
         if not isinstance(self.processors, tuple):
             raise _fail("processors", f"processors must be a tuple of logits processors, got "
                                       f"{type(self.processors).__name__}")
@@ -202,6 +207,16 @@ class GenerationParams:
             room = min(room, self.max_length - prompt_len)
         want = self.max_new_tokens if self.max_new_tokens is not None else MAX_NEW_TOKENS_DEFAULT
         return min(want, room)
+
+
+def with_constraint(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams.make(params, **overrides)`` where ``constraint=`` (an ``aigckit.constrain`` value, or any
+    logits processor) is a convenience for appending it to ``processors``."""
+    constraint = overrides.pop("constraint", None)
+    p = GenerationParams.make(params, **overrides)
+    if constraint is None:
+        return p
+    return GenerationParams.make(p, processors=p.processors + (constraint,))
 
 
 _FIELDS = frozenset(f.name for f in fields(GenerationParams))

@@ -26,6 +26,8 @@ class Sequence:
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     score: float | None = None  # beam score, or mean log-probability for sampled sequences
     logprobs: list[float] | None = None
+    # with top_logprobs = k: per generated token, the k most likely (token id, logprob) pairs, best first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -61,6 +63,8 @@ class TokenEvent:
     text: str  # text delta made visible by this event
     finish_reason: str | None = None
     score: float | None = None  # beam search: the finished sequence's score (on its final event)
+    top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs > 0: the k most likely (id, logprob)
+    stop_token_id: int | None = None  # the EOS token that ended the row (token_id is None then; logprob is its)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aigckit.errors import AigcError
-from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, GenerationParams
+from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, GenerationParams, with_constraint
 from aigckit.text.protocol import (GenerationResult, ScoreResult, Sequence, TokenEvent, check_messages,
                                    single_stream)
 
@@ -73,7 +73,10 @@ class RemoteLM:
         """The API call's arguments for ``p`` (already validated)."""
         if p.max_length is not None:
             raise AigcError("max_length is not available for remote models; use max_new_tokens", param="max_length")
-        if p.processors:
+        rf = None
+        if len(p.processors) == 1 and callable(getattr(p.processors[0], "response_format", None)):
+            rf = p.processors[0].response_format()  # a JSON-Schema constraint: the server's response_format
+        elif p.processors:
             raise AigcError("logits processors run inside the local engine; a remote model cannot apply them",
                             param="processors")
         kw: dict[str, Any] = {"model": self.name, "temperature": p.temperature}
@@ -90,6 +93,11 @@ class RemoteLM:
         if p.logprobs:
             kw["logprobs"] = True if chat else 0
         extra = {k: getattr(p, k) for k in _EXTRAS if getattr(p, k) != getattr(_DEFAULTS, k)}
+        if rf is not None:
+            if chat:
+                kw["response_format"] = rf
+            else:  # not in OpenAI's completions API; aigc serve (and vLLM) take it there too
+                extra["response_format"] = rf
         if extra:
             kw["extra_body"] = extra
         return kw
@@ -128,7 +136,7 @@ class RemoteLM:
     # ------------------------------------------------------------------------------------------ completions
     def generate(self, prompt: str | list[int], params: GenerationParams | None = None,
                  **overrides: Any) -> GenerationResult:
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         kw = self._request(p, chat=False)
         t0 = time.perf_counter()
         r = self._call(self.client.completions.create, prompt=self._prompt(prompt), **kw)
@@ -140,13 +148,13 @@ class RemoteLM:
 
     def generate_batch(self, prompts: list[str | list[int]], params: GenerationParams | None = None,
                        **overrides: Any) -> list[GenerationResult]:
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         return [self.generate(x, p) for x in prompts]
 
     def stream_events(self, prompt: str | list[int], params: GenerationParams | None = None, *,
                       stats: dict | None = None, **overrides: Any) -> Iterator[TokenEvent]:
         """TokenEvents as text arrives (``token_id`` is None: the API sends text, not ids)."""
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         if p.num_beams > 1:
             raise AigcError("streaming is not available with beam search", param="num_beams")
         return self._events(prompt, p, stats)
@@ -166,7 +174,7 @@ class RemoteLM:
 
     def stream(self, prompt: str | list[int], params: GenerationParams | None = None,
                **overrides: Any) -> Iterator[str]:
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         single_stream(p)
         return (ev.text for ev in self._events(prompt, p, None) if ev.text)
 
@@ -174,7 +182,7 @@ class RemoteLM:
     def chat(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
              **overrides: Any) -> GenerationResult:
         check_messages(messages)
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         kw = self._request(p, chat=True)
         t0 = time.perf_counter()
         r = self._call(self.client.chat.completions.create, messages=messages, **kw)
@@ -188,7 +196,7 @@ class RemoteLM:
     def chat_stream(self, messages: list[dict[str, str]], params: GenerationParams | None = None,
                     **overrides: Any) -> Iterator[str]:
         check_messages(messages)
-        p = GenerationParams.make(params, **overrides)
+        p = with_constraint(params, overrides)
         single_stream(p)
         return self._chat_deltas(messages, self._request(p, chat=True))
 

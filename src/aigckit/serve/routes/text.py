@@ -20,6 +20,7 @@ from aigckit.serve.errors import ApiError, in_band
 from aigckit.serve.models import Served
 from aigckit.serve.routes.common import get_model, now, request_id, to_thread
 from aigckit.serve.schemas import ChatCompletionRequest, CompletionRequest
+from aigckit.serve.structured import ToolDeltas, add_constraints, assistant_message, chat_prompt_ids, message_dict
 from aigckit.text.params import GenerationParams
 from aigckit.text.protocol import TokenEvent
 
@@ -29,7 +30,7 @@ router = APIRouter()
 # ------------------------------------------------------------------------------------------ parameters, prompts
 
 
-def generation_params(req, max_tokens: int | None, *, logprobs: bool) -> GenerationParams:
+def generation_params(req, max_tokens: int | None, *, logprobs: bool, top_logprobs: int = 0) -> GenerationParams:
     """The request's sampling fields as one ``GenerationParams`` (validated here, once; OpenAI's temperature
     default is 1)."""
     for name in ("presence_penalty", "frequency_penalty"):
@@ -41,7 +42,7 @@ def generation_params(req, max_tokens: int | None, *, logprobs: bool) -> Generat
               top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
               no_repeat_ngram_size=req.no_repeat_ngram_size, num_beams=req.num_beams,
               length_penalty=req.length_penalty, early_stopping=req.early_stopping, num_return_sequences=req.n,
-              stop=stop, seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos)
+              stop=stop, seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos, top_logprobs=top_logprobs)
     p = GenerationParams(**{k: v for k, v in kw.items() if v is not None})
     if p.num_beams > 1 and req.stream:
         raise ApiError(400, "stream is not available with beam search (num_beams > 1)", param="stream")
@@ -67,7 +68,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def token_texts(sm: Served, ids: list[int]) -> list[str]:
-    return [sm.obj.tokenizer.decode([t]) for t in ids]
+    tok = sm.obj.tokenizer  # ids past the tokenizer (a model's padded vocabulary) have no text: ""
+    return [tok.decode([t]) if t < tok.vocab_size else "" for t in ids]
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -76,13 +78,15 @@ def token_texts(sm: Served, ids: list[int]) -> list[str]:
 class _Row:
     """One returned sequence as it grows."""
 
-    __slots__ = ("text", "ids", "lps", "finish")
+    __slots__ = ("text", "ids", "lps", "tops", "finish", "eos")
 
     def __init__(self) -> None:
         self.text: list[str] = []
         self.ids: list[int] = []
         self.lps: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []  # top_logprobs: per token, the k most likely (id, logprob)
         self.finish = "length"
+        self.eos: tuple[int, float, list] | None = None  # the EOS that ended the row: (id, logprob, top)
 
     def add(self, ev: TokenEvent) -> None:
         self.text.append(ev.text)
@@ -90,6 +94,10 @@ class _Row:
             self.ids.append(ev.token_id)
             if ev.logprob is not None:
                 self.lps.append(ev.logprob)
+            if ev.top_logprobs is not None:
+                self.tops.append(ev.top_logprobs)
+        elif ev.stop_token_id is not None and ev.logprob is not None:
+            self.eos = (ev.stop_token_id, ev.logprob, ev.top_logprobs or [])
         if ev.finish_reason:
             self.finish = ev.finish_reason
 
@@ -224,9 +232,14 @@ def _envelope(cid: str, obj: str, created: int, model: str, include_usage: bool)
 async def completions(request: Request, req: CompletionRequest):
     sm = get_model(request, req.model, "text")
     lm = sm.obj
-    if req.echo and req.logprobs is not None:
-        raise ApiError(400, "echo with logprobs is not supported", param="echo")
-    params = generation_params(req, req.max_tokens, logprobs=req.logprobs is not None)
+    if req.echo and req.logprobs is not None and req.stream:
+        raise ApiError(400, "echo with logprobs is not supported when streaming", param="echo")
+    if req.max_tokens == 0 and (req.stream or not req.echo):
+        raise ApiError(400, "max_tokens 0 needs echo (and no stream): it returns the prompt and its logprobs",
+                       param="max_tokens")
+    params = generation_params(req, req.max_tokens or None, logprobs=req.logprobs is not None,
+                               top_logprobs=req.logprobs or 0)
+    params, _ = add_constraints(params, req)
     p = req.prompt
     if isinstance(p, str):
         prompts_ids, texts = [lm.encode(p)], [p]
@@ -244,23 +257,51 @@ async def completions(request: Request, req: CompletionRequest):
     cid, created = request_id("cmpl"), now()
     prompt_tokens = sum(len(x) for x in prompts_ids)
 
-    def logprobs_obj(row: _Row):
+    def tops_obj(tops):  # OpenAI's {token text: logprob}; tokens with the same text keep the best
+        if not req.logprobs:
+            return None
+        out = []
+        for k in tops:
+            d: dict[str, float] = {}
+            for t, lp in zip(token_texts(sm, [t for t, _ in k]), [lp for _, lp in k]):
+                d.setdefault(t, lp)
+            out.append(d)
+        return out
+
+    def logprobs_obj(row: _Row, j: int = 0):
         if req.logprobs is None:
             return None
-        toks = token_texts(sm, row.ids[:len(row.lps)])
-        offs, o = [], len(texts[0]) if req.echo else 0
+        ids, lps, tops = row.ids[:len(row.lps)], list(row.lps), row.tops
+        if req.echo:  # the prompt's own log-probabilities first (the first token has none)
+            ids, lps = prompts_ids[j] + ids, [lp for lp, _ in prompt_lps[j]] + lps
+            tops = [t for _, t in prompt_lps[j]] + tops
+            if row.eos is not None:  # and the EOS that ended it, as vLLM lists it (harnesses drop the last entry)
+                ids, lps, tops = ids + [row.eos[0]], lps + [row.eos[1]], tops + [row.eos[2]]
+        toks = token_texts(sm, ids)
+        offs, o = [], 0  # with echo the tokens start with the prompt's
         for t in toks:
             offs.append(o)
             o += len(t)
-        return {"tokens": toks, "token_logprobs": row.lps, "top_logprobs": None, "text_offset": offs}
+        top = tops_obj(tops)
+        if top is not None and req.echo:
+            top[0] = None
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offs}
 
     if not req.stream:
+        prompt_lps = []
+        if req.echo and req.logprobs is not None:
+            for ids in prompts_ids:
+                prompt_lps.append(await to_thread(request, lm.token_logprobs, ids, req.logprobs))
         choices, completion_tokens = [], 0
-        for j, rows in enumerate(await run_rows(request, sm, prompts_ids, params)):
+        if req.max_tokens == 0:  # echo only: the prompt, scored
+            all_rows = [[_Row() for _ in range(n)] for _ in prompts_ids]
+        else:
+            all_rows = await run_rows(request, sm, prompts_ids, params)
+        for j, rows in enumerate(all_rows):
             for i, r in enumerate(rows):
                 text = "".join(r.text)
                 choices.append({"index": j * n + i, "text": (texts[j] + text) if req.echo else text,
-                                "logprobs": logprobs_obj(r), "finish_reason": r.finish})
+                                "logprobs": logprobs_obj(r, j), "finish_reason": r.finish})
                 completion_tokens += len(r.ids)
         request.app.state.metrics.count(sm.id, prompt_tokens, completion_tokens)
         return {"id": cid, "object": "text_completion", "created": created, "model": sm.id,
@@ -275,8 +316,8 @@ async def completions(request: Request, req: CompletionRequest):
     def encode(j: int, ev: TokenEvent) -> list[dict]:
         lp = None
         if req.logprobs is not None and ev.token_id is not None and ev.logprob is not None:
-            lp = {"tokens": token_texts(sm, [ev.token_id]), "token_logprobs": [ev.logprob], "top_logprobs": None,
-                  "text_offset": [0]}
+            lp = {"tokens": token_texts(sm, [ev.token_id]), "token_logprobs": [ev.logprob],
+                  "top_logprobs": tops_obj([ev.top_logprobs or []]), "text_offset": [0]}
         return [choice(j * n + ev.row, ev.text, lp, ev.finish_reason)] if ev.text or ev.finish_reason or lp else []
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -292,25 +333,31 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-    params = generation_params(req, req.max_completion_tokens or req.max_tokens, logprobs=req.logprobs)
-    messages = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) or m.content is None \
-            else "".join(part.text for part in m.content)
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    params = generation_params(req, req.max_completion_tokens or req.max_tokens, logprobs=req.logprobs,
+                               top_logprobs=req.top_logprobs or 0)
+    params, tools = add_constraints(params, req)  # response_format / tools: constraints (serve/structured.py)
+    messages = [message_dict(m) for m in req.messages]
     if lm.tokenizer.chat_template is None:
         raise ApiError(400, f"model {sm.id!r} has no chat template; use /v1/completions", param="model",
                        code="no_chat_template")
-    ids = await to_thread(request, lm.chat_prompt, messages)
+    ids = await to_thread(request, chat_prompt_ids, lm, messages, tools)
     check_prompt(sm, ids, params)
     n = params.num_return_sequences
     cid, created = request_id("chatcmpl"), now()
 
-    def logprobs_obj(tokens: list[int], lps: list[float]):
+    def entry(t: str, lp: float) -> dict:
+        return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+    def logprobs_obj(tokens: list[int], lps: list[float], tops: list | None = None):
         if not req.logprobs:
             return None
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, lp in zip(token_texts(sm, tokens), lps)]}
+        content = []
+        for t, lp, k in zip(token_texts(sm, tokens), lps, tops or [[] for _ in tokens]):
+            alts = [entry(a, b) for a, b in zip(token_texts(sm, [i for i, _ in k]), [v for _, v in k])]
+            content.append(dict(entry(t, lp), top_logprobs=alts))
+        return {"content": content}
 
     if not req.stream:
         rows = (await run_rows(request, sm, [ids], params))[0]
@@ -318,8 +365,8 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
         request.app.state.metrics.count(sm.id, len(ids), completion_tokens)
         return {"id": cid, "object": "chat.completion", "created": created, "model": sm.id,
                 "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(r.text)},
-                             "logprobs": logprobs_obj(r.ids[:len(r.lps)], r.lps), "finish_reason": r.finish}
+                "choices": [dict(zip(("message", "finish_reason"), assistant_message("".join(r.text), r.finish, tools)),
+                                 index=i, logprobs=logprobs_obj(r.ids[:len(r.lps)], r.lps, r.tops))
                             for i, r in enumerate(rows)],
                 "usage": usage(len(ids), completion_tokens)}
 
@@ -329,11 +376,18 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
     def start(j: int) -> list[dict]:
         return [choice(i, {"role": "assistant", "content": ""}) for i in range(n)]
 
+    splits = [ToolDeltas() for _ in range(n)] if tools.active else None
+
     def encode(j: int, ev: TokenEvent) -> list[dict]:
         out = []
         lp = None
         if req.logprobs and ev.token_id is not None and ev.logprob is not None:
-            lp = logprobs_obj([ev.token_id], [ev.logprob])
+            lp = logprobs_obj([ev.token_id], [ev.logprob], [ev.top_logprobs or []])
+        if splits is not None:  # tool calls go out as delta.tool_calls, one chunk per complete call
+            out.extend(choice(ev.row, d) for d in splits[ev.row].feed(ev.text or ""))
+            if ev.finish_reason:
+                out.append(choice(ev.row, {}, splits[ev.row].finish(ev.finish_reason)))
+            return out
         if ev.text or lp:
             out.append(choice(ev.row, {"content": ev.text}, None, lp))
         if ev.finish_reason:
