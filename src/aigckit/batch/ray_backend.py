@@ -9,7 +9,9 @@ with one, the job goes to that cluster (every node needs aigckit and the model i
 from __future__ import annotations
 
 import json
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from aigckit.batch.rows import Row
@@ -58,6 +60,8 @@ def run_on_ray(todo: list[Row], args):
         address = args.ray_address or os.environ.get("RAY_ADDRESS")
         env = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "AIGC_HOME", "AIGC_NO_NUMBA")}
         env["OMP_NUM_THREADS"] = str(threads)
+        here = str(Path(__file__).resolve().parents[2])  # this aigckit, for workers of a local Ray
+        env["PYTHONPATH"] = os.pathsep.join([here, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
         kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False,
                               "logging_level": "ERROR"}
         if address:
@@ -65,6 +69,7 @@ def run_on_ray(todo: list[Row], args):
         else:
             ray.init(num_cpus=args.workers * threads, **kw)
         started = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -74,7 +79,8 @@ def run_on_ray(todo: list[Row], args):
                                                              "params": _params_dict(args.params),
                                                              "max_batch": args.max_batch},
                              batch_size=min(ROWS_PER_TASK, max(1, len(todo) // args.workers)),
-                             concurrency=args.workers, num_cpus=threads, batch_format="numpy")
+                             compute=ray.data.ActorPoolStrategy(size=args.workers), num_cpus=threads,
+                             batch_format="numpy")
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             for s in batch["result"]:
                 yield json.loads(s)
