@@ -63,7 +63,7 @@ def read_rows(url: str) -> list[Row]:
     """All rows of ``url`` (.jsonl / .json lines, or .parquet); ids must be unique."""
     import fsspec
 
-    lower = url.lower()
+    lower = url.split("::", 1)[0].lower()  # zip://a.jsonl::b.zip names the file first
     try:
         if lower.endswith(".parquet"):
             try:
