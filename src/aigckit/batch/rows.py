@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aigckit.data.urls import file_name, pyarrow_parquet
 from aigckit.errors import AigcError, CorruptFileError
 
 # generation options a row may set for itself (the command's flags are the defaults)
@@ -63,13 +64,10 @@ def read_rows(url: str) -> list[Row]:
     """All rows of ``url`` (.jsonl / .json lines, or .parquet); ids must be unique."""
     import fsspec
 
-    lower = url.split("::", 1)[0].lower()  # zip://a.jsonl::b.zip names the file first
+    lower = file_name(url)
     try:
         if lower.endswith(".parquet"):
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise AigcError("reading Parquet needs pyarrow: pip install pyarrow", param="input") from None
+            pq = pyarrow_parquet()
             with fsspec.open(url, "rb") as f:
                 table = pq.read_table(f)
             rows = [_row(r, i, f"{url} row {i}") for i, r in enumerate(table.to_pylist())]

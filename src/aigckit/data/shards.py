@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from aigckit.data.urls import file_name, pyarrow_parquet
 from aigckit.errors import AigcError, CorruptFileError
+from aigckit.store import sha256_file
 
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 26  # ~64M tokens (128 MiB of uint16) per shard
@@ -37,13 +39,10 @@ def iter_texts(url: str, field: str = "text") -> Iterator[str]:
     """Documents of a .jsonl / .parquet / .txt file (a path or an fsspec URL)."""
     import fsspec
 
-    lower = url.split("::", 1)[0].lower()  # zip://a.jsonl::b.zip names the file first
+    lower = file_name(url)
     if lower.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise AigcError("reading Parquet needs pyarrow: pip install pyarrow", param="input") from None
         with fsspec.open(url, "rb") as f:
+            pq = pyarrow_parquet()
             pf = pq.ParquetFile(f)
             if field not in pf.schema_arrow.names:
                 raise AigcError(f"{url} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})",
@@ -66,14 +65,6 @@ def iter_texts(url: str, field: str = "text") -> Iterator[str]:
             yield from (line.rstrip("\n") for line in f if line.strip())
     else:
         raise AigcError(f"text input must be .jsonl, .parquet or .txt, got {url!r}", param="input")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shards(texts: Iterable[str], encode: Callable[[str], list[int]], out: str | Path, *, vocab_size: int,
@@ -107,7 +98,7 @@ def write_shards(texts: Iterable[str], encode: Callable[[str], list[int]], out: 
                 os.fsync(f.fileno())
             os.replace(tmp, out / f"{name}{ext}")
         shards.append({"name": name, "tokens": int(tokens.size), "docs": len(offsets) - 1,
-                       "sha256": {ext: _sha256(out / f"{name}{ext}") for ext in (".bin", ".idx")}})
+                       "sha256": {ext: sha256_file(out / f"{name}{ext}") for ext in (".bin", ".idx")}})
         buf.clear()
         offsets[:] = [0]
 
@@ -157,7 +148,7 @@ class TokenShards:
                 want = s["tokens"] * dtype.itemsize if ext == ".bin" else (s["docs"] + 1) * 8
                 if not f.exists() or f.stat().st_size != want:
                     raise CorruptFileError(f"{f}: missing or of the wrong size (want {want} bytes)")
-                if verify and _sha256(f) != s["sha256"][ext]:
+                if verify and sha256_file(f) != s["sha256"][ext]:
                     raise CorruptFileError(f"{f}: sha256 does not match {INDEX}")
             self._bins.append(np.memmap(root / f"{s['name']}.bin", dtype=dtype, mode="r") if s["tokens"] else
                               np.zeros(0, dtype))
@@ -221,7 +212,7 @@ def _local(url: str) -> Path:
     for s in index["shards"]:
         for ext in (".bin", ".idx"):
             dst = cache / f"{s['name']}{ext}"
-            if not dst.exists() or _sha256(dst) != s["sha256"][ext]:
+            if not dst.exists() or sha256_file(dst) != s["sha256"][ext]:
                 tmp = cache / f".{s['name']}{ext}.tmp"
                 fs.get_file(f"{root.rstrip('/')}/{s['name']}{ext}", str(tmp))
                 os.replace(tmp, dst)
