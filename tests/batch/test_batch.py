@@ -40,7 +40,7 @@ def _results(path: Path) -> dict[str, dict]:
 
 
 def test_killed_job_resumes_without_redoing_finished_rows(tmp_path, tiny_llama_dir):
-    n = 24
+    n = 16
     inp = _write_jsonl(tmp_path / "in.jsonl", _prompts(n))
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "aigckit", "batch", "--input", str(inp), "--output", str(out), "--model",
