@@ -42,3 +42,9 @@ class GenerationError(RuntimeError):
 
     Raised to that request's caller alone; the other requests of a shared batch go on. The server answers 500 with
     this message (in-band once a stream has started)."""
+
+
+class DistributedError(AigcError):
+    """A multi-process job (torchrun) cannot go on: another rank died, hung past the timeout, or could not join.
+
+    The message names this rank and what failed; the CLI exits non-zero and the last checkpoint stays intact."""

@@ -12,7 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Image generation on Fashion-MNIST or your image folders.")
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", parser_class=type(p))
 
-    t = isub.add_parser("train", help="train (or --resume) a dcgan, vae or ddpm run")
+    t = isub.add_parser("train", help="train (or --resume) a dcgan, vae or ddpm run",
+                        description="Train (or --resume) a run. Data-parallel under torchrun, e.g. `torchrun "
+                                    "--standalone --nproc-per-node 2 -m aigckit image train ...`: gloo on the CPU, "
+                                    "rank 0 writes metrics, grids and checkpoints; a run resumes on another number "
+                                    "of ranks with the same global batch (see docs/DISTRIBUTED.md).")
     t.add_argument("--model", required=True, help="dcgan | vae | ddpm")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image-folder URL (fsspec)")
     t.add_argument("--out", required=True, help="run folder (runs/NAME)")
@@ -20,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, 
                    help="stop after M minutes of training steps (grids and checkpoints not counted)")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (labelled data)")
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=64, help="images per step (per rank under torchrun)")
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--size", default="small", help="model size preset: tiny | small | base")
@@ -31,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--sample-every", type=int, default=1000, help="sample grid + curves every K steps")
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--grid-n", type=int, default=64)
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--threads", type=int,
+                   help="torch CPU threads (per rank under torchrun; default there: usable cores / ranks per node)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: CPU autocast")
     t.add_argument("--schedule", default="cosine", help="ddpm noise schedule: linear | cosine")
     t.add_argument("--prediction", default="eps", help="ddpm target: eps | v")

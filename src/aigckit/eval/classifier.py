@@ -89,50 +89,65 @@ def train_classifier(*, seed: int = 0, epochs: int | None = None, threads: int =
 
     from aigckit import store
     from aigckit.data.images import load_dataset, to_float
+    from aigckit.train import distributed as dd
 
     dest = Path(store_dir) if store_dir else store.models_dir() / NAME
     if (dest / "manifest.json").exists() and not force:
         return dest
     epochs = epochs or 8
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-        X, Y = train.images[:limit], train.labels[:limit]  # noqa: N806
-        torch.manual_seed(seed)
-        cfg = ClassifierConfig()
-        model = Classifier(cfg)
-        steps_per_epoch = X.shape[0] // batch_size
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-        gen = torch.Generator().manual_seed(seed + 1)
-        bar = tqdm(total=epochs * steps_per_epoch, desc="train classifier", disable=not progress)
-        for _ in range(epochs):
-            model.train()
-            perm = torch.randperm(X.shape[0], generator=gen)
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch_size:(i + 1) * batch_size]
-                x = to_float(X[idx])
-                flip = torch.rand(x.shape[0], generator=gen) < 0.5  # horizontal flips: clothes are symmetric
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-                loss = F.cross_entropy(model(x), Y[idx], label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                if i % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        _, pred = predict(model, to_float(test.images))
-        acc = (pred == test.labels).float().mean().item()
-        per_class = [(pred[test.labels == c] == c).float().mean().item() for c in range(10)]
-    finally:
-        torch.set_num_threads(old_threads)
-    meta = {"seed": seed, "epochs": epochs, "threads": threads, "batch_size": batch_size, "lr": lr,
-            "train_images": int(X.shape[0]), "test_accuracy": round(acc, 4),
-            "test_accuracy_per_class": [round(a, 4) for a in per_class], "torch": torch.__version__}
-    _store(model, cfg, meta, dest)
+    with dd.session() as d:  # under torchrun: data-parallel, rank 0 evaluates and stores (train/distributed.py)
+        torch.set_num_threads(threads)
+        try:
+            train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+            X, Y = train.images[:limit], train.labels[:limit]  # noqa: N806
+            torch.manual_seed(seed)
+            cfg = ClassifierConfig()
+            model = Classifier(cfg)
+            if d.rank:  # dropout masks differ per rank
+                torch.manual_seed(dd.rank_seed(seed, d.rank))
+            dd.broadcast_module(model, d)
+            averager = dd.GradAverager(model, d)
+            # the order and the flips are drawn for the global batch from one generator seeded alike on every rank;
+            # rank r takes slice r (one process: the global batch is the batch, as it always was)
+            gb = batch_size * d.world_size
+            steps_per_epoch = X.shape[0] // gb
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+            gen = torch.Generator().manual_seed(seed + 1)
+            mine = slice(d.rank * batch_size, (d.rank + 1) * batch_size)
+            bar = tqdm(total=epochs * steps_per_epoch, desc="train classifier", disable=not progress or d.rank > 0)
+            for _ in range(epochs):
+                model.train()
+                perm = torch.randperm(X.shape[0], generator=gen)
+                for i in range(steps_per_epoch):
+                    idx = perm[i * gb:(i + 1) * gb][mine]
+                    x = to_float(X[idx])
+                    flip = (torch.rand(gb, generator=gen) < 0.5)[mine]  # horizontal flips: clothes are symmetric
+                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+                    loss = F.cross_entropy(model(x), Y[idx], label_smoothing=0.05)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    bar.update(1)
+                    if i % 50 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.close()
+            averager.remove()
+            if d.rank:
+                dd.barrier(d, "waiting for rank 0 to store the classifier")
+                return dest
+            _, pred = predict(model, to_float(test.images))
+            acc = (pred == test.labels).float().mean().item()
+            per_class = [(pred[test.labels == c] == c).float().mean().item() for c in range(10)]
+        finally:
+            torch.set_num_threads(old_threads)
+        meta = {"seed": seed, "epochs": epochs, "threads": threads, "batch_size": gb, "lr": lr,
+                "train_images": int(X.shape[0]), "test_accuracy": round(acc, 4), "world_size": d.world_size,
+                "test_accuracy_per_class": [round(a, 4) for a in per_class], "torch": torch.__version__}
+        _store(model, cfg, meta, dest)
+        dd.barrier(d, "waiting for rank 0 to store the classifier")
     if progress:
         print(f"test accuracy {acc:.4f}", flush=True)
     return dest

@@ -10,6 +10,11 @@ Determinism: the model is initialised from ``seed``; batch order is a permutatio
 seeded by (seed, epoch), so it depends only on the step; all training noise comes from one ``torch.Generator`` whose
 state is checkpointed with the global torch RNG, the optimisers and the EMA. Hence a run resumed from any checkpoint
 ends with the same weights, bit for bit, as one that was never interrupted (same seed, CPU, same thread count).
+
+Under ``torchrun`` the same loop is data-parallel (``train/distributed.py``): ``--batch-size`` is per rank, the data
+position is kept in samples and the global batch (per-rank batch x ranks) is kept on resume, so a run started on 2
+ranks resumes on 1 (with twice the per-rank batch) and the other way; every rank's RNG states are checkpointed, so a
+resume on the same number of ranks is bit for bit too. Rank 0 writes metrics, grids and checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from aigckit.data.images import load_dataset, to_float
 from aigckit.errors import AigcError
 from aigckit.train import checkpoint as ck
+from aigckit.train import distributed as dd
 from aigckit.train.ema import make_ema, update_ema
 from aigckit.train.family import FamilyTrainer
 from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
@@ -92,13 +98,28 @@ def family_trainer(name: str) -> FamilyTrainer:
     return importlib.import_module(FAMILIES[name]).Trainer()
 
 
-def _batch_order(n: int, batch: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)[: (n // batch) * batch].view(-1, batch)
-
-
 def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the run in ``args.out``; returns the folder of the final checkpoint."""
+    """Train (or resume) the run in ``args.out``; returns the folder of the final checkpoint. Under torchrun every
+    rank calls this (see ``train/distributed.py``)."""
+    with dd.session() as d:
+        return _train(args, d, resume=resume, progress=progress)
+
+
+def _resumed_args(saved: dict, saved_config: dict, args: TrainArgs, d: dd.Dist) -> TrainArgs:
+    """The saved options with the new stopping rule, threads and folder; the per-rank batch keeps the global one."""
+    # only the stopping rule (and the folder, if the run was moved) may change on resume
+    saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
+    world = saved_config.get("distributed", {}).get("world_size", 1)
+    global_batch = saved["batch_size"] * world
+    if global_batch % d.world_size:
+        raise AigcError(f"the run's global batch of {global_batch} ({saved['batch_size']} x {world} ranks) does not "
+                        f"split over {d.world_size} ranks; resume on a number of ranks that divides it",
+                        param="nproc_per_node")
+    saved["batch_size"] = global_batch // d.world_size
+    return args_from_dict(saved)
+
+
+def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path:
     from tqdm import tqdm
 
     run = Path(args.out).expanduser()
@@ -106,52 +127,82 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
     if resume:
         if ck.list_checkpoints(run):
             ckpt = ck.latest_checkpoint(run)  # the newest intact one; damaged newer ones are named on stderr
-            saved = ck.read_config(ckpt)["train"]
+            saved_config = ck.read_config(ckpt)
         elif (run / "config.json").exists():  # killed before its first checkpoint: start it again from step 0
-            saved = ck.read_config(run)["train"]
+            saved_config = ck.read_config(run)
         else:
             raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json")
-        # only the stopping rule (and the folder, if the run was moved) may change on resume
-        saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
-        args = args_from_dict(saved)
+        args = _resumed_args(saved_config["train"], saved_config, args, d)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = dd.threads_per_rank(args.threads, d)
+    if threads:
+        torch.set_num_threads(threads)
     trainer = family_trainer(args.model)
     ds = load_dataset(args.data, "train", args.resolution or trainer.default_resolution(args), args.channels)
     if args.conditional and ds.labels is None:
         raise AigcError(f"--conditional needs labelled data; {args.data} has no class sub-folders")
-    if len(ds) < args.batch_size:
-        raise AigcError(f"batch size {args.batch_size} exceeds the {len(ds)} training images")
+    if len(ds) < args.batch_size * d.world_size:
+        what = f"batch size {args.batch_size}" + (f" x {d.world_size} ranks" if d.active else "")
+        raise AigcError(f"{what} exceeds the {len(ds)} training images")
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg, model = trainer.build(args, ds)
     ema = make_ema(model)
     opts = trainer.optimizers(model, args)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    seed = dd.rank_seed(args.seed, d.rank)
+    if d.rank:
+        torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     step, images_seen, train_time = 0, 0, 0.0
+    data_pos = {"epoch": 0, "offset": 0}
     config = {"family": args.model, "model": cfg.to_dict(), "train": asdict(args),
               "data": {"name": ds.name, "class_names": ds.class_names if args.conditional else [],
-                       "resolution": ds.resolution, "channels": ds.channels}}
+                       "resolution": ds.resolution, "channels": ds.channels},
+              "distributed": {"world_size": d.world_size, "global_batch": args.batch_size * d.world_size}}
     if ckpt is not None:
         ck.load_weights(model, ckpt / "model.safetensors")
         ck.load_weights(ema, ckpt / "ema.safetensors")
         tensors, meta = ck.load_trainer_state(ckpt)
         ck.optimizer_from_flat(opts, tensors, meta["optimizers"])
-        gen.set_state(tensors["rng.train"])
-        torch.set_rng_state(tensors["rng.torch"])
         step, images_seen, train_time = meta["step"], meta["images_seen"], meta["train_time_s"]
-        truncate_metrics(run, step)
-    run.mkdir(parents=True, exist_ok=True)
-    ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
+        suffix = f".rank{d.rank}" if d.rank else ""
+        if f"rng.train{suffix}" in tensors:
+            gen.set_state(tensors[f"rng.train{suffix}"])
+            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        else:  # a rank the saving run did not have: fresh streams, fixed by (seed, rank, step)
+            torch.manual_seed(dd.rank_seed(args.seed * 1_000_003 + step, d.rank))
+            gen.manual_seed(dd.rank_seed(args.seed * 1_000_003 + step, d.rank) + 1)
+        if "data_offset" in meta:
+            data_pos = {"epoch": meta["data_epoch"], "offset": meta["data_offset"]}
+        else:  # written before the position was kept in samples: one process, a fixed batch
+            per_epoch = len(ds) // args.batch_size
+            data_pos = {"epoch": step // per_epoch, "offset": (step % per_epoch) * args.batch_size}
+        if d.is_main:
+            truncate_metrics(run, step)
+    dd.broadcast_module(model, d)
+    dd.broadcast_module(ema, d)
+    averager = dd.GradAverager(model, d)
+    sampler = dd.ShardedSampler(len(ds), args.batch_size, args.seed, d, **data_pos)
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
 
     def save() -> Path:
-        return ck.save_checkpoint(run, step=step, config=config, model=model, ema=ema, optimizers=opts,
-                                  rng={"train": gen.get_state(), "torch": torch.get_rng_state()},
-                                  state={"images_seen": images_seen, "train_time_s": train_time})
+        rng = {"train": gen.get_state(), "torch": torch.get_rng_state()}
+        if d.active:  # every rank's streams, so that a resume on as many ranks is bit for bit
+            states = {k: dd.gather_bytes(v, d) for k, v in rng.items()}
+            rng = {f"{k}.rank{r}" if r else k: v[r] for k, v in states.items() for r in range(d.world_size)}
+        path = run / ck.CKPT_DIR / f"{ck.PREFIX}{step:09d}"
+        if d.is_main:
+            path = ck.save_checkpoint(run, step=step, config=config, model=model, ema=ema, optimizers=opts, rng=rng,
+                                      state={"images_seen": images_seen, "train_time_s": train_time,
+                                             **sampler.state()})
+        return path
 
     def grid() -> None:
+        if not d.is_main:
+            return
         g = torch.Generator().manual_seed(1234)  # fixed: grids are comparable across steps, training RNG untouched
         labels = (torch.arange(args.grid_n) % ds.num_classes) if args.conditional else None
         imgs = trainer.grid(ema, args, labels, g)
@@ -163,12 +214,10 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
         save_png(make_grid(imgs, nrow=nrow), run / "samples.png", meta)
 
     X, Y = ds.images, ds.labels
-    per_epoch = len(ds) // args.batch_size
-    order, order_epoch = None, -1
     stop_requested = []
     old_term = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
-    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", unit="step",
+               disable=not progress or not d.is_main, dynamic_ncols=True)
     sums: dict[str, float] = {}
     dt_log, n_log, k_log = 0.0, 0, 0  # training seconds, images and steps since the last log row
     last_saved = step if ckpt is not None else -1
@@ -176,56 +225,58 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
         while True:
             if args.steps is not None and step >= args.steps:
                 break
-            if args.minutes is not None and train_time >= args.minutes * 60:
-                break
-            if stop_requested:
+            out_of_time = args.minutes is not None and train_time >= args.minutes * 60
+            if dd.any_rank(out_of_time or bool(stop_requested), d):  # all ranks stop at the same step
                 break
             t0 = time.perf_counter()
-            epoch = step // per_epoch
-            if epoch != order_epoch:
-                order, order_epoch = _batch_order(len(ds), args.batch_size, args.seed, epoch), epoch
-            idx = order[step % per_epoch]
+            idx = sampler.next()
             x = to_float(X[idx])
             y = Y[idx] if args.conditional else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 losses = trainer.step(model, opts, x, y, gen)
             update_ema(ema, model, args.ema_decay, step)
             step += 1
-            images_seen += x.shape[0]
+            images_seen += sampler.global_batch
             dt = time.perf_counter() - t0
             train_time += dt
             dt_log += dt
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-            n_log += x.shape[0]
+            n_log += sampler.global_batch
             k_log += 1
             bar.update(1)
             if step % args.log_every == 0:
-                row = {"step": step, "epoch": round(step / per_epoch, 3), "images": images_seen,
-                       "time": round(train_time, 2), "images_per_s": round(n_log / max(dt_log, 1e-9), 2),
-                       **{k: v / k_log for k, v in sums.items()}}
-                append_metrics(run, row)
-                bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
-                                 **{k: f"{v / k_log:.4g}" for k, v in sums.items()}})
+                sums = dd.mean_over_ranks(sums, d)
+                if d.is_main:
+                    row = {"step": step, "epoch": round(sampler.progress, 3), "images": images_seen,
+                           "time": round(train_time, 2), "images_per_s": round(n_log / max(dt_log, 1e-9), 2),
+                           **{k: v / k_log for k, v in sums.items()}}
+                    append_metrics(run, row)
+                    bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
+                                     **{k: f"{v / k_log:.4g}" for k, v in sums.items()}})
                 sums, dt_log, n_log, k_log = {}, 0.0, 0, 0
             if step % args.ckpt_every == 0:
                 save()
                 last_saved = step
             if step % args.sample_every == 0:
                 grid()
-                plot_curves(run)
+                if d.is_main:
+                    plot_curves(run)
     except KeyboardInterrupt:
         bar.close()
-        if step != last_saved:
+        if step != last_saved and not d.active:  # several ranks: the others may be gone; the last one stands
             save()
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
         bar.close()
-    final = save() if step != last_saved else ck.latest_checkpoint(run)
-    if step > 0:
+        averager.remove()
+    final = save() if step != last_saved else ck.latest_checkpoint(run) if d.is_main else \
+        run / ck.CKPT_DIR / f"{ck.PREFIX}{step:09d}"
+    if step > 0 and d.is_main:
         grid()
         plot_curves(run)
+    dd.barrier(d, "waiting for rank 0 to write the final checkpoint")
     return final
 
 
