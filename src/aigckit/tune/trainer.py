@@ -203,16 +203,18 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
                            state={"train_time_s": train_time, "tokens_seen": tokens_seen})
         save_adapter(model, run / "adapter", lcfg, lm.source)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(when: str | None = None) -> dict[str, float]:
         model.eval()
         rng = torch.get_rng_state()  # evaluation never moves the training RNG
         with torch.no_grad():
             out = task.evaluate(lm, model, args)
+            if when and hasattr(task, "samples"):  # generated examples, before and after (RL)
+                summary[f"samples_{when}"] = task.samples(lm, model, args)
         torch.set_rng_state(rng)
         return out
 
     if "before" not in summary:
-        summary["before"] = evaluate()
+        summary["before"] = evaluate("before")
         if summary["before"]:
             append_metrics(run, {"step": step, **summary["before"]})
         ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))  # a resumed run keeps "before"
@@ -260,7 +262,7 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
         save()
     if step < args.steps:  # interrupted: the checkpoint is written, the run goes on with --resume
         return {**summary, "steps": step, "interrupted": True}
-    summary["after"] = evaluate()
+    summary["after"] = evaluate("after")
     if summary["after"]:
         append_metrics(run, {"step": step, **summary["after"]})
     summary.update(steps=step, train_time_s=round(train_time, 2), tokens_seen=tokens_seen,
