@@ -119,3 +119,24 @@ def test_bad_adapters(tiny_llama_dir, tmp_path):
     ad.weights[name] = (ad.weights[name][0][:, :5], ad.weights[name][1])
     with pytest.raises(CorruptFileError, match="this model wants"):
         merge_adapter(load_lm(tiny_llama_dir).model, ad)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_lora_merge_cli_writes_an_hf_folder(tiny_llama_dir, tiny_gpt2_dir, tmp_path, which):
+    from aigckit.cli import main
+
+    base = tiny_llama_dir if which == "llama" else tiny_gpt2_dir
+    lm = load_lm(base, kernels="torch")
+    cfg = LoraConfig(r=2, target_modules="all-linear")
+    add_lora(lm.model, cfg)
+    _randomise(lm.model)
+    with torch.no_grad():
+        ref = lm.model(TOKENS)
+    save_adapter(lm.model, tmp_path / "ad", cfg)
+    assert main(["lora", "merge", "--model", str(base), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "m")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_lm(tmp_path / "m", kernels="torch").model(TOKENS), ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(_hf(tmp_path / "m")(TOKENS).logits, ref, atol=2e-5, rtol=1e-4)
+    assert main(["lora", "merge", "--model", str(base), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "m")]) == 2  # never over a folder with files

@@ -126,6 +126,9 @@ def test_cli_finetune_and_errors(tiny_chat_dir, sft_file, tmp_path, capsys):
     assert out["steps"] == 2 and "eval_loss" in out["after"]
     conf = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
     assert conf["r"] == 2 and conf["target_modules"] == ["q_proj", "v_proj"]
+    rc = main(["text", "w11 w12", "--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "r" / "adapter"),
+               "--max-new-tokens", "2", "-t", "0", "--json"])
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) >= 1
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "w1"}, {"prompt": "x"}])
     rc = main(["finetune", "--model", str(tiny_chat_dir), "--data", str(bad), "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
