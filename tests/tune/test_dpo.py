@@ -68,7 +68,7 @@ def test_loss_equals_trl(tiny_llama_dir, tmp_path, loss_type):
     avg = loss_type == "ipo"
 
     def logps():
-        lp = token_logps(lm.model(ids), labels).sum(-1)
+        lp = token_logps(lm.model, ids, labels).sum(-1)
         if avg:
             lp = lp / (labels[:, 1:] != IGNORE).sum(-1)
         return lp.chunk(2)

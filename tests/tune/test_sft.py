@@ -133,3 +133,20 @@ def test_cli_finetune_and_errors(tiny_chat_dir, sft_file, tmp_path, capsys):
     rc = main(["finetune", "--model", str(tiny_chat_dir), "--data", str(bad), "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad}:2:" in err and len(err.strip().splitlines()) == 1
+
+
+def test_head_only_at_labels_equals_full_logits(tiny_llama_dir):
+    from aigckit.tune.trainer import sum_nll, token_logps
+
+    lm = load_lm(tiny_llama_dir, kernels="torch")
+    ids = torch.tensor([[5, 17, 3, 44, 9, 12], [7, 8, 9, 10, 0, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 44, 9, 12], [IGNORE, 8, 9, 10, IGNORE, IGNORE]])
+    with torch.no_grad():
+        full = torch.log_softmax(lm.model(ids)[:, :-1], -1)
+        got = token_logps(lm.model, ids, labels)
+        nll = sum_nll(lm.model, ids, labels)
+    mask = labels[:, 1:] != IGNORE
+    want = full.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nll, -want.sum(), atol=1e-4, rtol=1e-5)
+    assert type(lm.model.lm_head) is torch.nn.Linear  # the head is back

@@ -90,7 +90,7 @@ def pair_examples(tok, rows, max_len: int) -> list[Pair]:
 def sequence_logps(model, pairs: list[Pair], pad: int, average: bool = False) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) summed (or per-token averaged) completion log-probs, one forward over [chosen; rejected]."""
     b = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad)
-    lp = token_logps(model(b.ids), b.labels)
+    lp = token_logps(model, b.ids, b.labels)
     s = lp.sum(-1)
     if average:
         s = s / (b.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)

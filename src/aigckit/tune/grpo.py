@@ -180,8 +180,8 @@ class RLTask:
             ref = None
             if args.beta > 0:
                 with torch.no_grad(), adapters_disabled(model):
-                    ref = token_logps(model(b.ids), b.labels)
-            pol = token_logps(model(b.ids), b.labels)
+                    ref = token_logps(model, b.ids, b.labels)
+            pol = token_logps(model, b.ids, b.labels)
             terms, kl = policy_loss(pol, pol.detach(), ref, adv[k:k + len(exs)], mask, args.beta, args.epsilon)
             loss = terms.sum() / max(n_tok, 1)
             loss.backward()
