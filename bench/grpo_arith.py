@@ -1,7 +1,8 @@
 """A short GRPO run on a verifiable task: SmolLM2-135M-Instruct answers small additions with the number alone.
 
-Writes a train and a held-out prompt set (disjoint problems), then runs ``aigc rl`` with two built-in rewards:
-``format:-?\\d+`` (the reply is only a number) and ``exact-number`` (that number is the sum). The held-out reward
+Writes a train and a held-out prompt set (disjoint problems), then runs ``aigc rl`` with three built-in rewards:
+``format:-?\\d+`` (the reply is only a number), ``exact-number`` (that number is the sum) and ``length:3`` at weight
+0.5 (about as short as a number and EOS). LoRA on the top 10 of 30 layers only, so backward stops there. The held-out reward
 (greedy, before -> after) and the samples are in RUN/summary.json, the per-step curves in RUN/metrics.jsonl.
 
     nice -n 10 .venv/bin/python bench/grpo_arith.py --out /tmp/grpo-arith --steps 40
@@ -29,7 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--held-out", type=int, default=48)
+    ap.add_argument("--minutes", type=float, default=15)
+    ap.add_argument("--held-out", type=int, default=24)
     ap.add_argument("--max-operand", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `aigc rl` options")
@@ -43,9 +45,11 @@ def main() -> None:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows(ps)))
     cmd = [sys.executable, "-m", "aigckit", "rl", "--data", str(out / "train.jsonl"),
            "--eval-data", str(out / "held.jsonl"), "--out", str(out / "run"), "--steps", str(a.steps),
-           "--reward", r"format:-?\d+", "--reward", "exact-number", "--num-generations", "8", "--batch-size", "4",
-           "--max-new-tokens", "16", "--lr", "2e-4", "--lora-rank", "16", "--lora-alpha", "32", "--beta", "0.04",
-           "--warmup", "2", "--ckpt-every", "10", "--threads", str(a.threads), "--json", *a.extra]
+           "--minutes", str(a.minutes), "--reward", r"format:-?\d+", "--reward", "exact-number",
+           "--reward", "length:3=0.5", "--num-generations", "6", "--batch-size", "2", "--max-new-tokens", "12",
+           "--lr", "5e-4", "--lora-rank", "16", "--lora-alpha", "32", "--beta", "0.04", "--warmup", "2",
+           "--target-modules", r"re:model\.layers\.(2\d)\..*", "--ckpt-every", "5", "--threads", str(a.threads),
+           "--json", *a.extra]
     print(" ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
     s = json.loads((out / "run" / "summary.json").read_text())

@@ -140,3 +140,17 @@ def test_lora_merge_cli_writes_an_hf_folder(tiny_llama_dir, tiny_gpt2_dir, tmp_p
         torch.testing.assert_close(_hf(tmp_path / "m")(TOKENS).logits, ref, atol=2e-5, rtol=1e-4)
     assert main(["lora", "merge", "--model", str(base), "--adapter", str(tmp_path / "ad"),
                  "--out", str(tmp_path / "m")]) == 2  # never over a folder with files
+
+
+def test_target_patterns(tiny_llama_dir):
+    from aigckit.cli.tune import _targets
+    from aigckit.text.adapter import match_targets
+
+    cfg = load_lm(tiny_llama_dir, kernels="torch").config
+    rx = _targets(r"re:model\.layers\.1\..*_proj")
+    assert isinstance(rx, str)
+    assert {t.hf for t in match_targets(cfg, rx)} == {f"model.layers.1.{m}" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert [t.hf for t in match_targets(cfg, _targets("v_proj"))] == ["model.layers.0.self_attn.v_proj",
+                                                                      "model.layers.1.self_attn.v_proj"]

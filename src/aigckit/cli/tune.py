@@ -8,8 +8,10 @@ import sys
 
 from aigckit.errors import AigcError
 
-TARGETS_HELP = ("comma-separated HF module names the adapter trains (peft's target_modules), or all-linear "
-                "(default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+TARGETS_HELP = ("comma-separated HF module names the adapter trains (peft's target_modules), all-linear, or "
+                "re:REGEX matched against whole HF module names, e.g. 're:model\.layers\.2\d\..*' for the "
+                "top layers only (backward stops below them) (default: q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                "up_proj,down_proj)")
 
 
 def _common(p: argparse.ArgumentParser, data_help: str, *, lr: float, steps: int, batch: int) -> None:
@@ -21,7 +23,9 @@ def _common(p: argparse.ArgumentParser, data_help: str, *, lr: float, steps: int
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact "
                                                          "checkpoint (bit-exact); only --steps/--threads may change")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps}): the length of "
+                                                            "the cosine schedule")
+    g.add_argument("--minutes", type=float, default=None, help="stop after this much training time if sooner")
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g}), AdamW")
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at lr x this (default 0)")
@@ -51,7 +55,7 @@ def _common(p: argparse.ArgumentParser, data_help: str, *, lr: float, steps: int
     p.add_argument("--no-progress", action="store_true")
 
 
-COMMON = ("data", "out", "model", "steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "max_grad_norm",
+COMMON = ("data", "out", "model", "steps", "minutes", "lr", "warmup", "min_lr_ratio", "weight_decay", "max_grad_norm",
           "batch_size", "grad_accum", "max_len", "lora_rank", "lora_alpha", "lora_dropout", "adapter", "eval_data",
           "eval_frac", "eval_every", "ckpt_every", "log_every", "seed", "threads")
 
@@ -63,6 +67,8 @@ def _targets(value: str | None):
         return list(DEFAULT_TARGETS)
     if value == "all-linear":
         return value
+    if value.startswith("re:"):
+        return value[3:]
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
         raise AigcError("--target-modules is empty", param="target_modules")

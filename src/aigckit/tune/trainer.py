@@ -49,7 +49,8 @@ class TuneArgs:
     data: str
     out: str
     model: str | None = None  # store name, .gguf, HF folder (default: smollm2-135m-instruct)
-    steps: int = 100  # optimiser steps
+    steps: int = 100  # optimiser steps (the cosine schedule's length) ...
+    minutes: float | None = None  # ... or stop after this much training time, whichever comes first
     lr: float = 2e-4
     warmup: int = 0  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.0
@@ -77,6 +78,7 @@ class TuneArgs:
                 raise AigcError(msg, param=param)
 
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}", "steps")
+        need(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}", "minutes")
         need(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}", "lr")
         need(0 <= self.warmup, f"warmup must be >= 0, got {self.warmup}", "warmup")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", "min_lr_ratio")
@@ -191,7 +193,8 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
             saved = ck.read_config(run)["args"]
         else:
             raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json", param="resume")
-        saved.update(steps=args.steps, threads=args.threads, out=args.out)  # only these may change on resume
+        # only the stopping rule, the threads and the folder may change on resume
+        saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
         args = _args_from_dict(type(args), saved)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out",
@@ -250,7 +253,8 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
                dynamic_ncols=True, file=sys.stderr)
     last_saved = step if ckpt is not None else -1
     try:
-        while step < args.steps and not stop_requested and step != stop_at:
+        while (step < args.steps and not stop_requested and step != stop_at
+               and (args.minutes is None or train_time < args.minutes * 60)):
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, args)
@@ -286,7 +290,8 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
         bar.close()
     if step != last_saved:
         save()
-    if step < args.steps:  # interrupted: the checkpoint is written, the run goes on with --resume
+    if step < args.steps and (args.minutes is None or train_time < args.minutes * 60):
+        # interrupted: the checkpoint is written, the run goes on with --resume
         return {**summary, "steps": step, "interrupted": True}
     summary["after"] = evaluate("after")
     if summary["after"]:
