@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SYSTEM = "You are a calculator. Reply with the number only."
+SYSTEM = "Reply with the number only."
 
 
 def rows(pairs):
@@ -30,8 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--minutes", type=float, default=15)
-    ap.add_argument("--held-out", type=int, default=24)
+    ap.add_argument("--minutes", type=float, default=18)
+    ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--max-operand", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `aigc rl` options")
@@ -46,8 +46,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "aigckit", "rl", "--data", str(out / "train.jsonl"),
            "--eval-data", str(out / "held.jsonl"), "--out", str(out / "run"), "--steps", str(a.steps),
            "--minutes", str(a.minutes), "--reward", r"format:-?\d+", "--reward", "exact-number",
-           "--reward", "length:3=0.5", "--num-generations", "6", "--batch-size", "2", "--max-new-tokens", "12",
-           "--lr", "5e-4", "--lora-rank", "16", "--lora-alpha", "32", "--beta", "0.04", "--warmup", "2",
+           "--reward", "length:3=0.5", "--num-generations", "4", "--batch-size", "2", "--max-new-tokens", "8",
+           "--lr", "1e-3", "--lora-rank", "16", "--lora-alpha", "32", "--beta", "0.04", "--warmup", "2",
            "--target-modules", r"re:model\.layers\.(2\d)\..*", "--ckpt-every", "5", "--threads", str(a.threads),
            "--json", *a.extra]
     print(" ".join(cmd), file=sys.stderr)

@@ -117,6 +117,18 @@ def split_rows(rows: list[Row], eval_frac: float, seed: int) -> tuple[list[Row],
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def train_and_held(args, kind: str) -> tuple[list[Row], list[Row]]:
+    """The training rows and the held-out rows of a run: ``args.eval_data``, or ``args.eval_frac`` of ``args.data``."""
+    rows = read_jsonl(args.data, kind)
+    if args.eval_data:
+        return rows, read_jsonl(args.eval_data, kind)
+    return split_rows(rows, args.eval_frac, args.seed)
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 def sample_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
     """Row indices of optimiser step ``step``: consecutive slices of one permutation per epoch (seeded by
     ``(seed, epoch)``), so the data order depends only on the step and a resumed run sees the same batches."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aigckit.errors import AigcError
-from aigckit.tune.data import IGNORE, Example, completion_ids, pad_batch, read_jsonl, sample_indices, split_rows
+from aigckit.tune.data import IGNORE, Example, completion_ids, pad_batch, pad_id, sample_indices, train_and_held
 from aigckit.tune.lora import adapters_disabled
 from aigckit.tune.trainer import TuneArgs, token_logps
 
@@ -101,13 +101,9 @@ class DPOTask:
     kind = "dpo"
 
     def prepare(self, lm, args: DPOArgs) -> None:
-        rows = read_jsonl(args.data, "dpo")
-        if args.eval_data:
-            train, held = rows, read_jsonl(args.eval_data, "dpo")
-        else:
-            train, held = split_rows(rows, args.eval_frac, args.seed)
+        train, held = train_and_held(args, "dpo")
         tok = lm.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = pad_id(tok)
         self.train = pair_examples(tok, train, args.max_len)
         self.held = pair_examples(tok, held, args.max_len) if held else []
 

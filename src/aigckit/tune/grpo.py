@@ -30,7 +30,7 @@ from torch import Tensor
 
 from aigckit.errors import AigcError
 from aigckit.text.params import GenerationParams
-from aigckit.tune.data import IGNORE, Example, pad_batch, prompt_ids, read_jsonl, sample_indices, split_rows
+from aigckit.tune.data import IGNORE, Example, pad_batch, pad_id, prompt_ids, sample_indices, train_and_held
 from aigckit.tune.lora import adapters_disabled, merged_model
 from aigckit.tune.rewards import Reward, parse_reward, score
 from aigckit.tune.trainer import TuneArgs, token_logps
@@ -104,13 +104,9 @@ class RLTask:
     def prepare(self, lm, args: RLArgs) -> None:
         self.kind = args.algo
         self.rewards: list[Reward] = [parse_reward(s) for s in args.rewards]
-        rows = read_jsonl(args.data, "rl")
-        if args.eval_data:
-            train, held = rows, read_jsonl(args.eval_data, "rl")
-        else:
-            train, held = split_rows(rows, args.eval_frac, args.seed)
+        train, held = train_and_held(args, "rl")
         tok = lm.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = pad_id(tok)
         self.eos = tok.eos_token_id
         self.train = [self._prompt(tok, r, args) for r in train]
         self.held = [self._prompt(tok, r, args) for r in held]

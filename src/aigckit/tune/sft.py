@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aigckit.tune.data import (Example, pack, pad_batch, read_jsonl, sample_indices, sft_example, split_rows,
+from aigckit.tune.data import (Example, pack, pad_batch, pad_id, sample_indices, sft_example, train_and_held,
                                truncate)
 from aigckit.tune.trainer import TuneArgs, sum_nll
 
@@ -31,13 +31,9 @@ class SFTTask:
     kind = "sft"
 
     def prepare(self, lm, args: SFTArgs) -> None:
-        rows = read_jsonl(args.data, "sft")
-        if args.eval_data:
-            train, held = rows, read_jsonl(args.eval_data, "sft")
-        else:
-            train, held = split_rows(rows, args.eval_frac, args.seed)
+        train, held = train_and_held(args, "sft")
         tok = lm.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = pad_id(tok)
         self.train = _examples(tok, train, args)
         self.held = _examples(tok, held, args) if held else []
 
