@@ -115,3 +115,17 @@ def test_bad_pairs(tmp_path):
         read_jsonl(p, "dpo")
     with pytest.raises(AigcError, match="beta"):
         DPOArgs(data="x", out="y", beta=0).check()
+
+
+def test_cli_dpo(tiny_chat_dir, tmp_path, capsys):
+    import json
+
+    from aigckit.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", _pairs(6, chat=True))
+    rc = main(["dpo", "--model", str(tiny_chat_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "1",
+               "--beta", "0.2", "--loss-type", "ipo", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 1 and "eval_reward_accuracy" in out["after"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["args"]["loss_type"] == "ipo"
