@@ -1,8 +1,8 @@
 """A short GRPO run on a verifiable task: SmolLM2-135M-Instruct answers small additions with the number alone.
 
 Writes a train and a held-out prompt set (disjoint problems), then runs ``aigc rl`` with three built-in rewards:
-``format:-?\\d+`` (the reply is only a number), ``exact-number`` (that number is the sum) and ``length:3`` at weight
-0.5 (about as short as a number and EOS). LoRA on the top 10 of 30 layers only, so backward stops there. The held-out reward
+``format:-?\\d+.*`` at weight 0.5 (the reply starts with a number: a signal the base model already gets sometimes),
+``format:-?\\d+`` (the reply is only a number) and ``exact-number`` (its last number is the sum); maximum 2.5. LoRA on the top 10 of 30 layers only, so backward stops there. The held-out reward
 (greedy, before -> after) and the samples are in RUN/summary.json, the per-step curves in RUN/metrics.jsonl.
 
     nice -n 10 .venv/bin/python bench/grpo_arith.py --out /tmp/grpo-arith --steps 40
@@ -45,8 +45,8 @@ def main() -> None:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows(ps)))
     cmd = [sys.executable, "-m", "aigckit", "rl", "--data", str(out / "train.jsonl"),
            "--eval-data", str(out / "held.jsonl"), "--out", str(out / "run"), "--steps", str(a.steps),
-           "--minutes", str(a.minutes), "--reward", r"format:-?\d+", "--reward", "exact-number",
-           "--reward", "length:3=0.5", "--num-generations", "4", "--batch-size", "2", "--max-new-tokens", "8",
+           "--minutes", str(a.minutes), "--reward", r"format:-?\d+.*=0.5", "--reward", r"format:-?\d+",
+           "--reward", "exact-number", "--num-generations", "4", "--batch-size", "2", "--max-new-tokens", "12",
            "--lr", "1e-3", "--lora-rank", "16", "--lora-alpha", "32", "--beta", "0.04", "--warmup", "2",
            "--target-modules", r"re:model\.layers\.(2\d)\..*", "--ckpt-every", "5", "--threads", str(a.threads),
            "--json", *a.extra]

@@ -154,3 +154,18 @@ def test_target_patterns(tiny_llama_dir):
         "mlp.up_proj", "mlp.down_proj")}
     assert [t.hf for t in match_targets(cfg, _targets("v_proj"))] == ["model.layers.0.self_attn.v_proj",
                                                                       "model.layers.1.self_attn.v_proj"]
+
+
+def test_refresh_merged_follows_the_adapter(tiny_llama_dir):
+    from aigckit.tune.lora import refresh_merged
+
+    lm = load_lm(tiny_llama_dir, kernels="torch")
+    add_lora(lm.model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    merged = merged_model(lm.model)
+    shared = merged.blocks[0].attn.proj.weight  # not adapted: the base's own tensor
+    assert shared.data_ptr() == lm.model.blocks[0].attn.proj.weight.data_ptr()
+    _randomise(lm.model, seed=3)
+    refresh_merged(merged, lm.model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(TOKENS), lm.model(TOKENS), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(merged(TOKENS), merged_model(lm.model)(TOKENS), atol=0, rtol=0)

@@ -13,8 +13,9 @@ beta the KL weight.
   loss       mean of L_t over every completion token of the step (token-level, as TRL's "dapo"/"bnpo")
 A group whose rewards are all equal has zero advantages (no signal): counted as ``zero_std_frac``.
 
-Generation: the current adapter is merged into a model copy each step (``lora.merged_model``: the adapted linears
-get new tensors, every other weight is shared) and sampled by the engine (``LM.generate_batch`` with
+Generation: the current adapter is merged into a model copy (``lora.merged_model``: the adapted linears get their
+own tensors, every other weight is shared with the base; built once, and each step rewrites the adapted weights in
+place, ``lora.refresh_merged``) and sampled by the engine (``LM.generate_batch`` with
 ``num_return_sequences = G``: the fused decode kernels, all prompts of the step in one batch). Its time is logged
 (``merge_s``, ``gen_s``, ``gen_share``).
 """
@@ -31,7 +32,7 @@ from torch import Tensor
 from aigckit.errors import AigcError
 from aigckit.text.params import GenerationParams
 from aigckit.tune.data import IGNORE, Example, pad_batch, pad_id, prompt_ids, sample_indices, train_and_held
-from aigckit.tune.lora import adapters_disabled, merged_model
+from aigckit.tune.lora import adapters_disabled, merged_model, refresh_merged
 from aigckit.tune.rewards import Reward, parse_reward, score
 from aigckit.tune.trainer import TuneArgs, token_logps
 
@@ -125,7 +126,11 @@ class RLTask:
         from aigckit.text.lm import LM
 
         t0 = time.perf_counter()
-        gen = LM(merged_model(model), lm.tokenizer, lm.name)
+        gen = self.__dict__.get("_gen")
+        if gen is None:  # built once; later steps rewrite only the adapted weights in place
+            gen = self._gen = LM(merged_model(model), lm.tokenizer, lm.name)
+        else:
+            refresh_merged(gen.model, model)
         t1 = time.perf_counter()
         results = gen.generate_batch([p.ids for p in prompts], params, num_return_sequences=n)
         t2 = time.perf_counter()

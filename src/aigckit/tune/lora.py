@@ -267,6 +267,15 @@ def merged_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def refresh_merged(merged: nn.Module, model: nn.Module) -> None:
+    """Bring a ``merged_model(model)`` up to date with ``model``'s current adapter: each adapted weight of ``merged``
+    is rewritten in place (same tensors, so the engine's cached decode plans and buffers stay valid)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            torch.add(mod.base.weight, mod.delta_weight(), out=merged.get_submodule(name).weight)
+
+
+@torch.no_grad()
 def merge_into_base(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer into its base weight in place and unwrap it (``aigc lora merge``)."""
     for name, mod in list(model.named_modules()):
