@@ -216,7 +216,7 @@ def parse_reward(spec: str) -> Reward:
             pass
     name, colon, arg = spec.partition(":")
     if name in BUILTINS:
-        return Reward(name if name == "format" else spec, BUILTINS[name](arg if colon else None), weight)
+        return Reward(spec, BUILTINS[name](arg if colon else None), weight)
     if colon and arg:
         return Reward(arg, _callable(spec), weight)
     raise AigcError(f"unknown reward {spec!r}: use one of {', '.join(BUILTINS)} or module:function",
