@@ -87,14 +87,15 @@ def pair_examples(tok, rows, max_len: int) -> list[Pair]:
     return out
 
 
-def sequence_logps(model, pairs: list[Pair], pad: int, average: bool = False) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) summed (or per-token averaged) completion log-probs, one forward over [chosen; rejected]."""
+def sequence_logps(model, pairs: list[Pair], pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Completion log-probs of [chosen; rejected] from one forward: (sum chosen, sum rejected, per-token mean chosen,
+    per-token mean rejected), each [B]."""
     b = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad)
     lp = token_logps(model, b.ids, b.labels)
     s = lp.sum(-1)
-    if average:
-        s = s / (b.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
-    return s[:len(pairs)], s[len(pairs):]
+    mean = s / (b.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
+    n = len(pairs)
+    return s[:n], s[n:], mean[:n], mean[n:]
 
 
 class DPOTask:
@@ -108,12 +109,14 @@ class DPOTask:
         self.held = pair_examples(tok, held, args.max_len) if held else []
 
     def _losses(self, model, pairs: list[Pair], args: DPOArgs):
-        avg = args.loss_type == "ipo"
+        """Per-pair losses, implicit rewards, and the policy's per-token mean log-probs (chosen, rejected)."""
+        k = 2 if args.loss_type == "ipo" else 0  # IPO works on per-token means (as TRL)
         with torch.no_grad(), adapters_disabled(model):
-            ref_w, ref_l = sequence_logps(model, pairs, self.pad, avg)
-        pol_w, pol_l = sequence_logps(model, pairs, self.pad, avg)
-        losses, rw, rl = dpo_loss(pol_w, pol_l, ref_w, ref_l, args.beta, args.loss_type, args.label_smoothing)
-        return losses, rw, rl, pol_w.detach(), pol_l.detach()
+            ref = sequence_logps(model, pairs, self.pad)
+        pol = sequence_logps(model, pairs, self.pad)
+        losses, rw, rl = dpo_loss(pol[k], pol[k + 1], ref[k], ref[k + 1], args.beta, args.loss_type,
+                                  args.label_smoothing)
+        return losses, rw, rl, pol[2].detach(), pol[3].detach()
 
     def step(self, lm, model, step: int, args: DPOArgs) -> dict[str, float]:
         idx = sample_indices(len(self.train), step, args.batch_size * args.grad_accum, args.seed)
@@ -140,8 +143,7 @@ class DPOTask:
         loss, acc, pref, n = 0.0, 0.0, 0.0, len(self.held)
         for k in range(0, n, args.batch_size):
             pairs = self.held[k:k + args.batch_size]
-            losses, rw, rl, _, _ = self._losses(model, pairs, args)
-            aw, al = sequence_logps(model, pairs, self.pad, average=True)
+            losses, rw, rl, aw, al = self._losses(model, pairs, args)
             loss += losses.sum().item()
             acc += (rw > rl).float().sum().item()
             pref += (aw > al).float().sum().item()
