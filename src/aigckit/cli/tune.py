@@ -85,6 +85,9 @@ def _report(args, summary: dict) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
+    if summary.get("interrupted"):
+        print(f"stopped at step {summary['steps']}; checkpoint written: continue with --resume", file=sys.stderr)
+        return 0
     before, after = summary.get("before", {}), summary.get("after", {})
     for k in sorted(set(before) | set(after)):
         b, a = before.get(k), after.get(k)
