@@ -150,3 +150,12 @@ def test_head_only_at_labels_equals_full_logits(tiny_llama_dir):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nll, -want.sum(), atol=1e-4, rtol=1e-5)
     assert type(lm.model.lm_head) is torch.nn.Linear  # the head is back
+
+
+def test_report_of_an_interrupted_run(capsys):
+    from types import SimpleNamespace
+
+    from aigckit.cli.tune import _report
+
+    assert _report(SimpleNamespace(json=False), {"before": {}, "steps": 3, "interrupted": True}) == 0
+    assert "--resume" in capsys.readouterr().err
