@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aigckit.cli import audio, batch, constrain, data, doctor, embed, image, serve, store, text
+from aigckit.cli import audio, batch, constrain, data, doctor, embed, image, serve, store, text, tune
 
 # each registers its sub-commands on the parser via `register(subparsers)` (parsing only: heavy imports are lazy)
-_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor, constrain, batch, data)
+_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor, constrain, batch, data, tune)
 
 
 class _Parser(argparse.ArgumentParser):

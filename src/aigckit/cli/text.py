@@ -36,6 +36,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="float32 linears -- auto: numba tile kernel for <= 16 rows, oneDNN prepacked for more; "
                         "torch: plain nn.Linear (AIGC_NO_NUMBA=1 also turns off the fused numba decode kernels)")
     g.add_argument("--base-url", default=None, help="API base URL for openai:NAME models")
+    g.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter folder (peft layout: adapter_config.json + adapter_model.safetensors, e.g. "
+                        "RUN/adapter of `aigc finetune`), merged into the weights at load")
 
 
 def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
@@ -118,7 +121,7 @@ def _load(args):
     from aigckit.text.lm import load_lm
 
     return load_lm(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-                   kernels=args.kernels, base_url=args.base_url)
+                   kernels=args.kernels, base_url=args.base_url, adapter=args.adapter)
 
 
 def _params(args) -> GenerationParams:

@@ -43,6 +43,7 @@ class LM:
         self.dtype, self.quantize, self.load_s, self.source = dtype, quantize, load_s, source
         self.kernels = "torch"
         self.kernel_choice = "torch F.linear"  # what runs the linears on this CPU (kernels.cpu.selection)
+        self.adapter: str | None = None  # the LoRA adapter merged at load, if any
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.config.arch}, dtype={self.dtype}, quantize={self.quantize})"
@@ -55,7 +56,7 @@ class LM:
         return {"model": self.name, "source": self.source, "dtype": self.dtype, "quantize": self.quantize,
                 "kernels": self.kernels, "kernel_choice": self.kernel_choice, "cpu_isa": cpu.isa_level(),
                 "env": {k: v for k, v in os.environ.items() if k in cpu.CAP_VARS},
-                "arch": self.config.arch, "context": self.config.block_size}
+                "arch": self.config.arch, "context": self.config.block_size, "adapter": self.adapter}
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, text: str) -> list[int]:
@@ -239,7 +240,7 @@ def _load_gguf_cached(path: Path):
     return cfg, model, tok
 
 
-def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
+def _quantize(net, res: store.Resolved, mode: str, tok, variant: str = "") -> None:
     """Quantisation of the linears (weight-only int8/int4, or w8a8 with int8 activations), cached in the store
     per (source, mode, kernel code + recipe)."""
     from aigckit.text import quant
@@ -247,7 +248,7 @@ def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
     # the key covers the file format and the recipe below (which linears get which format); the weights are the same
     # on every CPU (w8a8's products are exact everywhere), so a store moved between machines stays valid
     recipe = {"int8": "int8", "int4": "int4-blocks+int8-head", "w8a8": "smoothquant0.5+w8a8"}[mode]
-    key = hashlib.sha256(f"format{quant.FORMAT_VERSION}|{recipe}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"format{quant.FORMAT_VERSION}|{recipe}{variant}".encode()).hexdigest()[:12]
     path = store.cache_dir(f"{store.source_cache_key(res)}-{mode}-{key}") / "model.safetensors"
     if path.exists():
         quant.load_quantized(net, path)
@@ -272,17 +273,19 @@ def _quantize(net, res: store.Resolved, mode: str, tok) -> None:
 
 def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", quantize: str | None = None,
             threads: int | None = None, kernels: str = "auto", base_url: str | None = None,
-            api_key: str | None = None):
+            api_key: str | None = None, adapter: str | os.PathLike | None = None):
     """Load a language model by store name, .gguf path, HF directory, or cached HF hub id.
 
     ``kernels``: "auto" runs float32 linears through the numba tile kernel (<= 16 rows) and oneDNN prepacked
     weights (more rows), "torch" keeps plain ``nn.Linear``. (``AIGC_NO_NUMBA=1`` turns off all numba kernels.)
     ``dtype``: one of ``aigckit.dtypes.DTYPES``. ``quantize``: None or one of ``quant.QUANT_MODES`` (int8, int4, w8a8;
-    see README). ``openai:NAME`` returns a remote model
-    (OpenAI-compatible API) with the same interface."""
+    see README). ``adapter``: a LoRA adapter folder in peft's layout, merged into the weights at load
+    (``text/adapter.py``). ``openai:NAME`` returns a remote model (OpenAI-compatible API) with the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
 
+        if adapter is not None:
+            raise AigcError("adapters apply to local models only, not openai:NAME", param="adapter")
         return RemoteLM(str(model)[len("openai:"):], base_url=base_url, api_key=api_key)
     torch_dtype(dtype)  # raises for an unknown name
     if quantize is not None:
@@ -306,6 +309,12 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
     else:
         cfg, net = load_hf(res.path)
         tok = Tokenizer.from_dir(res.path)
+    variant = ""
+    if adapter is not None:
+        from aigckit.text.adapter import adapter_fingerprint, merge_adapter, read_adapter
+
+        merge_adapter(net, read_adapter(adapter))
+        variant = f"|adapter:{adapter_fingerprint(adapter)}"  # the quantised cache is per merged adapter
     if dtype != "float32":
         net = net.to(torch_dtype(dtype))
     from aigckit.text.kernels import cpu, gemm, onednn
@@ -313,7 +322,7 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
     if threads is not None:
         gemm.set_num_threads(threads)
     if quantize is not None:
-        _quantize(net, res, quantize, tok)
+        _quantize(net, res, quantize, tok, variant)
     net.requires_grad_(False)
     used = "torch"
     if kernels == "auto" and dtype == "float32" and quantize is None:
@@ -325,5 +334,6 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
     lm = LM(net, tok, res.name, dtype=dtype, quantize=quantize, load_s=time.perf_counter() - t0,
             source=str(res.path))
     lm.kernels = used
+    lm.adapter = None if adapter is None else str(adapter)
     lm.kernel_choice = cpu.selection(mode)[mode] if used != "torch" or mode != "fp32" else "torch F.linear"
     return lm

@@ -1,0 +1,139 @@
+"""LoRA SFT training speed, side by side in one run: aigckit (tune/) vs transformers + peft, same weights, data,
+batch and LoRA config, interleaved rounds (A B A B ...; each side keeps its best round: the VM is shared).
+
+One training step = forward on a [batch, seq] block of text tokens, next-token cross-entropy, backward into the
+LoRA weights, gradient clipping, AdamW step. Both models are float32 with torch's CPU kernels; transformers' model is
+built from the very same tensors (our weights through ``tune/export.py``'s HF name table), so the work is identical.
+Also reports both sides' loss on the first batch (they must agree) and the held-out loss is not part of this bench.
+
+    .venv/bin/python bench/tune_speed.py --threads 2 --rounds 3 --steps 4 --json bench/tune_speed.json
+Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# bench/kernels.py would shadow the `kernels` package transformers imports: drop this folder from the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DEFAULT_GGUF = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache/aigckit")) / \
+    "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The history of science is the study of the development of science and scientific knowledge, including both "
+        "the natural and social sciences. Science is a body of empirical, theoretical, and practical knowledge about "
+        "the natural world, produced by scientists who emphasize the observation, explanation, and prediction of "
+        "real-world phenomena. ")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def batches(tok, n: int, batch: int, seq: int) -> list[torch.Tensor]:
+    ids = tok.encode(TEXT * 200)
+    need = n * batch * seq
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return list(torch.tensor(ids).view(n, batch, seq))
+
+
+def ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def build_ours(gguf: str, a):
+    from aigckit.text.lm import load_lm
+    from aigckit.tune.lora import LoraConfig, add_lora, lora_parameters
+
+    lm = load_lm(gguf, kernels="torch")
+    add_lora(lm.model, LoraConfig(r=a.rank, alpha=2 * a.rank, target_modules=TARGETS), torch.Generator().manual_seed(0))
+    lm.model.train()
+    params = lora_parameters(lm.model)
+    return lm, lm.model, params
+
+
+def build_theirs(lm, a):
+    import peft
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aigckit.tune.export import hf_config, to_hf_state_dict
+
+    base = {k.replace(".base.", "."): v.detach() for k, v in lm.model.state_dict().items() if ".lora." not in k}
+    cfg = AutoConfig.for_model(**hf_config(lm.config))
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = to_hf_state_dict(lm.config, base)
+    if lm.config.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    hf.load_state_dict(sd, assign=True, strict=False)
+    hf.tie_weights()
+    hf.model.rotary_emb.__init__(cfg)  # buffers built on meta: rebuild on the CPU
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS,
+                                                 lora_dropout=0.0))
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    return pm, params
+
+
+def step(forward, params, opt, ids) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = ce(forward(ids), ids)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=str(DEFAULT_GGUF))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    lm, ours, ours_params = build_ours(a.gguf, a)
+    theirs, their_params = build_theirs(lm, a)
+    data = batches(lm.tokenizer, a.steps, a.batch, a.seq)
+    with torch.no_grad():  # same weights, same LoRA init semantics (B = 0): the same loss before training
+        l0 = ce(ours(data[0]), data[0]).item()
+        l1 = ce(theirs(input_ids=data[0]).logits, data[0]).item()
+    print(f"first-batch loss: aigckit {l0:.5f}  transformers+peft {l1:.5f}", file=sys.stderr)
+    sides = {
+        "aigckit": (lambda x: ours(x), ours_params, torch.optim.AdamW(ours_params, lr=1e-4)),
+        "transformers+peft": (lambda x: theirs(input_ids=x).logits, their_params,
+                              torch.optim.AdamW(their_params, lr=1e-4)),
+    }
+    for name, (fwd, params, opt) in sides.items():  # warm-up step each (allocator, oneDNN primitives)
+        step(fwd, params, opt, data[0])
+    best: dict[str, float] = {}
+    tokens = a.steps * a.batch * a.seq
+    for r in range(a.rounds):
+        for name, (fwd, params, opt) in sides.items():
+            t = time.perf_counter()
+            for ids in data:
+                step(fwd, params, opt, ids)
+            tps = tokens / (time.perf_counter() - t)
+            best[name] = max(best.get(name, 0.0), tps)
+            print(f"round {r + 1}: {name:<18} {tps:8.1f} tokens/s", file=sys.stderr)
+    out = {"tokens_per_s": {k: round(v, 1) for k, v in best.items()},
+           "speedup": round(best["aigckit"] / best["transformers+peft"], 3),
+           "first_batch_loss": {"aigckit": l0, "transformers+peft": l1},
+           "setup": {"batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": TARGETS, "threads": a.threads,
+                     "rounds": a.rounds, "steps": a.steps, "dtype": "float32", "torch": torch.__version__,
+                     "cpu": os.uname().machine, "cpus": os.cpu_count()}}
+    print(json.dumps(out, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
