@@ -30,6 +30,19 @@ SCORE_WINDOW = 1024  # default scoring window (tokens), if the context is longer
 SCORE_CHUNK = 512  # tokens per forward inside a scoring window (bounds the logits held at once: SmolLM2 100 MB)
 
 
+def _make_params(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams.make`` plus ``watermark=``: a logits processor (e.g. ``aigckit.trust.Watermark(key)``)
+    appended to ``processors``."""
+    wm = overrides.pop("watermark", None)
+    p = GenerationParams.make(params, **overrides)
+    if wm is None:
+        return p
+    if not callable(getattr(wm, "start", None)):
+        raise AigcError(f"watermark must be a logits processor such as aigckit.trust.Watermark(key), got "
+                        f"{type(wm).__name__}", param="watermark")
+    return GenerationParams.make(p, processors=p.processors + (wm,))
+
+
 class LM:
     """A loaded language model + tokenizer (a ``TextModel``). Stateless between calls: safe to share across threads.
 
@@ -92,14 +105,14 @@ class LM:
     def generate_batch(self, prompts: list[str | list[int]], params: GenerationParams | None = None,
                        **overrides: Any) -> list[GenerationResult]:
         """One ragged batch (beam search: one prompt after another)."""
-        p = GenerationParams.make(params, **overrides)
+        p = _make_params(params, overrides)
         ids = [self.prompt_ids(x) for x in prompts]
         return generate(self.model, self.tokenizer, ids, p, self.name)
 
     def stream(self, prompt: str | list[int], params: GenerationParams | None = None,
                **overrides: Any) -> Iterator[str]:
         """Text deltas of one sampled/greedy continuation (concatenated they equal ``generate(...).text``)."""
-        p = GenerationParams.make(params, **overrides)
+        p = _make_params(params, overrides)
         single_stream(p)
         events = stream_tokens(self.model, self.tokenizer, [self.prompt_ids(prompt)], p)
         return (ev.text for ev in events if ev.text)
@@ -107,7 +120,7 @@ class LM:
     def stream_events(self, prompt: str | list[int], params: GenerationParams | None = None, *,
                       stats: dict | None = None, **overrides: Any) -> Iterator[TokenEvent]:
         """``TokenEvent``s of ``num_return_sequences`` rows as tokens arrive (no beam search)."""
-        p = GenerationParams.make(params, **overrides)
+        p = _make_params(params, overrides)
         if p.num_beams > 1:
             raise AigcError("streaming is not available with beam search", param="num_beams")
         ids = self.prompt_ids(prompt)
