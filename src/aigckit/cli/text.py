@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from aigckit.cli.trust import add_watermark_args, watermark_of
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
 from aigckit.text.params import MAX_NEW_TOKENS_DEFAULT, TEMPERATURE_FLOOR, GenerationParams
@@ -56,6 +57,7 @@ def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
         g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
                        help="beam search stopping rule (as in transformers)")
         g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return")
+    add_watermark_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -126,7 +128,8 @@ def _params(args) -> GenerationParams:
         p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
                  num_return_sequences=args.num_return_sequences)
-    return GenerationParams(**p)
+    wm = watermark_of(args)
+    return GenerationParams(**p, processors=(wm,) if wm is not None else ())
 
 
 def _text(args) -> int:

@@ -33,6 +33,14 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class WatermarkSpec(_Strict):
+    key: str = Field(min_length=1, max_length=256)
+    gamma: float = Field(0.25, gt=0, lt=1)
+    delta: float = Field(2.0, ge=0, le=100)
+    context_width: int = Field(1, ge=1, le=16)
+    self_hash: bool = False
+
+
 class _Sampling(_Strict):
     """Sampling parameters shared by completions and chat (OpenAI names, then aigckit extras)."""
 
@@ -57,6 +65,9 @@ class _Sampling(_Strict):
     length_penalty: float | None = Field(None, ge=-LIMITS.length_penalty, le=LIMITS.length_penalty)
     early_stopping: bool | Literal["never"] | None = None
     ignore_eos: bool | None = None
+    watermark: bool | Annotated[str, Field(min_length=1, max_length=256)] | WatermarkSpec | None = Field(
+        None, description="KGW watermark: true = the server's key, a key string, or {key, gamma, delta, "
+                          "context_width, self_hash}; a server with its own key marks every response")
 
 
 class CompletionRequest(_Sampling):
@@ -113,3 +124,18 @@ class ImageRequest(_Strict):
     steps: int | None = Field(None, ge=1, le=1000, description="diffusion sampling steps (DDIM)")
     guidance: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale (diffusion)")
     sampler: Literal["ddim", "ddpm"] | None = None
+
+
+class DetectRequest(_Strict):
+    """POST /v1/detect (aigckit extension): test a text for a KGW watermark and/or zero-shot for AI generation."""
+
+    model: ModelId = Field(description="a served text model: its tokenizer (and, for zero_shot, its weights)")
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    key: str | None = Field(None, min_length=1, max_length=256, description="default: the server's key")
+    gamma: float | None = Field(None, gt=0, lt=1)
+    context_width: int | None = Field(None, ge=1, le=16)
+    self_hash: bool | None = None
+    fpr: float = Field(1e-3, gt=0, lt=1, description="false-positive rate of the verdict")
+    ignore_repeated: bool = True
+    window: int | None = Field(None, ge=1, le=100_000, description="also test windows of this many tokens")
+    zero_shot: bool = Field(False, description="also run the zero-shot detector (no key)")

@@ -175,3 +175,12 @@ def detect_text(text: str, wm: Watermark, tokenizer, **kw) -> Detection:
     if not isinstance(text, str) or not text.strip():
         raise AigcError("text to test is empty", param="text")
     return detect_ids(tokenizer.encode(text, add_special_tokens=False), wm, **kw)
+
+
+def load_tokenizer(model: str | None = None):
+    """The tokenizer of a store model, .gguf file or HF directory (no weights loaded)."""
+    from aigckit import store
+    from aigckit.text.tokenizer import Tokenizer
+
+    res = store.resolve(model)
+    return Tokenizer.from_gguf(res.path) if res.format == "gguf" else Tokenizer.from_dir(res.path)

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from aigckit.serve.errors import ApiError, in_band
 from aigckit.serve.models import Served
 from aigckit.serve.routes.common import get_model, now, request_id, to_thread
+from aigckit.serve.routes.trust import with_watermark
 from aigckit.serve.schemas import ChatCompletionRequest, CompletionRequest
 from aigckit.text.params import GenerationParams
 from aigckit.text.protocol import TokenEvent
@@ -226,7 +227,7 @@ async def completions(request: Request, req: CompletionRequest):
     lm = sm.obj
     if req.echo and req.logprobs is not None:
         raise ApiError(400, "echo with logprobs is not supported", param="echo")
-    params = generation_params(req, req.max_tokens, logprobs=req.logprobs is not None)
+    params = with_watermark(request, req, generation_params(req, req.max_tokens, logprobs=req.logprobs is not None))
     p = req.prompt
     if isinstance(p, str):
         prompts_ids, texts = [lm.encode(p)], [p]
@@ -292,7 +293,8 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-    params = generation_params(req, req.max_completion_tokens or req.max_tokens, logprobs=req.logprobs)
+    params = with_watermark(request, req, generation_params(req, req.max_completion_tokens or req.max_tokens,
+                                                            logprobs=req.logprobs))
     messages = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) or m.content is None \
