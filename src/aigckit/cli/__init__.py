@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from aigckit.trust.provenance import install
+
+        install()  # PNGs written from here on are watermarked and signed when keys are configured
         rc = args.func(args)
     except (AigcError, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

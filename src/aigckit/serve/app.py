@@ -74,6 +74,9 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
     metrics = Metrics()
     app.state.registry = registry
     app.state.metrics = metrics
+    from aigckit.trust.provenance import install
+
+    install()  # generated PNGs are watermarked and signed when keys are configured
     app.state.watermark = watermark  # a aigckit.trust.Watermark: every text response is marked with it
     # threads parked on token queues of streaming requests: more than the queue can hold, so they never starve
     app.state.limiter = anyio.CapacityLimiter(max(64, 4 * registry.max_queue + 8 * registry.max_batch))
