@@ -24,9 +24,10 @@ def read_key(value: str | None) -> str | None:
             raise AigcError(f"key file {p} does not exist", param="key")
         value = p.read_text(encoding="utf-8").splitlines()[0].strip() if p.stat().st_size else ""
     elif value.startswith("env:"):
-        value = os.environ.get(value[4:], "")
+        name = value[4:]
+        value = os.environ.get(name, "")
         if not value:
-            raise AigcError(f"environment variable {value[4:] or '?'} is not set", param="key")
+            raise AigcError(f"environment variable {name or '?'} is not set", param="key")
     if not value:
         raise AigcError("the watermark key is empty", param="key")
     return value
