@@ -92,6 +92,7 @@ def auroc(pos: list[float], neg: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--quantize", default=None, help="int8 / int4 / w8a8 (faster on a busy CPU)")
     ap.add_argument("--n", type=int, default=64, help="prompts")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
@@ -110,7 +111,7 @@ def main() -> int:
     from aigckit.trust.zeroshot import sampling_discrepancy
 
     t0 = time.time()
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, quantize=args.quantize)
     tok = lm.tokenizer
     wm = Watermark("bench-key-2026", gamma=args.gamma, delta=args.delta, context_width=args.context_width,
                    self_hash=args.self_hash)
@@ -125,11 +126,14 @@ def main() -> int:
             for pid, r in zip(batch, res):
                 rows[kind].append((pid, r.token_ids))
             print(f"{kind} {b + len(batch)}/{len(ps)}  {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    if args.json:  # the samples, for reruns of the analysis
+        Path(args.json).with_suffix(".samples.json").write_text(json.dumps(
+            {k: [{"prompt": p, "ids": ids} for p, ids in v] for k, v in rows.items()}))
 
     def text_of(ids):
         return tok.decode(ids, skip_special_tokens=True)
 
-    out: dict = {"model": lm.name, "n": len(ps), "tokens": args.tokens, "temperature": args.temperature,
+    out: dict = {"model": lm.name, "quantize": args.quantize, "n": len(ps), "tokens": args.tokens, "temperature": args.temperature,
                  "watermark": wm.describe(), "cpu_threads": torch.get_num_threads()}
     dets = {k: [detect_text(text_of(ids), wm, tok) for _, ids in v] for k, v in rows.items()}
     out["median_scored_tokens"] = float(np.median([d.n_scored for d in dets["wm"]]))
@@ -171,6 +175,7 @@ def main() -> int:
     zs_human = [sampling_discrepancy(tok.encode(t, add_special_tokens=False), lm.model, lm.config)[0]
                 for _, t in human]
     out["zeroshot_auroc"] = auroc(zs_model, zs_human)
+    out["zeroshot_scores"] = {"model": [round(z, 3) for z in zs_model], "human": [round(z, 3) for z in zs_human]}
     out["zeroshot_median_model"] = float(np.median(zs_model))
     out["zeroshot_median_human"] = float(np.median(zs_human))
     cands = sorted(zs_model + zs_human)
