@@ -23,6 +23,7 @@ _LAZY = {
     "AigcError": "aigckit.errors",
     "load_image_model": "aigckit.image.api",
     "load_embedder": "aigckit.embed.bert",
+    "Watermark": "aigckit.trust.watermark",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

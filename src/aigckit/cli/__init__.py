@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aigckit.cli import audio, batch, constrain, data, doctor, embed, image, serve, store, text, tune
+from aigckit.cli import audio, batch, constrain, data, doctor, embed, image, serve, store, text, trust, tune
 
 # each registers its sub-commands on the parser via `register(subparsers)` (parsing only: heavy imports are lazy)
-_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor, constrain, batch, data, tune)
+_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor, constrain, batch, data, tune, trust)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from aigckit.trust.provenance import install
+
+        install()  # PNGs written from here on are watermarked and signed when keys are configured
         rc = args.func(args)
     except (AigcError, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
+    e.add_argument("--copies-grid", default=None, metavar="PNG",
+                   help="write the closest (generated, nearest training image) pairs as a grid (memorisation)")
     e.set_defaults(func=_eval)
 
     c = isub.add_parser("train-classifier", help="train the Fashion-MNIST classifier used by eval (deterministic)")
@@ -144,7 +146,7 @@ def _eval(a) -> int:
     from aigckit.eval.evaluate import evaluate_run, format_report
 
     rep = evaluate_run(a.run, n=a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=a.guidance, seed=a.seed,
-                       progress=not a.json, dtype=a.dtype, temperature=a.temperature)
+                       progress=not a.json, dtype=a.dtype, temperature=a.temperature, copies_grid=a.copies_grid)
     print(json.dumps(rep, indent=2) if a.json else format_report(rep))
     return 0
 

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", type=quant_mode, default=None, metavar="MODE",
                    help="text model quantisation: int8, int4 (weight-only) or w8a8 (int8 weights and activations)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--watermark-key", default=None, metavar="KEY",
+                   help="mark every text response with this KGW watermark key (KEY, @FILE or env:NAME; default: "
+                        "$AIGC_WATERMARK_KEY; none = only requests that ask are marked); POST /v1/detect uses it")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 
@@ -78,8 +81,16 @@ def _serve(args) -> int:
         if server is not None:
             server.should_exit = True
 
+    from aigckit.cli.trust import read_key
+
+    wm_key = read_key(args.watermark_key or os.environ.get("AIGC_WATERMARK_KEY") or None)
+    watermark = None
+    if wm_key:
+        from aigckit.trust.watermark import Watermark
+
+        watermark = Watermark(wm_key)
     app = create_app(registry, api_key=api_key, cors_origins=args.cors_origin, max_body=args.max_body,
-                     on_load_error=on_load_error)
+                     on_load_error=on_load_error, watermark=watermark)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=3))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

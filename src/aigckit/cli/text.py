@@ -7,6 +7,7 @@ import json
 import sys
 
 from aigckit.cli.audio import add_speak_args, reply_speaker
+from aigckit.cli.trust import add_watermark_args, watermark_of
 from aigckit.dtypes import DTYPES
 from aigckit.errors import AigcError
 from aigckit.cli.constrain import add_constraint_args, logprobs_json, params_from_args, tool_chat
@@ -62,6 +63,7 @@ def _gen_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
                        help="beam search stopping rule (as in transformers)")
         g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return")
     add_constraint_args(p, chat=chat)
+    add_watermark_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -133,7 +135,11 @@ def _params(args) -> GenerationParams:
         p.update(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
                  num_return_sequences=args.num_return_sequences)
-    return GenerationParams(**p, **params_from_args(args))
+    wm = watermark_of(args)
+    extra = params_from_args(args)
+    if wm is not None:
+        extra["processors"] = tuple(extra.get("processors", ())) + (wm,)
+    return GenerationParams(**p, **extra)
 
 
 def _text(args) -> int:

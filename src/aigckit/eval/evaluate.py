@@ -17,7 +17,7 @@ from aigckit.errors import AigcError
 def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                  guidance: float | None = None, seed: int = 0, progress: bool = True,
                  classifier_path=None, reference_n: int | None = None, dtype: str = "float32",
-                 temperature: float = 1.0) -> dict:
+                 temperature: float = 1.0, copies_grid=None) -> dict:
     from aigckit.data.images import load_dataset, to_float
     from aigckit.eval.classifier import load_classifier, predict
     from aigckit.eval.fid import fid, kid
@@ -63,6 +63,12 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
     if m.family == "vae":
         rep["test_neg_elbo_nats"] = round(vae_test_neg_elbo(m.model, test, m.conditional), 3)
     rep["train_images_per_s"] = _train_speed(m.checkpoint)
+    from aigckit.trust.memorisation import memorisation_report, pairs_grid  # nearest training images
+
+    ref = train.images[:len(f_train)]
+    rep["memorisation"] = memorisation_report(out.tensor, f_gen, ref, f_train, test.images)
+    if copies_grid is not None:
+        rep["memorisation"]["grid"] = str(pairs_grid(out.tensor, ref, rep["memorisation"], copies_grid))
     return rep
 
 
@@ -127,4 +133,10 @@ def format_report(rep: dict) -> str:
         lines.append("    " + ", ".join(f"{k} {v:.0%}" for k, v in rep["class_accuracy_per_class"].items()))
     if "test_neg_elbo_nats" in rep:
         lines.append(f"  test -ELBO {rep['test_neg_elbo_nats']:.2f} nats/image")
+    if "memorisation" in rep:
+        mem = rep["memorisation"]
+        lines.append(f"  nearest training image: pixel RMS median {mem['pixel_rms_to_nearest']['median']:.3f} "
+                     f"(held-out test {mem['test_median_rms_to_nearest']:.3f}); near-copies "
+                     f"{mem['near_copy_share']:.1%} under RMS {mem['copy_threshold_rms']:.3f}"
+                     + (f"; grid {mem['grid']}" if mem.get("grid") else ""))
     return "\n".join(lines)

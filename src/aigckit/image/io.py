@@ -37,19 +37,40 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2):
     return grid
 
 
-def save_png(image, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save a PIL image as PNG with each metadata item as a tEXt chunk (values JSON-encoded unless strings);
-    written to a temporary name and renamed."""
+# Optional hooks, empty unless aigckit.trust.provenance.install() adds them (the CLI and the server do): each
+# PIXEL_HOOKS entry maps (PIL image, metadata) -> PIL image before encoding (the invisible watermark; it may add
+# metadata items), each FILE_HOOKS entry (PNG bytes, metadata) -> PNG bytes after (the signed C2PA manifest).
+PIXEL_HOOKS: list = []
+FILE_HOOKS: list = []
+
+
+def encode_png(image, metadata: dict | None = None) -> bytes:
+    """A PIL image as PNG bytes with each metadata item as a tEXt chunk (values JSON-encoded unless strings)."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata or {})
+    for hook in PIXEL_HOOKS:
+        image = hook(image, metadata)
     info = PngInfo()
-    for k, v in (metadata or {}).items():
+    for k, v in metadata.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     info.add_text("software", "aigckit")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    data = buf.getvalue()
+    for hook in FILE_HOOKS:
+        data = hook(data, metadata)
+    return data
+
+
+def save_png(image, path: str | Path, metadata: dict | None = None) -> Path:
+    """``encode_png`` to a file, written to a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.write_bytes(encode_png(image, metadata))
     os.replace(tmp, path)
     return path
 

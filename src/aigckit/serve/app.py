@@ -32,16 +32,17 @@ from aigckit.serve import errors
 from aigckit.serve.metrics import Metrics
 from aigckit.serve.middleware import Guard
 from aigckit.serve.models import Registry
-from aigckit.serve.routes import admin, audio, media, text
+from aigckit.serve.routes import admin, audio, media, text, trust
 
 log = logging.getLogger("aigckit.serve")
 STATIC = Path(__file__).parent / "static"
 LOCAL_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$"
-ROUTERS = (admin.router, text.router, media.router, audio.router)
+ROUTERS = (admin.router, text.router, media.router, audio.router, trust.router)
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: list[str] | None = None,
-               max_body: int = 1 << 20, load_in_background: bool = True, on_load_error=None) -> FastAPI:
+               max_body: int = 1 << 20, load_in_background: bool = True, on_load_error=None,
+               watermark=None) -> FastAPI:
     """The server for ``registry``. Models load in a background thread at startup (``/health`` is 503 meanwhile)
     unless they are loaded already."""
 
@@ -73,6 +74,10 @@ def create_app(registry: Registry, *, api_key: str | None = None, cors_origins: 
     metrics = Metrics()
     app.state.registry = registry
     app.state.metrics = metrics
+    from aigckit.trust.provenance import install
+
+    install()  # generated PNGs are watermarked and signed when keys are configured
+    app.state.watermark = watermark  # a aigckit.trust.Watermark: every text response is marked with it
     # threads parked on token queues of streaming requests: more than the queue can hold, so they never starve
     app.state.limiter = anyio.CapacityLimiter(max(64, 4 * registry.max_queue + 8 * registry.max_batch))
     errors.install(app)

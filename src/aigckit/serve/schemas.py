@@ -46,6 +46,14 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+class WatermarkSpec(_Strict):
+    key: str = Field(min_length=1, max_length=256)
+    gamma: float = Field(0.25, gt=0, lt=1)
+    delta: float = Field(2.0, ge=0, le=100)
+    context_width: int = Field(1, ge=1, le=16)
+    self_hash: bool = False
+
+
 class _Sampling(_Strict):
     """Sampling parameters shared by completions and chat (OpenAI names, then aigckit extras)."""
 
@@ -72,6 +80,9 @@ class _Sampling(_Strict):
     ignore_eos: bool | None = None
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained "
                                                    "decoding (the output parses and validates)")
+    watermark: bool | Annotated[str, Field(min_length=1, max_length=256)] | WatermarkSpec | None = Field(
+        None, description="KGW watermark: true = the server's key, a key string, or {key, gamma, delta, "
+                          "context_width, self_hash}; a server with its own key marks every response")
 
 
 class CompletionRequest(_Sampling):
@@ -190,3 +201,18 @@ class SpeechRequest(_Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same audio (default: random)")
     noise_scale: float | None = Field(None, ge=0, le=2, description="voice variation (default: the voice's)")
     noise_w: float | None = Field(None, ge=0, le=2, description="rhythm variation (default: the voice's)")
+
+
+class DetectRequest(_Strict):
+    """POST /v1/detect (aigckit extension): test a text for a KGW watermark and/or zero-shot for AI generation."""
+
+    model: ModelId = Field(description="a served text model: its tokenizer (and, for zero_shot, its weights)")
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    key: str | None = Field(None, min_length=1, max_length=256, description="default: the server's key")
+    gamma: float | None = Field(None, gt=0, lt=1)
+    context_width: int | None = Field(None, ge=1, le=16)
+    self_hash: bool | None = None
+    fpr: float = Field(1e-3, gt=0, lt=1, description="false-positive rate of the verdict")
+    ignore_repeated: bool = True
+    window: int | None = Field(None, ge=1, le=100_000, description="also test windows of this many tokens")
+    zero_shot: bool = Field(False, description="also run the zero-shot detector (no key)")

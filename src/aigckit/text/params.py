@@ -210,13 +210,20 @@ class GenerationParams:
 
 
 def with_constraint(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
-    """``GenerationParams.make(params, **overrides)`` where ``constraint=`` (an ``aigckit.constrain`` value, or any
-    logits processor) is a convenience for appending it to ``processors``."""
-    constraint = overrides.pop("constraint", None)
+    """``GenerationParams.make(params, **overrides)`` where ``constraint=`` (an ``aigckit.constrain`` value) and
+    ``watermark=`` (e.g. ``aigckit.trust.Watermark(key)``) are conveniences for appending a logits processor to
+    ``processors`` (constraint first: a watermark then only biases tokens the constraint allows)."""
+    extra = []
+    for name in ("constraint", "watermark"):
+        proc = overrides.pop(name, None)
+        if proc is None:
+            continue
+        if not callable(getattr(proc, "start", None)):
+            raise AigcError(f"{name} must be a logits processor (e.g. aigckit.constrain.JsonSchema(...) or "
+                            f"aigckit.trust.Watermark(key)), got {type(proc).__name__}", param=name)
+        extra.append(proc)
     p = GenerationParams.make(params, **overrides)
-    if constraint is None:
-        return p
-    return GenerationParams.make(p, processors=p.processors + (constraint,))
+    return GenerationParams.make(p, processors=p.processors + tuple(extra)) if extra else p
 
 
 _FIELDS = frozenset(f.name for f in fields(GenerationParams))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -87,12 +85,6 @@ async def images(request: Request, req: ImageRequest):
 
 
 def _png_b64(pil, meta: dict) -> str:
-    from PIL.PngImagePlugin import PngInfo
+    from aigckit.image.io import encode_png
 
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
-    info.add_text("software", "aigckit")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(encode_png(pil, meta)).decode()

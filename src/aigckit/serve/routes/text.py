@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from aigckit.serve.errors import ApiError, in_band
 from aigckit.serve.models import Served
 from aigckit.serve.routes.common import get_model, now, request_id, to_thread
+from aigckit.serve.routes.trust import with_watermark
 from aigckit.serve.schemas import ChatCompletionRequest, CompletionRequest
 from aigckit.serve.structured import ToolDeltas, add_constraints, assistant_message, chat_prompt_ids, message_dict
 from aigckit.text.params import GenerationParams
@@ -240,6 +241,7 @@ async def completions(request: Request, req: CompletionRequest):
     params = generation_params(req, req.max_tokens or None, logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)
     params, _ = add_constraints(params, req)
+    params = with_watermark(request, req, params)  # after the constraint: the bias acts on allowed tokens
     p = req.prompt
     if isinstance(p, str):
         prompts_ids, texts = [lm.encode(p)], [p]
@@ -338,6 +340,7 @@ async def chat_completions(request: Request, req: ChatCompletionRequest):
     params = generation_params(req, req.max_completion_tokens or req.max_tokens, logprobs=req.logprobs,
                                top_logprobs=req.top_logprobs or 0)
     params, tools = add_constraints(params, req)  # response_format / tools: constraints (serve/structured.py)
+    params = with_watermark(request, req, params)
     messages = [message_dict(m) for m in req.messages]
     if lm.tokenizer.chat_template is None:
         raise ApiError(400, f"model {sm.id!r} has no chat template; use /v1/completions", param="model",

@@ -1,0 +1,32 @@
+"""The watermark on the real SmolLM2 (fixed seeds, no timing): 200 marked tokens are detected at FPR 1e-3 from the
+decoded text, the same prompts unmarked are not, and beam search carries the mark too."""
+
+from __future__ import annotations
+
+import pytest
+
+from aigckit.text.lm import load_lm
+from aigckit.trust.detect import detect_text
+from aigckit.trust.watermark import Watermark
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["Write a short essay about the history of bridges.", "Tell a story about a lighthouse keeper."]
+
+
+def test_smollm_watermark_detected_at_fpr_1e3(smollm_gguf):
+    lm = load_lm(str(smollm_gguf))
+    wm = Watermark("integration-key", gamma=0.25, delta=2.0)
+    ids = [lm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    kw = dict(max_new_tokens=200, temperature=1.0, seed=0, ignore_eos=True)
+    marked = lm.generate_batch(ids, watermark=wm, **kw)
+    plain = lm.generate_batch(ids, **kw)
+    for m, p in zip(marked, plain):
+        d = detect_text(lm.tokenizer.decode(m.token_ids, skip_special_tokens=True), wm, lm.tokenizer)
+        assert d.watermarked and d.p_value <= 1e-3, d
+        d0 = detect_text(lm.tokenizer.decode(p.token_ids, skip_special_tokens=True), wm, lm.tokenizer)
+        assert not d0.watermarked
+    beam = lm.generate(ids[0], watermark=Watermark("integration-key", delta=4.0), num_beams=3, max_new_tokens=60,
+                       ignore_eos=True)
+    d = detect_text(beam.text, wm, lm.tokenizer)
+    assert d.green_fraction > 0.5
