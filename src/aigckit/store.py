@@ -73,6 +73,32 @@ REGISTRY: dict[str, Source] = {
 DEFAULT_LM = "smollm2-135m-instruct"
 
 
+@dataclass(frozen=True)
+class Builtin:
+    """A model that ships inside the package (small trained weights committed with the code): nothing to pull."""
+
+    path: str  # folder relative to the aigckit package
+    kind: Literal["image", "clip", "caption"] = "image"
+    description: str = ""
+
+
+BUILTIN: dict[str, Builtin] = {
+    "fmnist-t2i": Builtin("multimodal/builtin/fmnist-t2i", "image",
+                          "text-to-image diffusion on captioned Fashion-MNIST (28x28, MiniLM prompts)"),
+    "shapes-t2i": Builtin("multimodal/builtin/shapes-t2i", "image",
+                          "text-to-image diffusion on procedural shapes (32x32 RGB, MiniLM prompts)"),
+}
+
+
+def builtin_path(name: str) -> Path | None:
+    """The folder of a built-in model that this installation carries, else None."""
+    b = BUILTIN.get(str(name))
+    if b is None:
+        return None
+    p = Path(__file__).parent / b.path
+    return p if (p / "config.json").is_file() else None
+
+
 def home() -> Path:
     return Path(os.environ.get("AIGC_HOME", Path.home() / ".cache" / "aigckit")).expanduser()
 
@@ -189,6 +215,11 @@ def list_models() -> list[dict]:
                 info = json.loads(m.read_text())
                 size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
                 out.append({"name": d.name, "kind": info.get("kind"), "path": str(d), "bytes": size})
+    for name, b in BUILTIN.items():  # shipped with the package: always there, nothing to pull or remove
+        p = builtin_path(name)
+        if p is not None:
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            out.append({"name": name, "kind": b.kind, "path": str(p), "bytes": size, "builtin": True})
     return out
 
 

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, 
                    help="stop after M minutes of training steps (grids and checkpoints not counted)")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (labelled data)")
+    t.add_argument("--condition", default="", choices=["", "class", "text"],
+                   help="class (= --conditional) or text: a prompt-conditioned ddpm (cross-attention to MiniLM) on "
+                   "captioned data: --data fashion-mnist-captions | shapes")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
@@ -43,8 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = isub.add_parser("sample", help="generate images from a trained run")
-    s.add_argument("run")
+    s = isub.add_parser("sample", help="generate images from a trained run (or a built-in model: fmnist-t2i, "
+                        "shapes-t2i)")
+    s.add_argument("run", help="run folder, checkpoint folder or built-in model name")
+    s.add_argument("--prompt", action="append", help="text-conditioned models: the prompt (repeat for several; "
+                   "--n is split evenly, one grid row per prompt)")
+    s.add_argument("--negative-prompt", help="text-conditioned models: what guidance steers away from")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--out", required=True, help="grid PNG path, or a folder with --per-image")
     s.add_argument("--per-image", action="store_true", help="one PNG per image into the folder --out")
@@ -98,7 +105,7 @@ def _train(a) -> int:
     from aigckit.train.loop import TrainArgs, train
 
     args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
-                     conditional=a.conditional, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
+                     conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
                      resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,
                      sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                      schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
@@ -116,8 +123,10 @@ def _sample(a) -> int:
     if cls is not None and cls.lstrip("-").isdigit():
         cls = int(cls)
     out = m.sample(a.n, classes=cls, seed=a.seed, sampler=a.sampler, steps=a.steps, eta=a.eta,
-                   guidance=a.guidance, progress=sys.stderr.isatty(), dtype=a.dtype, temperature=a.temperature)
-    paths = out.save(a.out, per_image=a.per_image, nrow=a.nrow)
+                   guidance=a.guidance, progress=sys.stderr.isatty(), dtype=a.dtype, temperature=a.temperature,
+                   prompts=a.prompt, negative_prompt=a.negative_prompt)
+    nrow = a.nrow or (a.n // len(a.prompt) if a.prompt and len(a.prompt) > 1 else None)
+    paths = out.save(a.out, per_image=a.per_image, nrow=nrow)
     print(a.out if not a.per_image else f"{len(paths)} images in {a.out}")
     return 0
 
