@@ -34,9 +34,3 @@ class FakeEncoder:
         return TextCondition(tok, mask, pooled)
 
 
-def use_fake_encoder(monkeypatch) -> FakeEncoder:
-    from aigckit.multimodal import textcond
-
-    enc = FakeEncoder()
-    monkeypatch.setattr(textcond, "load_text_encoder", lambda *a, **k: enc)
-    return enc

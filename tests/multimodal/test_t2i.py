@@ -7,7 +7,7 @@ from aigckit.errors import AigcError
 from aigckit.image.diffusion import DiffusionConfig, DiffusionModel, sample
 from aigckit.image.unet import TextCondition, UNet, UNetConfig
 
-from .mmutil import FakeEncoder, use_fake_encoder
+from .mmutil import FakeEncoder
 
 TINY_TEXT = dict(base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(1,), groups=4, context_dim=16, cross_levels=(1,),
                  heads=2)
@@ -71,20 +71,14 @@ def test_guidance_with_negative_equal_to_prompt_is_the_conditional_model():
         sample(m, 3, text=text, negative=text, steps=2)  # 2 prompt rows for 3 images
 
 
-def test_train_sample_cli_and_png_metadata(tmp_path, monkeypatch, capsys):
-    """A few steps of `aigc image train --condition text` on captioned Fashion-MNIST (fake text encoder), then
-    sampling by prompt through the API and the CLI; the prompt lands in the PNG metadata."""
-    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
-    use_fake_encoder(monkeypatch)
+def test_train_sample_cli_and_png_metadata(t2i_run, tmp_path, capsys):
+    """A few steps of `aigc image train --condition text` on captioned Fashion-MNIST (fake text encoder, see
+    conftest), then sampling by prompt through the API and the CLI; the prompt lands in the PNG metadata."""
     from aigckit.cli import main
     from aigckit.image.api import load_image_model
     from aigckit.image.io import read_png_metadata
-    from aigckit.train.loop import TrainArgs, train
 
-    run = tmp_path / "run"
-    args = TrainArgs(model="ddpm", out=str(run), data="fashion-mnist-captions", condition="text", steps=3,
-                     batch_size=8, size="tiny", timesteps=20, grid_steps=2, log_every=1, sample_every=1000)
-    train(args, progress=False)
+    run = t2i_run
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["unet"]["context_dim"] == 16 and cfg["model"]["text_encoder"] == "minilm-l6-v2"
     assert (run / "samples.png").exists()

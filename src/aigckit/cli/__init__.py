@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aigckit.cli import audio, doctor, embed, image, serve, store, text
+from aigckit.cli import audio, doctor, embed, image, multimodal, serve, store, text
 
 # each registers its sub-commands on the parser via `register(subparsers)` (parsing only: heavy imports are lazy)
-_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor)
+_COMMAND_MODULES = (store, text, embed, image, multimodal, serve, audio, doctor)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -68,6 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
     s.set_defaults(func=_sample)
 
+    an = isub.add_parser("animate", help="text-to-image: walk between prompts into an animated GIF/WebP")
+    an.add_argument("run", help="text-conditioned run or built-in model (fmnist-t2i, shapes-t2i)")
+    an.add_argument("--prompt", action="append", required=True, help="a prompt (repeat: at least two)")
+    an.add_argument("--negative-prompt")
+    an.add_argument("--frames", type=int, default=16, help="frames per leg between two prompts")
+    an.add_argument("--fps", type=int, default=8)
+    an.add_argument("--guidance", type=float, default=3.0)
+    an.add_argument("--steps", type=int, default=30, help="DDIM steps per frame")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", required=True, help="a.gif or a.webp (frames also as PNGs in A_frames/)")
+    an.set_defaults(func=_animate)
+
     i = isub.add_parser("interpolate", help="walk the latent space of a vae or dcgan run")
     i.add_argument("run")
     i.add_argument("--steps", type=int, default=10)
@@ -128,6 +140,18 @@ def _sample(a) -> int:
     nrow = a.nrow or (a.n // len(a.prompt) if a.prompt and len(a.prompt) > 1 else None)
     paths = out.save(a.out, per_image=a.per_image, nrow=nrow)
     print(a.out if not a.per_image else f"{len(paths)} images in {a.out}")
+    return 0
+
+
+def _animate(a) -> int:
+    from aigckit.image.api import load_image_model
+    from aigckit.multimodal.animate import animate, save_animation
+
+    m = load_image_model(a.run)
+    frames, params = animate(m, a.prompt, frames=a.frames, seed=a.seed, guidance=a.guidance, steps=a.steps,
+                             negative_prompt=a.negative_prompt, progress=sys.stderr.isatty())
+    written = save_animation(frames, params, a.out, fps=a.fps)
+    print(f"{a.out} ({len(frames)} frames; PNGs in {written[1].parent})")
     return 0
 
 

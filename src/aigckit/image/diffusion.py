@@ -223,14 +223,14 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
            sampler: Literal["ddpm", "ddim"] = "ddim", steps: int | None = None, eta: float = 0.0,
            generator: torch.Generator | None = None, progress: bool = False,
            dtype: str = "float32", text: TextCondition | None = None,
-           negative: TextCondition | None = None) -> torch.Tensor:
+           negative: TextCondition | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:  # noqa: N803
     """Draw n images in [-1, 1] starting from x_T ~ N(0, I).
 
     Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂(x_t, ∅) + w·(ε̂(x_t, y) - ε̂(x_t, ∅)) with w = ``guidance``;
     w = 1 is the plain conditional model, w = 0 the unconditional one.
     Text-conditioned models take ``text`` (n encoded prompts) and ``negative`` (n encoded negative prompts, the empty
     prompt when there is none): ε̂ = ε̂(x_t, neg) + w·(ε̂(x_t, text) - ε̂(x_t, neg)), so guidance pushes away from the
-    negative prompt as well as towards the prompt.
+    negative prompt as well as towards the prompt. ``x_T``: the starting noise (default: drawn from ``generator``).
     ``dtype="bfloat16"`` runs the network under CPU autocast; the sampler arithmetic stays float32.
     """
     from tqdm import tqdm
@@ -264,7 +264,10 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     if text is not None:
         both = TextCondition.cat([text, negative])  # one batch of 2n rows: prompt, then negative prompt
     null = torch.full((n,), cfg.num_classes, dtype=torch.long) if cfg.num_classes else None
-    x = torch.randn((n, cfg.channels, cfg.resolution, cfg.resolution), generator=generator)  # x_T
+    shape = (n, cfg.channels, cfg.resolution, cfg.resolution)
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise AigcError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    x = x_T.float().clone() if x_T is not None else torch.randn(shape, generator=generator)  # x_T
     # channels-last activations: oneDNN's convolutions run ~1.5x faster on CPU (same values, other memory order)
     x = x.contiguous(memory_format=torch.channels_last)
     for i, t in enumerate(tqdm(ts, desc=sampler, leave=False, disable=not progress)):

@@ -70,9 +70,10 @@ def render(template: str, noun: str, attr_word: str = "") -> str:
 
 def garment_brightness(images: torch.Tensor) -> torch.Tensor:
     """Mean value of the garment pixels (> FOREGROUND) of uint8 images N x 1 x H x W -> N floats."""
-    x = images.float().flatten(1)
+    x = images.flatten(1)
     fg = x > FOREGROUND
-    return (x * fg).sum(1) / fg.sum(1).clamp(min=1)
+    total = torch.where(fg, x, torch.zeros((), dtype=x.dtype)).sum(1, dtype=torch.int64)
+    return total.float() / fg.sum(1).clamp(min=1).float()
 
 
 def attribute_thresholds(images: torch.Tensor) -> tuple[float, float]:

@@ -87,6 +87,8 @@ def detect(spec: str) -> tuple[str, Kind, str]:
             kind = "image"
         elif spec in store.REGISTRY:
             kind = {"lm": "text", "embed": "embedding", "image": "image"}[store.REGISTRY[spec].kind]
+        elif spec in store.BUILTIN and store.BUILTIN[spec].kind == "image":
+            kind = "image"  # a text-to-image model shipped with the package (fmnist-t2i, shapes-t2i)
         else:
             r = store.resolve(spec)
             kind = "text"

@@ -8,6 +8,8 @@ the caption bank (encoded once, cached on disk). The UNet is the diffusion famil
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from aigckit.data.images import ImageDataset, load_dataset
@@ -27,6 +29,7 @@ PRESETS = {k: dict(v, cross_levels=tuple(range(1, len(v["mults"])))) for k, v in
 PRESETS["mini"] = dict(base=16, mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), groups=8, cross_levels=(1, 2))
 
 
+@lru_cache(maxsize=4)
 def caption_data(name: str, split: str, seed: int = 0):
     """(images as an ImageDataset whose labels are caption keys, CaptionSet) of a captioned data set."""
     if name == "fashion-mnist-captions":

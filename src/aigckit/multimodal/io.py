@@ -1,0 +1,28 @@
+"""Image files -> model input: tensors in [-1, 1] at a model's resolution and channel count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aigckit.errors import AigcError
+
+
+def read_images(paths: list[str | Path], resolution: int, channels: int) -> torch.Tensor:
+    """PNG/JPEG files -> N x channels x resolution x resolution floats in [-1, 1] (grey or RGB, bilinear resize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if channels == 1 else "RGB").resize((resolution, resolution), Image.BILINEAR)
+                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except FileNotFoundError as e:
+            raise AigcError(f"image not found: {p}", param="image") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise AigcError(f"{p}: not a readable image ({e})", param="image") from e
+        t = t.view(resolution, resolution, channels).permute(2, 0, 1)
+        out.append(t.float().div(127.5).sub(1.0))
+    return torch.stack(out)
