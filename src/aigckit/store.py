@@ -87,6 +87,10 @@ BUILTIN: dict[str, Builtin] = {
                           "text-to-image diffusion on captioned Fashion-MNIST (28x28, MiniLM prompts)"),
     "shapes-t2i": Builtin("multimodal/builtin/shapes-t2i", "image",
                           "text-to-image diffusion on procedural shapes (32x32 RGB, MiniLM prompts)"),
+    "fmnist-clip": Builtin("multimodal/builtin/fmnist-clip", "clip",
+                           "CLIP-style image-text model on captioned Fashion-MNIST (frozen MiniLM text tower)"),
+    "fmnist-caption": Builtin("multimodal/builtin/fmnist-caption", "caption",
+                              "image captioning (CNN encoder + GRU decoder) on captioned Fashion-MNIST"),
 }
 
 

@@ -1,4 +1,5 @@
-"""`aigc clip train | eval | score | search`: the CLIP-style image-text model (parsing only)."""
+"""`aigc clip train | eval | score | search` (the CLIP-style image-text model) and `aigc caption [train]` (parsing
+only)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_search)
 
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    register_caption(sub)
 
 
 def _train(a) -> int:
@@ -103,4 +105,58 @@ def _search(a) -> int:
     order = sims.argsort(descending=True)[: a.k].tolist()
     out = [{"image": a.images[i], "score": round(float(sims[i]), 2)} for i in order]
     print(json.dumps(out, indent=2) if a.json else "\n".join(f"{r['score']:7.2f}  {r['image']}" for r in out))
+    return 0
+
+
+def register_caption(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("caption", help="describe images in words (built-in fmnist-caption, or a trained run)",
+                       description="Generate a caption per image with a captioning model; `aigc caption-train` "
+                       "trains one on captioned data.")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--model", default="fmnist-caption", help="captioning run or built-in model")
+    p.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: sample words")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_caption)
+    t = sub.add_parser("caption-train", help="train a captioning model on captioned data")
+    t.add_argument("--out", required=True)
+    t.add_argument("--data", default="fashion-mnist-captions")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--minutes", type=float)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--size", default="small", help="tiny | small")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--eval-n", type=int, default=1000)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_caption_train)
+
+
+def _caption(a) -> int:
+    import torch
+
+    from aigckit.errors import AigcError
+    from aigckit.multimodal.caption import generate, load_captioner
+    from aigckit.multimodal.io import read_images
+
+    if not a.images:
+        raise AigcError("give one or more IMAGE files (train a model with `aigc caption-train`)", param="image")
+    model, _ = load_captioner(a.model)
+    x = read_images(a.images, model.cfg.resolution, model.cfg.channels)
+    caps = generate(model, x, beams=a.beams, temperature=a.temperature, generator=torch.Generator().manual_seed(a.seed))
+    if a.json:
+        print(json.dumps([{"image": i, "caption": c} for i, c in zip(a.images, caps)], indent=2))
+    else:
+        for i, c in zip(a.images, caps):
+            print(f"{i}: {c}")
+    return 0
+
+
+def _caption_train(a) -> int:
+    from aigckit.train.caption import CaptionTrainArgs, train_captioner
+
+    final = train_captioner(CaptionTrainArgs(out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
+                                             batch_size=a.batch_size, size=a.size, threads=a.threads,
+                                             eval_n=a.eval_n), progress=not a.quiet)
+    print(final)
     return 0
