@@ -209,7 +209,8 @@ def _pull_hf(repo_id: str, quiet: bool) -> Path:  # pragma: no cover - needs a r
     return Path(path)
 
 
-def list_models() -> list[dict]:
+def list_models(*, builtin: bool = False) -> list[dict]:
+    """Pulled models; with ``builtin`` also the models shipped inside the package (``"builtin": True``)."""
     out = []
     root = models_dir()
     if root.exists():
@@ -219,7 +220,7 @@ def list_models() -> list[dict]:
                 info = json.loads(m.read_text())
                 size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
                 out.append({"name": d.name, "kind": info.get("kind"), "path": str(d), "bytes": size})
-    for name, b in BUILTIN.items():  # shipped with the package: always there, nothing to pull or remove
+    for name, b in BUILTIN.items() if builtin else ():  # shipped with the package: nothing to pull or remove
         p = builtin_path(name)
         if p is not None:
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

@@ -158,21 +158,10 @@ def _beam(model: CaptionModel, feat: torch.Tensor, k: int) -> str:
 
 
 def load_captioner(run) -> tuple[CaptionModel, dict]:
-    from pathlib import Path
+    """A trained captioning run (newest intact checkpoint), a checkpoint folder or a built-in name -> (model, config)."""
+    from aigckit.multimodal.io import load_run
 
-    from aigckit import checkpoints as ck
-    from aigckit import store
-
-    if not Path(run).expanduser().exists() and store.builtin_path(run) is not None:
-        run = store.builtin_path(run)
-    ckpt = ck.latest_checkpoint(run)
-    config = ck.read_config(ckpt)
-    if config.get("family") != "caption":
-        raise AigcError(f"{ckpt}: not a captioning model (family {config.get('family')!r})")
-    model = CaptionModel(CaptionConfig(**config["model"]))
-    ck.load_weights(model, ckpt / "model.safetensors")
-    model.eval()
-    return model, config
+    return load_run(run, "caption", CaptionConfig, CaptionModel)
 
 
 def bleu4(hyps: list[str], refs: list[list[str]]) -> float:

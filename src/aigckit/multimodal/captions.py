@@ -98,7 +98,7 @@ def heldout() -> dict:
 
 @dataclass(frozen=True)
 class CaptionSet:
-    """All training captions, and which of them fit each caption key (class * 3 + attr)."""
+    """All training captions, and which of them fit each caption key (here class * 3 + attr; for shapes the scene)."""
 
     texts: list[str]  # index 0 is "" (the empty prompt, for caption dropout)
     choices: list[list[int]]  # caption key -> caption ids

@@ -106,20 +106,6 @@ def clip_score(model: ClipModel, images: torch.Tensor, pooled: torch.Tensor) -> 
 
 def load_clip(run) -> tuple[ClipModel, dict]:
     """A trained CLIP run (its newest intact checkpoint), a checkpoint folder, or a built-in name -> (model, config)."""
-    from pathlib import Path
+    from aigckit.multimodal.io import load_run
 
-    from aigckit import checkpoints as ck
-    from aigckit import store
-
-    if not Path(run).expanduser().exists() and store.builtin_path(run) is not None:
-        run = store.builtin_path(run)
-    ckpt = ck.latest_checkpoint(run)
-    config = ck.read_config(ckpt)
-    if config.get("family") != "clip":
-        raise AigcError(f"{ckpt}: not a CLIP model (family {config.get('family')!r})")
-    model = ClipModel(ClipConfig(**config["model"]))
-    ck.load_weights(model, ckpt / "model.safetensors")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, config
+    return load_run(run, "clip", ClipConfig, ClipModel)

@@ -26,3 +26,23 @@ def read_images(paths: list[str | Path], resolution: int, channels: int) -> torc
         t = t.view(resolution, resolution, channels).permute(2, 0, 1)
         out.append(t.float().div(127.5).sub(1.0))
     return torch.stack(out)
+
+
+def load_run(run, family: str, cfg_cls, model_cls):
+    """A run (newest intact checkpoint), checkpoint folder or built-in name -> (model in eval mode, config);
+    the config's family must be ``family``."""
+    from aigckit import checkpoints as ck
+    from aigckit import store
+
+    if not Path(run).expanduser().exists() and store.builtin_path(run) is not None:
+        run = store.builtin_path(run)
+    ckpt = ck.latest_checkpoint(run)
+    config = ck.read_config(ckpt)
+    if config.get("family") != family:
+        raise AigcError(f"{ckpt}: not a {family} model (family {config.get('family')!r})")
+    model = model_cls(cfg_cls(**config["model"]))
+    ck.load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, config

@@ -22,6 +22,7 @@ import torch
 
 from aigckit.data.images import ImageDataset
 from aigckit.errors import AigcError
+from aigckit.multimodal.captions import CaptionSet
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
            "purple": (170, 60, 220), "white": (235, 235, 235)}
@@ -130,21 +131,8 @@ def sample_scenes(n: int, seed: int, heldout: bool = False) -> list[Scene]:
     return [rng.choice(singles) if i % 2 == 0 else rng.choice(pairs) for i in range(n)]
 
 
-@dataclass(frozen=True)
-class ShapesCaptions:
-    texts: list[str]  # index 0 is "" (the empty prompt)
-    choices: list[list[int]]  # scene id -> caption ids
-
-    def choice_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = max(len(c) for c in self.choices)
-        ids = torch.zeros((len(self.choices), m), dtype=torch.long)
-        for k, c in enumerate(self.choices):
-            ids[k, : len(c)] = torch.tensor(c)
-        return ids, torch.tensor([len(c) for c in self.choices])
-
-
 @lru_cache(maxsize=1)
-def train_captions() -> ShapesCaptions:
+def train_captions() -> CaptionSet:
     texts, choices = [""], []
     for s in all_scenes():
         if s.heldout():
@@ -155,11 +143,11 @@ def train_captions() -> ShapesCaptions:
             ids.append(len(texts))
             texts.append(c)
         choices.append(ids)
-    return ShapesCaptions(texts, choices)
+    return CaptionSet(texts, choices)
 
 
 @lru_cache(maxsize=4)
-def dataset(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[ImageDataset, ShapesCaptions]:
+def dataset(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[ImageDataset, CaptionSet]:
     """Rendered images with labels = scene ids (index into ``all_scenes()``): train 30,000 seen-combination scenes;
     test 2,000 held-out-combination scenes."""
     if split not in ("train", "test"):

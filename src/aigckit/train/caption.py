@@ -9,7 +9,6 @@ and corpus BLEU-4 against every fitting training caption of the image as referen
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from aigckit.data.images import FASHION_MNIST_CLASSES, to_float
 from aigckit.errors import AigcError
 from aigckit.multimodal.caption import CaptionConfig, CaptionModel, bleu4, build_vocab, generate
-from aigckit.train import checkpoint as ck
+from aigckit.train.short import run_steps, start_run
 from aigckit.train.t2i import caption_data
 
 PRESETS = {"tiny": dict(widths=(8, 16), hidden=32, embed=16), "small": dict(widths=(16, 32, 64), hidden=192, embed=64)}
@@ -47,16 +46,10 @@ class CaptionTrainArgs:
 
 
 def train_captioner(args: CaptionTrainArgs, *, progress: bool = True) -> Path:
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = Path(args.out).expanduser()
-    if ck.list_checkpoints(run):
-        raise AigcError(f"{run} already holds a run; choose another --out", param="out")
     ds, caps = caption_data(args.data, "train", args.seed)
     ids, counts = caps.choice_table()
-    ids, counts = ids.clone(), counts.clone()
     for k in range(len(ids)):  # drop the empty caption (id 0) from the choices
         row = [i for i in ids[k, : counts[k]].tolist() if i != 0]
         if row:
@@ -66,35 +59,16 @@ def train_captioner(args: CaptionTrainArgs, *, progress: bool = True) -> Path:
                         **PRESETS[args.size])
     model = CaptionModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed + 1)
     config = {"family": "caption", "model": cfg.to_dict(), "train": asdict(args), "data": {"name": args.data}}
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(config, indent=2))
-    step, train_time, per_epoch, order = 0, 0.0, len(ds) // args.batch_size, None
-    bar = tqdm(total=args.steps, desc="train caption", disable=not progress)
-    while (args.steps is None or step < args.steps) and (args.minutes is None or train_time < args.minutes * 60):
-        t0 = time.perf_counter()
-        if step % per_epoch == 0:
-            order = torch.randperm(len(ds), generator=gen)
-        idx = order[(step % per_epoch) * args.batch_size:(step % per_epoch + 1) * args.batch_size]
+    run = start_run(args.out, config)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         keys = ds.labels[idx]
         cap = ids[keys, (torch.rand(len(idx), generator=gen) * counts[keys]).long()]
-        model.train()
-        loss = model.loss(to_float(ds.images[idx]), [caps.texts[i] for i in cap.tolist()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if step % args.log_every == 0:
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "time": round(train_time, 2), "loss": loss.item()}) + "\n")
-        if step % args.ckpt_every == 0:
-            ck.save_checkpoint(run, step=step, config=config, model=model)
-    bar.close()
-    final = ck.save_checkpoint(run, step=step, config=config, model=model)
+        return model.loss(to_float(ds.images[idx]), [caps.texts[i] for i in cap.tolist()])
+
+    final, step, train_time = run_steps(run, args, config, model, opt, len(ds), batch_loss, desc="train caption",
+                                        progress=progress, clip_grad=1.0)
     if args.eval_n and args.data == "fashion-mnist-captions":
         rep = evaluate_captioner(model, n=args.eval_n)
         rep.update(train_steps=step, train_time_s=round(train_time, 1), images_seen=step * args.batch_size)

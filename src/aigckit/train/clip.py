@@ -10,7 +10,6 @@ images make this harder, so also reported: class R@1, the top image has the capt
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from aigckit.data.images import FASHION_MNIST_CLASSES, to_float
 from aigckit.errors import AigcError
 from aigckit.multimodal import textcond
 from aigckit.multimodal.clip import ClipConfig, ClipModel, zero_shot
-from aigckit.train import checkpoint as ck
+from aigckit.train.short import run_steps, start_run
 from aigckit.train.t2i import caption_data
 
 PRESETS = {"tiny": dict(widths=(8, 16), embed_dim=16), "small": dict(widths=(16, 32, 64), embed_dim=64),
@@ -52,13 +51,8 @@ class ClipTrainArgs:
 
 
 def train_clip(args: ClipTrainArgs, *, progress: bool = True) -> Path:
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = Path(args.out).expanduser()
-    if ck.list_checkpoints(run):
-        raise AigcError(f"{run} already holds a run; choose another --out", param="out")
     ds, caps = caption_data(args.data, "train", args.seed)
     enc = textcond.load_text_encoder(textcond.DEFAULT_TEXT_ENCODER, textcond.DEFAULT_MAX_TOKENS)
     bank = textcond.CaptionBank.build(caps.texts, enc, progress=progress)
@@ -69,38 +63,16 @@ def train_clip(args: ClipTrainArgs, *, progress: bool = True) -> Path:
                      **PRESETS[args.size])
     model = ClipModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed + 1)
     config = {"family": "clip", "model": cfg.to_dict(), "train": asdict(args), "data": {"name": args.data}}
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(config, indent=2))
-    step, train_time, per_epoch = 0, 0.0, len(ds) // args.batch_size
-    bar = tqdm(total=args.steps, desc="train clip", disable=not progress)
-    order = None
-    while (args.steps is None or step < args.steps) and (args.minutes is None or train_time < args.minutes * 60):
-        t0 = time.perf_counter()
-        if step % per_epoch == 0:
-            order = torch.randperm(len(ds), generator=gen)
-        idx = order[(step % per_epoch) * args.batch_size:(step % per_epoch + 1) * args.batch_size]
+    run = start_run(args.out, config)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         keys = ds.labels[idx]
         cap = ids[keys, (torch.rand(len(idx), generator=gen) * counts[keys]).long()]
-        x = to_float(ds.images[idx])
-        model.train()
-        loss = model.loss(x, bank.cond.pooled[cap], same=cap[:, None] == cap[None, :])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if step % args.log_every == 0:
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "time": round(train_time, 2), "loss": loss.item(),
-                                    "images_per_s": round(step * args.batch_size / train_time, 1)}) + "\n")
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.ckpt_every == 0:
-            ck.save_checkpoint(run, step=step, config=config, model=model)
-    bar.close()
-    final = ck.save_checkpoint(run, step=step, config=config, model=model)
+        return model.loss(to_float(ds.images[idx]), bank.cond.pooled[cap], same=cap[:, None] == cap[None, :])
+
+    final, step, train_time = run_steps(run, args, config, model, opt, len(ds), batch_loss, desc="train clip",
+                                        progress=progress)
     if args.eval_n and args.data == "fashion-mnist-captions":
         rep = evaluate_clip(model, n=args.eval_n)
         rep.update(train_steps=step, train_time_s=round(train_time, 1), images_seen=step * args.batch_size)

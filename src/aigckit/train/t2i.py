@@ -83,13 +83,7 @@ class Trainer(DiffusionTrainer):
     def step(self, model, opts, x, labels, gen) -> dict[str, float]:
         model.train()
         text = self.bank.take(self.captions_for(labels, model.cfg.label_dropout, gen))
-        loss = model.loss(x, None, gen, text=text)
-        opt = opts["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item()}
+        return self.update(model, opts, model.loss(x, None, gen, text=text))
 
     def grid(self, ema, args, labels, gen) -> torch.Tensor:
         """Each grid prompt in one row of 4 (training phrasings first, then held-out ones), guidance 3."""
