@@ -51,7 +51,8 @@ class Served:
             res = o.model.cfg.resolution
             d.update(family=o.family, size=f"{res}x{res}", classes=o.class_names or
                      [str(i) for i in range(o.num_classes)], conditional=o.conditional,
-                     timesteps=getattr(o.model.cfg, "timesteps", None))
+                     timesteps=getattr(o.model.cfg, "timesteps", None),
+                     text_conditioned=bool(getattr(o, "text_conditioned", False)))
         return d
 
 
