@@ -91,6 +91,8 @@ BUILTIN: dict[str, Builtin] = {
                            "CLIP-style image-text model on captioned Fashion-MNIST (frozen MiniLM text tower)"),
     "fmnist-caption": Builtin("multimodal/builtin/fmnist-caption", "caption",
                               "image captioning (CNN encoder + GRU decoder) on captioned Fashion-MNIST"),
+    "shapes-caption": Builtin("multimodal/builtin/shapes-caption", "caption",
+                              "image captioning (CNN encoder + GRU decoder) on the procedural shapes"),
 }
 
 

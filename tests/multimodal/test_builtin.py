@@ -44,3 +44,27 @@ def test_fmnist_t2i_samples_by_prompt_with_minilm(tmp_path):
     out = load_image_model("fmnist-t2i").sample(2, prompts="a pair of trainers", negative_prompt="a bag", steps=3,
                                                 seed=0)
     assert out.tensor.shape == (2, 1, 28, 28) and out.params["prompt"] == "a pair of trainers"
+
+
+def test_caption_picks_the_model_by_image_colour(tmp_path, capsys):
+    import random
+
+    import torch
+
+    from aigckit.cli import main
+    from aigckit.image.io import save_png, to_pil
+    from aigckit.multimodal import captions as C
+    from aigckit.multimodal import shapes as S
+
+    if store.builtin_path("shapes-caption") is None:
+        pytest.skip("shapes-caption is not in this checkout")
+    img = S.render(S.Scene(S.Obj("red", "circle", "large")), random.Random(0))
+    save_png(to_pil(img[None].float() / 127.5 - 1)[0], tmp_path / "shape.png")
+    save_png(to_pil(-torch.ones(1, 1, 28, 28))[0], tmp_path / "grey.png")
+    capsys.readouterr()
+    assert main(["caption", str(tmp_path / "shape.png"), str(tmp_path / "grey.png"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shape_words = {w for t in S.train_captions().texts for w in t.split()}
+    garment_words = {w for t in C.train_captions().texts for w in t.split()}
+    assert out[0]["caption"] and set(out[0]["caption"].split()) <= shape_words
+    assert out[1]["caption"] and set(out[1]["caption"].split()) <= garment_words

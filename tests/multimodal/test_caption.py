@@ -52,3 +52,22 @@ def test_caption_train_and_cli(fake_home, tmp_path, capsys):
     assert out[0]["image"] == str(img) and isinstance(out[0]["caption"], str)
     assert main(["caption", str(img), "--model", str(tmp_path / "cap"), "--beams", "2", "--temperature", "1"]) == 2
     assert main(["caption", "--model", str(tmp_path / "cap")]) == 2
+
+
+def test_shapes_caption_eval_and_grey_detection(tmp_path):
+    from aigckit.image.io import save_png, to_pil
+    from aigckit.multimodal import shapes as S
+    from aigckit.multimodal.io import is_grey
+    from aigckit.train.caption import evaluate_shapes_captioner
+
+    texts = S.train_captions().texts[1:]
+    model = CaptionModel(CaptionConfig(vocab=build_vocab(texts), resolution=32, channels=3, widths=(8,), hidden=16,
+                                       embed=8, max_len=4))
+    rep = evaluate_shapes_captioner(model, n=4)
+    assert rep["seen"]["exact"] == 0.0 and 0 <= rep["heldout"]["bleu4"] <= 1  # an untrained decoder
+    import random
+
+    img = S.render(S.Scene(S.Obj("red", "circle", "large")), random.Random(0))
+    save_png(to_pil(img[None].float() / 127.5 - 1)[0], tmp_path / "red.png")
+    save_png(to_pil(torch.zeros(1, 1, 8, 8))[0], tmp_path / "grey.png")
+    assert not is_grey(tmp_path / "red.png") and is_grey(tmp_path / "grey.png")

@@ -113,7 +113,8 @@ def register_caption(sub: argparse._SubParsersAction) -> None:
                        description="Generate a caption per image with a captioning model; `aigc caption-train` "
                        "trains one on captioned data.")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--model", default="fmnist-caption", help="captioning run or built-in model")
+    p.add_argument("--model", default="auto", help="captioning run or built-in model; auto: fmnist-caption for "
+                   "greyscale images, shapes-caption for colour ones")
     p.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: sample words")
     p.add_argument("--seed", type=int, default=0)
@@ -141,9 +142,19 @@ def _caption(a) -> int:
 
     if not a.images:
         raise AigcError("give one or more IMAGE files (train a model with `aigc caption-train`)", param="image")
-    model, _ = load_captioner(a.model)
-    x = read_images(a.images, model.cfg.resolution, model.cfg.channels)
-    caps = generate(model, x, beams=a.beams, temperature=a.temperature, generator=torch.Generator().manual_seed(a.seed))
+    from aigckit.multimodal.io import is_grey
+
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(a.images):
+        name = a.model if a.model != "auto" else ("fmnist-caption" if is_grey(path) else "shapes-caption")
+        groups.setdefault(name, []).append(i)
+    caps = [""] * len(a.images)
+    for name, idx in groups.items():
+        model, _ = load_captioner(name)
+        x = read_images([a.images[i] for i in idx], model.cfg.resolution, model.cfg.channels)
+        for i, c in zip(idx, generate(model, x, beams=a.beams, temperature=a.temperature,
+                                      generator=torch.Generator().manual_seed(a.seed))):
+            caps[i] = c
     if a.json:
         print(json.dumps([{"image": i, "caption": c} for i, c in zip(a.images, caps)], indent=2))
     else:

@@ -28,6 +28,22 @@ def read_images(paths: list[str | Path], resolution: int, channels: int) -> torc
     return torch.stack(out)
 
 
+def is_grey(path: str | Path) -> bool:
+    """A greyscale image file (mode L/LA/1/I, or RGB with equal channels)?"""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("L", "LA", "1", "I", "I;16"):
+                return True
+            rgb = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).view(-1, 3)
+    except FileNotFoundError as e:
+        raise AigcError(f"image not found: {path}", param="image") from e
+    except OSError as e:
+        raise AigcError(f"{path}: not a readable image ({e})", param="image") from e
+    return bool((rgb.int().amax(1) - rgb.int().amin(1)).max() <= 8)
+
+
 def load_run(run, family: str, cfg_cls, model_cls):
     """A run (newest intact checkpoint), checkpoint folder or built-in name -> (model in eval mode, config);
     the config's family must be ``family``."""
