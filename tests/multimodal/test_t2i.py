@@ -99,3 +99,23 @@ def test_train_sample_cli_and_png_metadata(t2i_run, tmp_path, capsys):
     assert meta["prompt"] == "a dark coat" and meta["negative_prompt"] == "a bag"
     assert main(["image", "sample", str(run), "--class", "coat", "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "text-conditioned" in capsys.readouterr().err
+
+
+def test_caption_bank_is_cached_and_conditions_pad(fake_home):
+    from aigckit import store
+    from aigckit.multimodal.textcond import CaptionBank
+
+    enc = FakeEncoder()
+    texts = ["", "a coat", "a long dark coat on a black background"]
+    before = set(store.cache_dir("captions").glob("*.safetensors"))
+    a = CaptionBank.build(texts, enc)
+    after = set(store.cache_dir("captions").glob("*.safetensors"))
+    assert len(after - before) == 1
+    b = CaptionBank.build(texts, enc)  # read back from the cache
+    assert set(store.cache_dir("captions").glob("*.safetensors")) == after
+    assert torch.equal(a.cond.tokens, b.cond.tokens) and torch.equal(a.cond.mask, b.cond.mask)
+    one = b.take(torch.tensor([1]))
+    assert one.tokens.dtype == torch.float32 and one.mask[0].sum() == 4  # [cls] a coat [sep]
+    both = TextCondition.cat([enc.encode(["a"]), enc.encode(["a b c d"])])
+    assert both.tokens.shape[:2] == (2, 6) and both.mask.sum(1).tolist() == [3, 6]
+    assert len(both.repeat(3)) == 6 and torch.equal(both.repeat(3)[2].pooled, both[0].pooled)
