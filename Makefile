@@ -26,6 +26,9 @@ models: install
 demo: install
 	@$(AIGC) pull smollm2-135m-instruct --quiet
 	@echo "Write a short poem about a cat sitting by the window." | $(AIGC) chat --max-new-tokens 96 --temperature 0.7 --seed 0
+	@$(AIGC) pull minilm-l6-v2 --quiet
+	@$(AIGC) image sample fmnist-t2i --prompt "a pair of trainers" --prompt "a dark coat" --prompt "a tote" \
+		--prompt "a pair of slacks" --n 32 --seed 0 --out prompt-grid.png
 
 # one thread per test process (and the servers it starts): behaviour, not speed, is tested
 test: models

@@ -73,6 +73,38 @@ REGISTRY: dict[str, Source] = {
 DEFAULT_LM = "smollm2-135m-instruct"
 
 
+@dataclass(frozen=True)
+class Builtin:
+    """A model that ships inside the package (small trained weights committed with the code): nothing to pull."""
+
+    path: str  # folder relative to the aigckit package
+    kind: Literal["image", "clip", "caption"] = "image"
+    description: str = ""
+
+
+BUILTIN: dict[str, Builtin] = {
+    "fmnist-t2i": Builtin("multimodal/builtin/fmnist-t2i", "image",
+                          "text-to-image diffusion on captioned Fashion-MNIST (28x28, MiniLM prompts)"),
+    "shapes-t2i": Builtin("multimodal/builtin/shapes-t2i", "image",
+                          "text-to-image diffusion on procedural shapes (32x32 RGB, MiniLM prompts)"),
+    "fmnist-clip": Builtin("multimodal/builtin/fmnist-clip", "clip",
+                           "CLIP-style image-text model on captioned Fashion-MNIST (frozen MiniLM text tower)"),
+    "fmnist-caption": Builtin("multimodal/builtin/fmnist-caption", "caption",
+                              "image captioning (CNN encoder + GRU decoder) on captioned Fashion-MNIST"),
+    "shapes-caption": Builtin("multimodal/builtin/shapes-caption", "caption",
+                              "image captioning (CNN encoder + GRU decoder) on the procedural shapes"),
+}
+
+
+def builtin_path(name: str) -> Path | None:
+    """The folder of a built-in model that this installation carries, else None."""
+    b = BUILTIN.get(str(name))
+    if b is None:
+        return None
+    p = Path(__file__).parent / b.path
+    return p if (p / "config.json").is_file() else None
+
+
 def home() -> Path:
     return Path(os.environ.get("AIGC_HOME", Path.home() / ".cache" / "aigckit")).expanduser()
 
@@ -179,7 +211,8 @@ def _pull_hf(repo_id: str, quiet: bool) -> Path:  # pragma: no cover - needs a r
     return Path(path)
 
 
-def list_models() -> list[dict]:
+def list_models(*, builtin: bool = False) -> list[dict]:
+    """Pulled models; with ``builtin`` also the models shipped inside the package (``"builtin": True``)."""
     out = []
     root = models_dir()
     if root.exists():
@@ -189,6 +222,11 @@ def list_models() -> list[dict]:
                 info = json.loads(m.read_text())
                 size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
                 out.append({"name": d.name, "kind": info.get("kind"), "path": str(d), "bytes": size})
+    for name, b in BUILTIN.items() if builtin else ():  # shipped with the package: nothing to pull or remove
+        p = builtin_path(name)
+        if p is not None:
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            out.append({"name": name, "kind": b.kind, "path": str(p), "bytes": size, "builtin": True})
     return out
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aigckit.cli import audio, batch, constrain, data, doctor, embed, image, serve, store, text, trust, tune
+from aigckit.cli import (audio, batch, constrain, data, doctor, embed, image, multimodal, serve, store, text, trust,
+                        tune)
 
 # each registers its sub-commands on the parser via `register(subparsers)` (parsing only: heavy imports are lazy)
-_COMMAND_MODULES = (store, text, embed, image, serve, audio, doctor, constrain, batch, data, tune, trust)
+_COMMAND_MODULES = (store, text, embed, image, multimodal, serve, audio, doctor, constrain, batch, data, tune, trust)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, 
                    help="stop after M minutes of training steps (grids and checkpoints not counted)")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (labelled data)")
+    t.add_argument("--condition", default="", choices=["", "class", "text"],
+                   help="class (= --conditional) or text: a prompt-conditioned ddpm (cross-attention to MiniLM) on "
+                   "captioned data: --data fashion-mnist-captions | shapes")
     t.add_argument("--batch-size", type=int, default=64, help="images per step (per rank under torchrun)")
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
@@ -48,8 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = isub.add_parser("sample", help="generate images from a trained run")
-    s.add_argument("run")
+    s = isub.add_parser("sample", help="generate images from a trained run (or a built-in model: fmnist-t2i, "
+                        "shapes-t2i)")
+    s.add_argument("run", help="run folder, checkpoint folder or built-in model name")
+    s.add_argument("--prompt", action="append", help="text-conditioned models: the prompt (repeat for several; "
+                   "--n is split evenly, one grid row per prompt)")
+    s.add_argument("--negative-prompt", help="text-conditioned models: what guidance steers away from")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--out", required=True, help="grid PNG path, or a folder with --per-image")
     s.add_argument("--per-image", action="store_true", help="one PNG per image into the folder --out")
@@ -65,6 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--weights", default="ema", choices=["ema", "model"])
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusion network dtype")
     s.set_defaults(func=_sample)
+
+    an = isub.add_parser("animate", help="text-to-image: walk between prompts into an animated GIF/WebP")
+    an.add_argument("run", help="text-conditioned run or built-in model (fmnist-t2i, shapes-t2i)")
+    an.add_argument("--prompt", action="append", required=True, help="a prompt (repeat: at least two)")
+    an.add_argument("--negative-prompt")
+    an.add_argument("--frames", type=int, default=16, help="frames per leg between two prompts")
+    an.add_argument("--fps", type=int, default=8)
+    an.add_argument("--guidance", type=float, default=3.0)
+    an.add_argument("--steps", type=int, default=30, help="DDIM steps per frame")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", required=True, help="a.gif or a.webp (frames also as PNGs in A_frames/)")
+    an.set_defaults(func=_animate)
 
     i = isub.add_parser("interpolate", help="walk the latent space of a vae or dcgan run")
     i.add_argument("run")
@@ -105,7 +124,7 @@ def _train(a) -> int:
     from aigckit.train.loop import TrainArgs, train
 
     args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
-                     conditional=a.conditional, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
+                     conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
                      resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,
                      sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                      schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
@@ -123,9 +142,23 @@ def _sample(a) -> int:
     if cls is not None and cls.lstrip("-").isdigit():
         cls = int(cls)
     out = m.sample(a.n, classes=cls, seed=a.seed, sampler=a.sampler, steps=a.steps, eta=a.eta,
-                   guidance=a.guidance, progress=sys.stderr.isatty(), dtype=a.dtype, temperature=a.temperature)
-    paths = out.save(a.out, per_image=a.per_image, nrow=a.nrow)
+                   guidance=a.guidance, progress=sys.stderr.isatty(), dtype=a.dtype, temperature=a.temperature,
+                   prompts=a.prompt, negative_prompt=a.negative_prompt)
+    nrow = a.nrow or (a.n // len(a.prompt) if a.prompt and len(a.prompt) > 1 else None)
+    paths = out.save(a.out, per_image=a.per_image, nrow=nrow)
     print(a.out if not a.per_image else f"{len(paths)} images in {a.out}")
+    return 0
+
+
+def _animate(a) -> int:
+    from aigckit.image.api import load_image_model
+    from aigckit.multimodal.animate import animate, save_animation
+
+    m = load_image_model(a.run)
+    frames, params = animate(m, a.prompt, frames=a.frames, seed=a.seed, guidance=a.guidance, steps=a.steps,
+                             negative_prompt=a.negative_prompt, progress=sys.stderr.isatty())
+    written = save_animation(frames, params, a.out, fps=a.fps)
+    print(f"{a.out} ({len(frames)} frames; PNGs in {written[1].parent})")
     return 0
 
 

@@ -49,11 +49,11 @@ def _pull(args) -> int:
 def _list(args) -> int:
     from aigckit import store
 
-    rows = store.list_models()
+    rows = store.list_models(builtin=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    if not rows:
+    if not any(not r.get("builtin") for r in rows):
         print(f"no models in {store.models_dir()}; try: aigc pull {store.DEFAULT_LM}")
     for r in rows:
         print(f"{r['name']:<28} {r['kind'] or '':<6} {r['bytes'] / 1e6:8.1f} MB  {r['path']}")

@@ -3,6 +3,8 @@
     from aigckit import load_image_model
     m = load_image_model("runs/ddpm")                 # a run folder or one checkpoint folder
     out = m.sample(16, classes="sneaker", seed=0, sampler="ddim", steps=50, guidance=3.0)
+    t2i = load_image_model("fmnist-t2i")             # a text-conditioned run (or built-in model name)
+    out = t2i.sample(8, prompts=["a pair of trainers", "a dark coat"], negative_prompt="a bag", guidance=3.0)
     out.tensor            # 16 x 1 x 28 x 28 floats in [-1, 1]
     out.images            # 16 PIL images
     out.save("grid.png")  # a grid PNG carrying the generation parameters as text metadata
@@ -47,6 +49,7 @@ class SampleResult:
     tensor: torch.Tensor  # N x C x H x W in [-1, 1]
     labels: torch.Tensor | None
     params: dict = field(default_factory=dict)  # generation parameters (also written into PNG metadata)
+    prompts: list[str] | None = None  # text-conditioned samples: the prompt of each image
 
     @property
     def images(self) -> list:
@@ -65,6 +68,8 @@ class SampleResult:
             meta = dict(self.params, index=i)
             if self.labels is not None:
                 meta["class"] = int(self.labels[i])
+            if self.prompts is not None:
+                meta["prompt"] = self.prompts[i]
             out.append(save_png(im, path / f"{i:05d}.png", meta))
         return out
 
@@ -85,6 +90,29 @@ class ImageModel:
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.family == "ddpm" and self.model.cfg.text_conditioned
+
+    def prompts_for(self, prompts, n: int) -> list[str]:
+        """One prompt, or a list of prompts: n must be a multiple of their count; each prompt fills n / count
+        consecutive samples (one grid row per prompt when nrow = n / count)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise AigcError("give at least one prompt", param="prompt")
+        if n % len(prompts):
+            raise AigcError(f"n ({n}) must be a multiple of the number of prompts ({len(prompts)})", param="n")
+        return [p for p in prompts for _ in range(n // len(prompts))]
+
+    def encode_prompts(self, prompts: list[str]):
+        """Prompts -> the UNet's TextCondition, with the frozen text encoder the model was trained with."""
+        from aigckit.multimodal.textcond import load_text_encoder  # the text tower of text-to-image models
+
+        cfg = self.model.cfg
+        return load_text_encoder(cfg.text_encoder, cfg.text_max_tokens).encode(prompts)
 
     def labels_for(self, classes, n: int) -> torch.Tensor | None:
         """None | one class (name or index) | a list of n classes | 'all' (cycle through classes) -> labels."""
@@ -108,8 +136,11 @@ class ImageModel:
 
     def sample(self, n: int = 16, *, classes=None, seed: int | None = None, sampler: str = "ddim",
                steps: int | None = 50, eta: float = 0.0, guidance: float | None = None, batch_size: int = 250,
-               progress: bool = False, dtype: str = "float32", temperature: float = 1.0) -> SampleResult:
-        """``temperature`` scales the latent noise of VAEs and GANs (1 = the trained prior); diffusion runs refuse it."""
+               progress: bool = False, dtype: str = "float32", temperature: float = 1.0, prompts=None,
+               negative_prompt: str | None = None) -> SampleResult:
+        """``temperature`` scales the latent noise of VAEs and GANs (1 = the trained prior); diffusion runs refuse it.
+        Text-conditioned runs take ``prompts`` (see ``prompts_for``) and an optional ``negative_prompt`` that guidance
+        steers away from (default: the empty prompt)."""
         if not 1 <= n <= MAX_SAMPLES:
             raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}", param="n")
         if not 0 < temperature <= 10:
@@ -118,9 +149,20 @@ class ImageModel:
             raise AigcError("temperature applies to VAE and GAN latents; diffusion runs use --guidance / --eta", param="temperature")
         if seed is None:
             seed = secrets.randbits(31)
+        text = neg = None
+        if self.text_conditioned:
+            if classes is not None:
+                raise AigcError("this model is text-conditioned: give prompts, not classes", param="classes")
+            prompt_list = self.prompts_for(prompts if prompts is not None else "", n)
+            text = self.encode_prompts(sorted(set(prompt_list)))
+            rows = {p: i for i, p in enumerate(sorted(set(prompt_list)))}
+            text = text[torch.tensor([rows[p] for p in prompt_list])]
+            neg = self.encode_prompts([negative_prompt or ""]).repeat(n)
+        elif prompts is not None or negative_prompt is not None:
+            raise AigcError(f"this {self.family} model is not text-conditioned; use classes", param="prompt")
         labels = self.labels_for(classes, n)
         if guidance is None:
-            guidance = 3.0 if (labels is not None and self.family == "ddpm") else 1.0
+            guidance = 3.0 if ((labels is not None or text is not None) and self.family == "ddpm") else 1.0
         if guidance < 0 or guidance > 50:
             raise AigcError(f"guidance must be in [0, 50], got {guidance}", param="guidance")
         gen = torch.Generator().manual_seed(seed)
@@ -135,7 +177,8 @@ class ImageModel:
                     outs.append(diffusion_sample(self.model, b, labels=y, guidance=guidance, sampler=sampler,
                                                  steps=steps if sampler == "ddim" else None, eta=eta,
                                                  generator=gen, progress=progress and n <= batch_size,
-                                                 dtype=dtype))
+                                                 dtype=dtype, text=text[i:i + b] if text is not None else None,
+                                                 negative=neg[i:i + b] if neg is not None else None))
                 else:
                     outs.append(self.model.sample(b, y, generator=gen, temperature=temperature))
         params = {"model": self.family, "run": str(self.checkpoint), "seed": seed, "n": n}
@@ -144,9 +187,15 @@ class ImageModel:
                           eta=eta, guidance=guidance, dtype=dtype)
         elif temperature != 1.0:
             params["temperature"] = temperature
+        if text is not None:
+            params["prompt"] = prompt_list[0] if len(set(prompt_list)) == 1 else list(dict.fromkeys(prompt_list))
+            params["negative_prompt"] = negative_prompt or ""
         if labels is not None:
             params["classes"] = sorted({self.class_names[i] if self.class_names else str(i) for i in labels.tolist()})
-        return SampleResult(torch.cat(outs), labels, params)
+        res = SampleResult(torch.cat(outs), labels, params)
+        if text is not None:
+            res.prompts = prompt_list
+        return res
 
     def interpolate(self, steps: int = 8, *, seed: int | None = None, classes=None, a: torch.Tensor | None = None,
                     b: torch.Tensor | None = None) -> SampleResult:
@@ -186,6 +235,10 @@ def load_image_model(run: str | Path, *, weights: str = "ema") -> ImageModel:
     folder, with EMA weights by default."""
     if weights not in ("ema", "model"):
         raise AigcError(f"weights must be 'ema' or 'model', got {weights!r}")
+    from aigckit import store
+
+    if not Path(run).expanduser().exists() and store.builtin_path(run) is not None:
+        run = store.builtin_path(run)  # a model shipped with the package (e.g. fmnist-t2i)
     ckpt = ck.latest_checkpoint(run)
     config = ck.read_config(ckpt)
     if "family" not in config or "model" not in config:

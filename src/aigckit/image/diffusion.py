@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from aigckit.errors import AigcError
-from aigckit.image.unet import UNet, UNetConfig
+from aigckit.image.unet import TextCondition, UNet, UNetConfig
 
 
 @dataclass
@@ -36,6 +36,8 @@ class DiffusionConfig:
     schedule: Literal["linear", "cosine"] = "cosine"
     prediction: Literal["eps", "v"] = "eps"
     label_dropout: float = 0.1  # p(label -> "no label") during training, for classifier-free guidance
+    text_encoder: str = ""  # text-conditioned models: the frozen encoder (store name) whose states the UNet reads
+    text_max_tokens: int = 0  # ... and the prompt length it was trained with (longer prompts are truncated)
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
@@ -58,6 +60,10 @@ class DiffusionConfig:
     @property
     def num_classes(self) -> int:
         return self.unet.num_classes
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.unet.context_dim > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,11 +194,17 @@ class DiffusionModel(nn.Module):
         self.unet = UNet(cfg.unet)
         self.schedule = make_schedule(cfg.schedule, cfg.timesteps)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x_t, t, labels)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                text: TextCondition | None = None) -> torch.Tensor:
+        if text is None:
+            return self.unet(x_t, t, labels)  # class-conditional / unconditional models: unchanged call
+        return self.unet(x_t, t, labels, text)
 
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """Simple loss: MSE between the prediction and its target (ε or v) at a uniformly drawn t."""
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+             text: TextCondition | None = None) -> torch.Tensor:
+        """Simple loss: MSE between the prediction and its target (ε or v) at a uniformly drawn t.
+        ``text``: the prompts of the batch, caption dropout already applied by the caller (it knows the empty
+        prompt's encoding)."""
         n = x0.shape[0]
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
@@ -203,18 +215,22 @@ class DiffusionModel(nn.Module):
             labels = None
         x_t = q_sample(self.schedule, x0, t, eps)
         target = eps if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, eps)
-        return torch.mean((self(x_t, t, labels) - target) ** 2)
+        return torch.mean((self(x_t, t, labels, text) - target) ** 2)
 
 
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None, guidance: float = 1.0,
            sampler: Literal["ddpm", "ddim"] = "ddim", steps: int | None = None, eta: float = 0.0,
            generator: torch.Generator | None = None, progress: bool = False,
-           dtype: str = "float32") -> torch.Tensor:
+           dtype: str = "float32", text: TextCondition | None = None,
+           negative: TextCondition | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:  # noqa: N803
     """Draw n images in [-1, 1] starting from x_T ~ N(0, I).
 
     Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂(x_t, ∅) + w·(ε̂(x_t, y) - ε̂(x_t, ∅)) with w = ``guidance``;
     w = 1 is the plain conditional model, w = 0 the unconditional one.
+    Text-conditioned models take ``text`` (n encoded prompts) and ``negative`` (n encoded negative prompts, the empty
+    prompt when there is none): ε̂ = ε̂(x_t, neg) + w·(ε̂(x_t, text) - ε̂(x_t, neg)), so guidance pushes away from the
+    negative prompt as well as towards the prompt. ``x_T``: the starting noise (default: drawn from ``generator``).
     ``dtype="bfloat16"`` runs the network under CPU autocast; the sampler arithmetic stays float32.
     """
     from tqdm import tqdm
@@ -223,12 +239,19 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     if dtype not in ("float32", "bfloat16"):
         raise AigcError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
-    def net(x_in, t_in, y_in):
+    def net(x_in, t_in, y_in, text_in=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            return model(x_in, t_in, y_in).float()
+            return model(x_in, t_in, y_in, text_in).float()
 
     if labels is not None and not cfg.num_classes:
         raise AigcError("this diffusion model is unconditional; it cannot sample a class")
+    if cfg.text_conditioned:
+        if text is None or negative is None:
+            raise AigcError("a text-conditioned model needs text= and negative= (encode '' for no prompt)")
+        if len(text) != n or len(negative) != n:
+            raise AigcError(f"text and negative need {n} rows, got {len(text)} and {len(negative)}")
+    elif text is not None or negative is not None:
+        raise AigcError("this diffusion model is not text-conditioned; it cannot take a prompt", param="prompt")
     if sampler == "ddpm":
         if steps not in (None, cfg.timesteps):
             raise AigcError(f"the ddpm sampler runs all {cfg.timesteps} steps; use --sampler ddim for {steps}")
@@ -237,14 +260,25 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
         ts = ddim_timesteps(cfg.timesteps, steps or 50)
     else:
         raise AigcError(f"unknown sampler {sampler!r}; known: ddpm, ddim")
-    guided = labels is not None and guidance != 1.0
+    guided = (labels is not None or text is not None) and guidance != 1.0
+    if text is not None:
+        both = TextCondition.cat([text, negative])  # one batch of 2n rows: prompt, then negative prompt
     null = torch.full((n,), cfg.num_classes, dtype=torch.long) if cfg.num_classes else None
-    x = torch.randn((n, cfg.channels, cfg.resolution, cfg.resolution), generator=generator)  # x_T
+    shape = (n, cfg.channels, cfg.resolution, cfg.resolution)
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise AigcError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    x = x_T.float().clone() if x_T is not None else torch.randn(shape, generator=generator)  # x_T
     # channels-last activations: oneDNN's convolutions run ~1.5x faster on CPU (same values, other memory order)
     x = x.contiguous(memory_format=torch.channels_last)
     for i, t in enumerate(tqdm(ts, desc=sampler, leave=False, disable=not progress)):
         tt = torch.full((n,), t, dtype=torch.long)
-        if guided:
+        if text is not None and guided:  # guidance towards the prompt, away from the negative prompt
+            out = net(torch.cat([x, x]), torch.cat([tt, tt]), None, both)
+            eps_c, eps_neg = to_eps(sch, torch.cat([x, x]), out, t, cfg.prediction).chunk(2)
+            eps = eps_neg + guidance * (eps_c - eps_neg)
+        elif text is not None:
+            eps = to_eps(sch, x, net(x, tt, None, text), t, cfg.prediction)
+        elif guided:
             out = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
             eps_c, eps_u = to_eps(sch, torch.cat([x, x]), out, t, cfg.prediction).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)

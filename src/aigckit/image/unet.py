@@ -3,6 +3,10 @@
 Reads top to bottom: config -> building blocks -> model. ``forward(x_t, t, labels) -> prediction`` (ε or v, same shape
 as ``x_t``). Class conditioning adds a label embedding to the timestep embedding; label ``num_classes`` is the
 "no label" token used for classifier-free guidance.
+
+Text conditioning (``context_dim > 0``, Stable Diffusion's recipe in miniature): ``forward(x_t, t, text=TextCondition)``
+where the frozen text encoder's token states are attended to by cross-attention blocks (at ``cross_levels`` and in the
+middle) and its pooled sentence vector is added to the timestep embedding (the FiLM path of every ResBlock).
 """
 
 from __future__ import annotations
@@ -28,10 +32,20 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional
     dropout: float = 0.0
     groups: int = 8  # GroupNorm groups
+    context_dim: int = 0  # 0: no text; else the text encoder's token-state width (384 for MiniLM)
+    cross_levels: tuple[int, ...] = ()  # levels whose blocks get cross-attention to the text tokens (and the middle)
+    heads: int = 4  # cross-attention heads
 
     def __post_init__(self) -> None:
         self.mults = tuple(int(m) for m in self.mults)
         self.attn_levels = tuple(int(a) for a in self.attn_levels)
+        self.cross_levels = tuple(int(a) for a in self.cross_levels)
+        if self.context_dim < 0:
+            raise AigcError(f"context_dim must be >= 0, got {self.context_dim}")
+        if self.context_dim:
+            for m in self.mults:
+                if (self.base * m) % self.heads:
+                    raise AigcError(f"channels {self.base * m} not divisible by {self.heads} cross-attention heads")
         if self.resolution % (2 ** (len(self.mults) - 1)):
             raise AigcError(f"resolution {self.resolution} is not divisible by 2^{len(self.mults) - 1} "
                             f"(UNet with {len(self.mults)} levels)")
@@ -85,6 +99,68 @@ class Attention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+@dataclass(frozen=True)
+class TextCondition:
+    """A batch of encoded prompts, a value passed through sampling: token states B x L x D, key mask B x L (True =
+    a real token), pooled sentence vectors B x D."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, idx) -> "TextCondition":
+        return TextCondition(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+    def repeat(self, n: int) -> "TextCondition":
+        """Each row n times in a row: prompts [a, b] -> [a]*n + [b]*n."""
+        return TextCondition(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
+                             self.pooled.repeat_interleave(n, 0))
+
+    @staticmethod
+    def cat(parts: list["TextCondition"]) -> "TextCondition":
+        """Rows of several conditions, token states right-padded (mask False) to the longest."""
+        L = max(p.tokens.shape[1] for p in parts)  # noqa: N806
+
+        def pad(x: torch.Tensor, value) -> torch.Tensor:
+            extra = L - x.shape[1]
+            if not extra:
+                return x
+            return torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], 1)
+
+        return TextCondition(torch.cat([pad(p.tokens.float(), 0.0) for p in parts]),
+                             torch.cat([pad(p.mask.bool(), False) for p in parts]),
+                             torch.cat([p.pooled.float() for p in parts]))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H*W positions (queries) to the text tokens (keys/values), residual; the output
+    projection starts at zero so a fresh block is the identity."""
+
+    def __init__(self, ch: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.ctx_norm = nn.LayerNorm(context_dim)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.kv = nn.Linear(context_dim, 2 * ch)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, text: TextCondition) -> torch.Tensor:
+        b, c, h, w = x.shape
+        nh = self.heads
+        q = self.q(self.norm(x)).reshape(b, nh, c // nh, h * w).transpose(-1, -2)  # B x nh x HW x c/nh
+        k, v = self.kv(self.ctx_norm(text.tokens.to(x.dtype))).chunk(2, dim=-1)  # B x L x C each
+        k = k.reshape(b, -1, nh, c // nh).transpose(1, 2)
+        v = v.reshape(b, -1, nh, c // nh).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask.bool()[:, None, None, :])
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -93,6 +169,8 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.text_emb = (nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                         if cfg.context_dim else None)  # pooled sentence vector -> timestep embedding
         self.conv_in = nn.Conv2d(cfg.channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -104,6 +182,8 @@ class UNet(nn.Module):
                 cur = ch * m
                 if level in cfg.attn_levels:
                     blk["attn"] = Attention(cur, cfg.groups)
+                if cfg.context_dim and level in cfg.cross_levels:
+                    blk["xattn"] = CrossAttention(cur, cfg.context_dim, cfg.heads, cfg.groups)
                 self.down.append(blk)
                 skips.append(cur)
             if level < len(cfg.mults) - 1:
@@ -112,6 +192,8 @@ class UNet(nn.Module):
 
         self.mid1 = ResBlock(cur, cur, emb_dim, cfg.groups, cfg.dropout)
         self.mid_attn = Attention(cur, cfg.groups)
+        if cfg.context_dim:
+            self.mid_xattn = CrossAttention(cur, cfg.context_dim, cfg.heads, cfg.groups)
         self.mid2 = ResBlock(cur, cur, emb_dim, cfg.groups, cfg.dropout)
 
         self.up = nn.ModuleList()
@@ -122,6 +204,8 @@ class UNet(nn.Module):
                 cur = ch * m
                 if level in cfg.attn_levels:
                     blk["attn"] = Attention(cur, cfg.groups)
+                if cfg.context_dim and level in cfg.cross_levels:
+                    blk["xattn"] = CrossAttention(cur, cfg.context_dim, cfg.heads, cfg.groups)
                 self.up.append(blk)
             if level > 0:
                 self.up.append(nn.ModuleDict({"upsample": nn.Conv2d(cur, cur, 3, padding=1)}))
@@ -131,8 +215,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                text: TextCondition | None = None) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base))
+        if self.text_emb is not None:
+            if text is None:
+                raise AigcError("this UNet is text-conditioned: pass text= (the empty prompt for unconditional)")
+            emb = emb + self.text_emb(text.pooled.to(emb.dtype))
+        elif text is not None:
+            raise AigcError("this UNet is not text-conditioned; it cannot take a prompt")
         if self.label_emb is not None:
             if labels is None:  # unconditional request on a conditional model: the "no label" token
                 labels = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
@@ -146,8 +237,13 @@ class UNet(nn.Module):
                 h = blk["res"](h, emb)
                 if "attn" in blk:
                     h = blk["attn"](h)
+                if "xattn" in blk:
+                    h = blk["xattn"](h, text)
             hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid_attn(self.mid1(h, emb))
+        if self.text_emb is not None:
+            h = self.mid_xattn(h, text)
+        h = self.mid2(h, emb)
         for blk in self.up:
             if "upsample" in blk:
                 h = blk["upsample"](F.interpolate(h, scale_factor=2.0, mode="nearest"))
@@ -155,4 +251,6 @@ class UNet(nn.Module):
                 h = blk["res"](torch.cat([h, hs.pop()], dim=1), emb)
                 if "attn" in blk:
                     h = blk["attn"](h)
+                if "xattn" in blk:
+                    h = blk["xattn"](h, text)
         return self.conv_out(F.silu(self.norm_out(h)))

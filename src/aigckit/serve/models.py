@@ -56,7 +56,8 @@ class Served:
             res = o.model.cfg.resolution
             d.update(family=o.family, size=f"{res}x{res}", classes=o.class_names or
                      [str(i) for i in range(o.num_classes)], conditional=o.conditional,
-                     timesteps=getattr(o.model.cfg, "timesteps", None))
+                     timesteps=getattr(o.model.cfg, "timesteps", None),
+                     text_conditioned=bool(getattr(o, "text_conditioned", False)))
         return d
 
 
@@ -101,6 +102,8 @@ def detect(spec: str) -> tuple[str, Kind, str]:
             kind = "speech"
         elif spec in store.REGISTRY:
             kind = _STORE_KINDS[store.REGISTRY[spec].kind]
+        elif spec in store.BUILTIN and store.BUILTIN[spec].kind == "image":
+            kind = "image"  # a text-to-image model shipped with the package (fmnist-t2i, shapes-t2i)
         else:
             r = store.resolve(spec)
             kind = "text"

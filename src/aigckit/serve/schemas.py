@@ -168,8 +168,10 @@ class EmbeddingRequest(_Strict):
 
 class ImageRequest(_Strict):
     model: ModelId
-    prompt: str = Field("", max_length=1000, description="class name or index for class-conditional runs "
-                        "(empty: cycle through the classes); ignored by unconditional runs")
+    prompt: str = Field("", max_length=1000, description="free text for text-conditioned runs; class name or index "
+                        "for class-conditional runs (empty: cycle through the classes); ignored by unconditional runs")
+    negative_prompt: str | None = Field(None, max_length=1000, description="text-conditioned runs: what guidance "
+                                        "steers away from (aigckit extra)")
     n: int = Field(1, ge=1, le=16)
     size: Annotated[str, Field(pattern=r"^[0-9]{1,4}x[0-9]{1,4}$")] | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"

@@ -35,7 +35,10 @@ class Trainer:
 
     def step(self, model, opts, x, labels, gen) -> dict[str, float]:
         model.train()
-        loss = model.loss(x, labels, gen)
+        return self.update(model, opts, model.loss(x, labels, gen))
+
+    def update(self, model, opts, loss) -> dict[str, float]:
+        """One optimiser step on ``loss`` (gradient norm clipped at 1)."""
         opt = opts["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -38,6 +38,7 @@ from aigckit.train.family import FamilyTrainer
 from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
 
 FAMILIES = {"ddpm": "aigckit.train.diffusion", "vae": "aigckit.train.vae", "dcgan": "aigckit.train.gan"}
+TEXT_FAMILIES = {"ddpm": "aigckit.train.t2i"}  # --condition text
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainArgs:
     steps: int | None = None  # stop after this many optimiser steps ...
     minutes: float | None = None  # ... or after this much training time (whichever comes first)
     conditional: bool = False
+    condition: str = ""  # "" (none, or class with --conditional) | "text" (captioned data, cross-attention)
     batch_size: int = 64
     lr: float | None = None  # None: the family's default
     seed: int = 0
@@ -83,6 +85,15 @@ class TrainArgs:
             raise AigcError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise AigcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.condition not in ("", "class", "text"):
+            raise AigcError(f"condition must be class or text, got {self.condition!r}", param="condition")
+        if self.condition == "text" and self.model not in TEXT_FAMILIES:
+            raise AigcError(f"--condition text works with --model {', '.join(TEXT_FAMILIES)}, not {self.model}",
+                            param="condition")
+        if self.condition == "class":
+            self.conditional = True
+        if self.condition == "text" and self.conditional:
+            raise AigcError("--conditional (class labels) and --condition text exclude each other", param="condition")
         if self.dtype not in ("float32", "bfloat16"):
             raise AigcError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.latent_dim is not None and self.latent_dim < 1:
@@ -92,9 +103,11 @@ class TrainArgs:
                 raise AigcError(f"{k} must be >= 1")
 
 
-def family_trainer(name: str) -> FamilyTrainer:
+def family_trainer(name: str, condition: str = "") -> FamilyTrainer:
     if name not in FAMILIES:
         raise AigcError(f"unknown model {name!r}; known: {', '.join(FAMILIES)}")
+    if condition == "text":
+        return importlib.import_module(TEXT_FAMILIES[name]).Trainer()
     return importlib.import_module(FAMILIES[name]).Trainer()
 
 
@@ -138,8 +151,11 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
     threads = dd.threads_per_rank(args.threads, d)
     if threads:
         torch.set_num_threads(threads)
-    trainer = family_trainer(args.model)
-    ds = load_dataset(args.data, "train", args.resolution or trainer.default_resolution(args), args.channels)
+    trainer = family_trainer(args.model, args.condition)
+    if hasattr(trainer, "dataset"):  # a family with its own data (captioned images for --condition text)
+        ds = trainer.dataset(args)
+    else:
+        ds = load_dataset(args.data, "train", args.resolution or trainer.default_resolution(args), args.channels)
     if args.conditional and ds.labels is None:
         raise AigcError(f"--conditional needs labelled data; {args.data} has no class sub-folders")
     if len(ds) < args.batch_size * d.world_size:
@@ -208,7 +224,7 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
         imgs = trainer.grid(ema, args, labels, g)
         from aigckit.image.io import make_grid, save_png
 
-        nrow = ds.num_classes if args.conditional and ds.num_classes <= 16 else None
+        nrow = ds.num_classes if args.conditional and ds.num_classes <= 16 else getattr(trainer, "grid_nrow", None)
         meta = {"model": args.model, "run": str(run), "step": step, "seed": 1234}
         save_png(make_grid(imgs, nrow=nrow), run / "samples" / f"step-{step:09d}.png", meta)
         save_png(make_grid(imgs, nrow=nrow), run / "samples.png", meta)
@@ -231,7 +247,7 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
             t0 = time.perf_counter()
             idx = sampler.next()
             x = to_float(X[idx])
-            y = Y[idx] if args.conditional else None
+            y = Y[idx] if args.conditional or args.condition == "text" else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 losses = trainer.step(model, opts, x, y, gen)
             update_ema(ema, model, args.ema_decay, step)

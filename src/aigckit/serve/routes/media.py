@@ -51,7 +51,14 @@ async def images(request: Request, req: ImageRequest):
     if req.size is not None and req.size != f"{res}x{res}":
         raise ApiError(400, f"size must be {res}x{res} for {sm.id}, got {req.size}", param="size")
     prompt = req.prompt.strip()
-    if im.conditional:
+    text_kw: dict[str, Any] = {}
+    if im.text_conditioned:  # free text: the prompt as written (empty: unconditional), and a negative prompt
+        classes = None
+        text_kw = {"prompts": prompt, "negative_prompt": req.negative_prompt}
+    elif req.negative_prompt is not None:
+        raise ApiError(400, f"negative_prompt applies to text-conditioned models; {sm.id} is not one",
+                       param="negative_prompt")
+    elif im.conditional:
         classes = prompt if prompt else "all"
         if prompt and prompt != "all":
             try:
@@ -63,7 +70,7 @@ async def images(request: Request, req: ImageRequest):
     if im.family != "ddpm" and (req.steps is not None or req.guidance is not None or req.sampler is not None):
         raise ApiError(400, f"steps, guidance and sampler apply to diffusion models; {sm.id} is a {im.family}",
                        param="steps")
-    kw: dict[str, Any] = {"classes": classes, "seed": req.seed}
+    kw: dict[str, Any] = {"classes": classes, "seed": req.seed, **text_kw}
     if im.family == "ddpm":
         kw.update(sampler=req.sampler or "ddim", steps=req.steps or 50, guidance=req.guidance)
         if kw["sampler"] == "ddpm" and req.steps is not None:
@@ -76,6 +83,8 @@ async def images(request: Request, req: ImageRequest):
     data = []
     for i, pil in enumerate(out.images):
         meta = dict(out.params, index=i, model_id=sm.id, prompt=req.prompt)
+        if req.negative_prompt is not None:
+            meta["negative_prompt"] = req.negative_prompt
         if out.labels is not None:
             label = int(out.labels[i])
             meta["class"] = im.class_names[label] if im.class_names else str(label)

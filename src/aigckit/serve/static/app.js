@@ -271,6 +271,10 @@ function onImageModel() {
     add("", m ? "(unconditional model)" : "(no image model)");
     sel.disabled = true;
   }
+  const text = Boolean(m && m.text_conditioned);  // free-text prompt instead of a class
+  $("class-label").hidden = text;
+  $("prompt-label").hidden = !text;
+  $("negative-label").hidden = !text;
   const diffusion = m && m.family === "ddpm";
   $("image-steps").disabled = !diffusion;
   $("steps-label").style.opacity = diffusion ? 1 : 0.45;
@@ -283,8 +287,10 @@ $("generate").addEventListener("click", async () => {
   const m = state.models.find((x) => x.id === $("image-model").value);
   if (!m) { status("No image model is served."); return; }
   status("");
-  const body = { model: m.id, prompt: $("image-class").value, n: Number($("image-n").value),
-                 response_format: "b64_json" };
+  const body = { model: m.id, prompt: m.text_conditioned ? $("image-prompt").value : $("image-class").value,
+                 n: Number($("image-n").value), response_format: "b64_json" };
+  const negative = $("image-negative").value.trim();
+  if (m.text_conditioned && negative !== "") body.negative_prompt = negative;
   const seed = $("image-seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
   if (m.family === "ddpm") {
@@ -308,6 +314,7 @@ $("generate").addEventListener("click", async () => {
       const cap = document.createElement("figcaption");
       const parts = [m.id];
       if (p.class !== undefined) parts.push(`class ${p.class}`);
+      if (m.text_conditioned && p.prompt) parts.push(`"${p.prompt}"`);
       parts.push(`seed ${p.seed}`);
       if (p.sampler) parts.push(`${p.sampler} ${p.steps} steps`);
       if (p.guidance !== undefined && p.sampler) parts.push(`guidance ${p.guidance}`);

@@ -1,0 +1,1 @@
+"""Cross-modal generation: captioned data (captions, shapes), the frozen text encoder (textcond), CLIP-style model."""
