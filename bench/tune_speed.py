@@ -19,11 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-# bench/kernels.py would shadow the `kernels` package transformers imports: drop this folder from the path
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 DEFAULT_GGUF = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache/aigckit")) / \
     "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"

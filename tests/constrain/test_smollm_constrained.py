@@ -13,8 +13,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "constrain_json.py"
 
 
 def test_smollm_json_schemas_always_valid(smollm_gguf):
-    spec = importlib.util.spec_from_file_location("constrain_json", BENCH)  # not via sys.path: bench/ has a
-    cj = importlib.util.module_from_spec(spec)                               # kernels.py that shadows a package
+    spec = importlib.util.spec_from_file_location("constrain_json", BENCH)  # a script, not a package: load it
+    cj = importlib.util.module_from_spec(spec)                               # by path
     spec.loader.exec_module(cj)
     from aigckit.constrain import JsonSchema
     from aigckit.text.lm import load_lm

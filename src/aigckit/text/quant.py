@@ -68,7 +68,7 @@ _META_KEY = "aigckit.quant"
 
 # At and above this many input rows the layer dequantises and calls F.linear instead of the numba kernels. On the
 # 2-core AVX-512 dev machine the kernels were still ~1.7x faster than dequantise + fp32 F.linear at M = 512
-# (bench/kernels.py --rows 256 512), so this only bounds very long prefills. Override: AIGC_QUANT_FALLBACK_ROWS.
+# (bench/kernel_speed.py --rows 256 512), so this only bounds very long prefills. Override: AIGC_QUANT_FALLBACK_ROWS.
 FALLBACK_MIN_ROWS = int(os.environ.get("AIGC_QUANT_FALLBACK_ROWS", "1024"))
 
 

@@ -1,6 +1,6 @@
 """Time the linear kernels (weight-only int8/int4, w8a8, float32 numba tile and oneDNN) against fp32 / bf16 F.linear on the 211 SmolLM2-135M matrices.
 
-    .venv/bin/python bench/kernels.py [--rows 1 5 16] [--repeats 7] [--threads N] [--blocks 30] [--baseline]
+    .venv/bin/python bench/kernel_speed.py [--rows 1 5 16] [--repeats 7] [--threads N] [--blocks 30] [--baseline]
 
 Each cell is the best of ``--repeats`` passes over all matrices (one pass = every linear once, like one decode
 step, through the modules' forward, so Python overhead is included), all columns measured in the same process
