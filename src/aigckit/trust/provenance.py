@@ -230,7 +230,11 @@ def verify(path: str | os.PathLike, keys: KeyPaths | None = None) -> dict:
     if kp.imagemark.is_file():
         from aigckit.trust.imagemark import decode_file
 
-        out["watermark"] = decode_file(path, kp.imagemark.read_text().strip())
+        try:
+            out["watermark"] = decode_file(path, kp.imagemark.read_text().strip())
+        except OSError as e:  # pixels that no longer decode (e.g. a tampered IDAT chunk): no mark can be read
+            out["watermark"] = {"found": False, "error": f"the image data does not decode: {e}"}
+            out["valid"] = False
     return out
 
 
