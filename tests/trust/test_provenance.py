@@ -94,3 +94,21 @@ def test_no_keys_no_signature(tmp_path, monkeypatch, capsys):
     assert main(["verify", str(path)]) == 1
     assert "no valid C2PA manifest" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "missing.png")]) == 2
+
+
+def test_pixels_that_do_not_decode_are_invalid_not_a_traceback(keys, tmp_path, capsys, monkeypatch):
+    # a tampered IDAT chunk may leave a zlib stream PIL cannot read: verify says invalid (exit 1)
+    from aigckit.trust import imagemark
+
+    monkeypatch.setattr(image_io, "PIXEL_HOOKS", [])
+    monkeypatch.setattr(image_io, "FILE_HOOKS", [])
+    install()
+    path = image_io.save_png(Image.new("L", (160, 160), 9), tmp_path / "gen.png", {"seed": 3})
+
+    def broken(*_a, **_k):
+        raise OSError("unrecognized data stream contents when reading image file")
+
+    monkeypatch.setattr(imagemark, "decode_file", broken)
+    assert main(["verify", str(path), "--json"]) == 1
+    res = json.loads(capsys.readouterr().out)
+    assert res["valid"] is False and res["watermark"]["found"] is False
