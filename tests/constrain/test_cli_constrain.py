@@ -3,6 +3,7 @@ with one line before the model loads."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -60,7 +61,8 @@ def test_chat_json_schema_and_json_object(capsys, monkeypatch, tiny_bytes_dir):
 
 def test_bad_constraints_exit_2_with_one_line(capsys, tmp_path):
     for args in (["--json-schema", '{"type": "frob"}'], ["--regex", "a(b"], ["--grammar", str(tmp_path / "no.lark")],
-                 ["--json-schema", "{bad json"], ["--grammar", "start: nothing_here"]):
+                 ["--json-schema", "{bad json"], ["--grammar", "start: nothing_here"],
+                 ["--json-object", "--json-runs", "20"], ["--json-object", "--json-runs", "0,5"]):
         rc, _, err = run(capsys, "text", "hi", "-m", "/nonexistent/model", *args)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("aigc: error:"), (args, err)
         assert "nonexistent" not in err  # refused before the model is looked up
@@ -76,3 +78,18 @@ def test_text_logprobs_in_json(capsys, tiny_bytes_dir):
         assert e["logprob"] == e["top"][0]["logprob"] <= 0
     rc, _, err = run(capsys, "text", "hi", "-m", "/nonexistent", "--logprobs", "21")
     assert rc == 2 and "top_logprobs" in err
+
+
+def test_json_runs_flag(capsys, tiny_bytes_dir):
+    from aigckit.cli.constrain import constraint_from_args
+    from aigckit.constrain import RunLimits
+
+    ns = argparse.Namespace(json_object=True, json_runs=None)
+    assert constraint_from_args(ns)[0].runs == RunLimits()
+    ns.json_runs = "off"
+    assert constraint_from_args(ns)[0].runs is None
+    ns.json_runs = "5,7"
+    assert constraint_from_args(ns)[0].runs == RunLimits(5, 7)
+    rc, out, _ = run(capsys, "text", "hi", "-m", tiny_bytes_dir, "--json-object", "--json-runs", "3,4", "-t", "0",
+                     "--json", "--max-new-tokens", "40")
+    assert rc == 0 and not re.search(r"[0-9]{4}|(.)\1{4}", json.loads(out)["text"])

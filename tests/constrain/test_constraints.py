@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from aigckit.constrain import Choice, Grammar, JsonSchema, Regex
+from aigckit.constrain import Choice, Grammar, JsonSchema, Regex, RunLimits
 from aigckit.constrain import matcher
 from aigckit.errors import AigcError
 from aigckit.text.params import GenerationParams
@@ -175,3 +175,80 @@ def test_padded_model_vocabulary_is_masked(blm):
     st = JsonSchema({"type": "object"}).start([1], blm.tokenizer, V)
     ok = st.allowed()
     assert ok.shape == (V,) and ok[:V - 5].any() and not ok[V - 5:].any()
+
+
+def _walk(c, tok, V, text):
+    st = c.start([1], tok, V)
+    for t in tok.encode(text):
+        st.advance(t)
+    return st
+
+
+def _allows(st, tok, piece: str) -> bool:
+    ids = tok.encode(piece)
+    return len(ids) == 1 and bool(st.allowed()[ids[0]])
+
+
+def test_repetition_is_bounded(blm):
+    """Digit runs and repeated characters stop at the RunLimits while the grammar allows anything else; a schema
+    that demands a longer run still gets it; runs=None turns the guard off."""
+    tok, V = blm.tokenizer, blm.config.vocab_size
+    num = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    st = _walk(JsonSchema(num), tok, V, '{"x": 0.' + "3" * 20)
+    assert not _allows(st, tok, "3") and _allows(st, tok, "}") and _allows(st, tok, "e")
+    st = _walk(JsonSchema(num), tok, V, '{"x": 0.' + "3" * 19)
+    assert _allows(st, tok, "3")
+    st = _walk(JsonSchema(num, runs=None), tok, V, '{"x": 0.' + "3" * 40)
+    assert _allows(st, tok, "3")
+    st = _walk(JsonSchema(num, runs=RunLimits(max_digits=5)), tok, V, '{"x": 12345')
+    assert not _allows(st, tok, "6") and _allows(st, tok, ".")
+    s = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    st = _walk(JsonSchema(s), tok, V, '{"s": "' + "a" * 24)
+    assert not _allows(st, tok, "a") and _allows(st, tok, "b") and _allows(st, tok, '"')
+    st = _walk(JsonSchema(s), tok, V, '{"s": "' + "a" * 23)
+    assert _allows(st, tok, "a")
+    # a pattern that needs 30 digits: the guard must not make it impossible
+    pat = {"type": "string", "pattern": "^[0-9]{30}$"}
+    st = _walk(JsonSchema(pat), tok, V, '"' + "1" * 25)
+    assert _allows(st, tok, "1") and st.error is None
+    # the guard's state forks with the matcher (beam search)
+    st = _walk(JsonSchema(s), tok, V, '{"s": "' + "a" * 24)
+    assert not _allows(st.fork(), tok, "a")
+
+
+def test_repetition_bound_in_generation(blm):
+    """A model forced towards one repeated character cannot write it more than max_same_char times in a row."""
+    import re
+
+    tok = blm.tokenizer
+    a = tok.encode("a")[0]
+
+    class PreferA:  # a logits processor that pushes "a" hard (as a looping model would)
+        def start(self, prompt, tokenizer, vocab_size):
+            return self
+
+        def process(self, seq, scores):
+            scores[..., a] += 1000.0
+            return scores
+
+        def advance(self, token):
+            pass
+
+        def fork(self):
+            return self
+
+    s = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 40}}, "required": ["s"],
+         "additionalProperties": False}
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}, {"num_beams": 2}):
+        r = blm.generate('x', constraint=JsonSchema(s, runs=RunLimits(max_same_char=7)), processors=[PreferA()],
+                         max_new_tokens=120, **kw)
+        runs = [len(m.group(0)) for m in re.finditer(r"a+", r.text)]
+        assert runs and max(runs) == 7, (kw, r.text)
+        assert r.finish_reason == "stop" and len(json.loads(r.text)["s"]) == 40, (kw, r.text)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_run_limits_are_checked(bad):
+    with pytest.raises(AigcError) as e:
+        RunLimits(max_digits=bad)
+    assert e.value.param == "max_digits"

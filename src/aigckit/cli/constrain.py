@@ -20,6 +20,9 @@ def add_constraint_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     x.add_argument("--grammar", metavar="FILE", default=None,
                    help="the output is a sentence of this grammar: Lark (start: ...) or GBNF (root ::= ...); a file "
                         "or the grammar's text")
+    g.add_argument("--json-runs", metavar="DIGITS,CHARS|off", default=None,
+                   help="bounded repetition in --json-schema/--json-object output: the longest run of digits and of "
+                        "one repeated character (default 20,24; 'off' for none)")
     if chat:
         p.add_argument("--tools", action="append", default=[], metavar="MODULE:FUNCTION",
                        help="a Python function the model may call (repeatable); its schema comes from the type "
@@ -62,20 +65,38 @@ def logprobs_json(tokenizer, seq) -> list[dict] | None:
             for t, lp, k in zip(seq.token_ids, seq.logprobs, tops)]
 
 
+def _runs(value: str | None):
+    """``--json-runs DIGITS,CHARS|off`` as a RunLimits (or None for off)."""
+    from aigckit.constrain import RunLimits
+
+    if value is None:
+        return RunLimits()
+    if value.strip().lower() == "off":
+        return None
+    parts = value.split(",")
+    try:
+        digits, chars = (int(x) for x in parts)
+    except ValueError:
+        raise AigcError(f"--json-runs must be DIGITS,CHARS (e.g. 20,24) or off, got {value!r}",
+                        param="json_runs") from None
+    return RunLimits(max_digits=digits, max_same_char=chars)
+
+
 def constraint_from_args(args) -> tuple:
     """The processors for the chosen constraint (empty if none); a bad constraint fails here, before the model
     loads."""
     from aigckit.constrain import Grammar, JsonSchema, Regex
 
+    runs = _runs(getattr(args, "json_runs", None))
     if getattr(args, "json_schema", None):
         text = _text_or_file(args.json_schema, "json_schema")
         try:
             schema = json.loads(text)
         except json.JSONDecodeError as e:
             raise AigcError(f"--json-schema is not valid JSON: {e}", param="json_schema") from None
-        return (JsonSchema(schema),)
+        return (JsonSchema(schema, runs=runs),)
     if getattr(args, "json_object", False):
-        return (JsonSchema.any_object(),)
+        return (JsonSchema.any_object(runs=runs),)
     if getattr(args, "regex", None):
         return (Regex(args.regex),)
     if getattr(args, "grammar", None):

@@ -9,6 +9,6 @@ sampling, beam search and the continuous-batching scheduler's rows, each with it
 
 from __future__ import annotations
 
-from aigckit.constrain.constraints import WHITESPACE, Choice, Constraint, Grammar, JsonSchema, Regex
+from aigckit.constrain.constraints import WHITESPACE, Choice, Constraint, Grammar, JsonSchema, Regex, RunLimits
 
-__all__ = ["Constraint", "JsonSchema", "Regex", "Grammar", "Choice", "WHITESPACE"]
+__all__ = ["Constraint", "JsonSchema", "Regex", "Grammar", "Choice", "RunLimits", "WHITESPACE"]

@@ -18,8 +18,15 @@ as much as the grammar's work for the bytes the tokens could add, not a scan of 
 Whitespace in JSON is bounded by default: between tokens at most one space, or one or two newlines followed by at
 most 20 spaces/tabs (the rule of llama.cpp's JSON grammars), so a model cannot run away in whitespace until its
 token budget ends. ``whitespace="compact"`` allows none, ``"flexible"`` any amount (llguidance's default), or give
-a regex. Strings and arrays are bounded only by the schema (``maxLength``/``maxItems``); the token budget ends the
-rest, and a sequence cut by its budget reports ``finish_reason == "length"`` (never "stop" with partial JSON).
+a regex.
+
+Repetition in JSON is bounded by default too (``RunLimits``): at most 20 ASCII digits in a row (a number's integer,
+fraction and exponent parts each; the runaway ``0.33333...`` of small models) and the same character at most 24
+times in a row (``"aaaa..."``, ``"!!!!..."``), counted across token boundaries. The guard only removes tokens while
+the grammar still allows something else, so it never makes a schema unsatisfiable (a ``pattern`` of 40 digits is
+still produced). ``runs=None`` turns it off; ``RunLimits(max_digits=..., max_same_char=...)`` sets other bounds.
+Strings and arrays are as long as the schema allows (``maxLength``/``maxItems``); the token budget ends the rest,
+and a sequence cut by its budget reports ``finish_reason == "length"`` (never "stop" with partial JSON).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 from aigckit.errors import AigcError
 
-__all__ = ["Constraint", "JsonSchema", "Regex", "Grammar", "Choice", "WHITESPACE"]
+__all__ = ["Constraint", "JsonSchema", "Regex", "Grammar", "Choice", "RunLimits", "WHITESPACE"]
 
 # between JSON tokens: nothing, one space, or 1-2 newlines + up to 20 spaces/tabs (llama.cpp's `space` rule)
 WHITESPACE = {
@@ -40,6 +47,21 @@ WHITESPACE = {
     "flexible": r"[\x20\x0A\x0D\x09]+",
 }
 MAX_SOURCE_CHARS = 1_000_000  # a schema/grammar text longer than this is refused
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Bounded repetition (see the module docstring): the longest run of ASCII digits and of one repeated character
+    a constrained sequence may write while its grammar allows anything else; ``None`` leaves that run unbounded."""
+
+    max_digits: int | None = 20
+    max_same_char: int | None = 24
+
+    def __post_init__(self) -> None:
+        for name in ("max_digits", "max_same_char"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise AigcError(f"{name} must be a positive integer or None, got {v!r}", param=name)
 
 
 def _llg():
@@ -79,10 +101,12 @@ class Constraint:
     def kind(self) -> str:
         return type(self).__name__
 
+    runs: RunLimits | None = None  # the repetition guard (JsonSchema: on by default)
+
     def start(self, prompt: list[int], tokenizer, vocab_size: int):
         from aigckit.constrain.matcher import start_state
 
-        return start_state(self.grammar, tokenizer, vocab_size)
+        return start_state(self.grammar, tokenizer, vocab_size, self.runs)
 
     def __or__(self, other):  # pragma: no cover - guard against a common slip
         raise TypeError("constraints cannot be combined with |; write one grammar")
@@ -120,10 +144,11 @@ class JsonSchema(Constraint):
 
     schema: str  # JSON text, key order kept (properties are written in the order given): hashable, cacheable
     whitespace: str = "bounded"  # "bounded" | "compact" | "flexible" | a regex for the gap between JSON tokens
+    runs: RunLimits | None = RunLimits()  # bounded repetition; None: off
 
     param = "json_schema"
 
-    def __init__(self, schema: Any, whitespace: str = "bounded") -> None:
+    def __init__(self, schema: Any, whitespace: str = "bounded", runs: RunLimits | None = RunLimits()) -> None:
         d = _schema_of(schema)
         try:
             text = json.dumps(d, allow_nan=False)
@@ -135,14 +160,17 @@ class JsonSchema(Constraint):
         if not isinstance(whitespace, str) or not whitespace:
             raise AigcError(f"whitespace must be bounded, compact, flexible or a regex, got {whitespace!r}",
                             param="whitespace")
+        if runs is not None and not isinstance(runs, RunLimits):
+            raise AigcError(f"runs must be a RunLimits or None, got {type(runs).__name__}", param="runs")
         object.__setattr__(self, "schema", text)
         object.__setattr__(self, "whitespace", whitespace)
+        object.__setattr__(self, "runs", runs)
         self._check()
 
     @classmethod
-    def any_object(cls, whitespace: str = "bounded") -> JsonSchema:
+    def any_object(cls, whitespace: str = "bounded", runs: RunLimits | None = RunLimits()) -> JsonSchema:
         """Any JSON object (OpenAI's ``{"type": "json_object"}``)."""
-        return cls({"type": "object"}, whitespace)
+        return cls({"type": "object"}, whitespace, runs)
 
     @property
     def schema_dict(self) -> dict:
@@ -196,10 +224,13 @@ class Grammar(Constraint):
     GBNF (llama.cpp's ``root ::= ...``), told apart by ``::=``."""
 
     text: str
+    runs: RunLimits | None = None  # bounded repetition (off: a grammar says what it allows)
 
     param = "grammar"
 
     def __post_init__(self) -> None:
+        if self.runs is not None and not isinstance(self.runs, RunLimits):
+            raise AigcError(f"runs must be a RunLimits or None, got {type(self.runs).__name__}", param="runs")
         _check_source(self.text, "grammar")
         self._check()
 

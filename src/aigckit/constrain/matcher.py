@@ -43,6 +43,43 @@ class _TokEntry:
     def __init__(self, lltok) -> None:
         self.lltok = lltok
         self.grammars: OrderedDict[str, object] = OrderedDict()
+        self._runs: RunTables | None = None
+
+    @property
+    def runs(self) -> RunTables:
+        if self._runs is None:
+            self._runs = RunTables(self.lltok)
+        return self._runs
+
+
+class RunTables:
+    """Per-token facts the repetition guard needs, from each token's bytes (special tokens count as empty):
+    leading/trailing ASCII digits, the first/last byte and how often it repeats at the start/end, and whether the
+    whole token is one digit run or one repeated byte."""
+
+    def __init__(self, lltok) -> None:
+        n = lltok.vocab_size
+        cols = {k: np.zeros(n, dtype=np.int32) for k in
+                ("dlead", "dtrail", "first", "clead", "last", "ctrail")}
+        dall = np.zeros(n, dtype=bool)
+        call = np.zeros(n, dtype=bool)
+        for i in range(n):
+            b = b"" if lltok.is_special_token(i) else lltok.decode_bytes([i])
+            if not b:
+                cols["first"][i] = cols["last"][i] = -1
+                continue
+            nd = len(b) - len(b.lstrip(b"0123456789"))
+            cols["dlead"][i], cols["dtrail"][i] = nd, len(b) - len(b.rstrip(b"0123456789"))
+            dall[i] = nd == len(b)
+            cols["first"][i], cols["last"][i] = b[0], b[-1]
+            cols["clead"][i] = len(b) - len(b.lstrip(b[:1]))
+            cols["ctrail"][i] = len(b) - len(b.rstrip(b[-1:]))
+            call[i] = cols["clead"][i] == len(b)
+        for k, v in cols.items():
+            setattr(self, k, v)
+        self.dall, self.call = dall, call
+        self.max_dlead = int(cols["dlead"].max(initial=0))
+        self.max_clead = int(cols["clead"].max(initial=0))
 
 
 def _entry(tokenizer, vocab_size: int) -> _TokEntry:
@@ -98,21 +135,69 @@ def clear_cache() -> None:
         _ENTRIES.clear()
 
 
-def start_state(grammar: str, tokenizer, vocab_size: int) -> ConstraintState:
+def start_state(grammar: str, tokenizer, vocab_size: int, runs=None) -> ConstraintState:
+    """A fresh matcher for one sequence; ``runs`` (a ``RunLimits``) adds the repetition guard."""
     proto = _prototype(grammar, tokenizer, vocab_size)
     with _LOCK:
         m = proto.deep_copy()
-    return ConstraintState(m, vocab_size)
+        guard = None
+        if runs is not None and (runs.max_digits is not None or runs.max_same_char is not None):
+            guard = RunGuard(runs, _entry(tokenizer, vocab_size).runs)
+    return ConstraintState(m, vocab_size, guard)
+
+
+class RunGuard:
+    """Bounded repetition: no run of more than ``max_digits`` ASCII digits, and no byte repeated more than
+    ``max_same_char`` times in a row, counted across token boundaries. A guard only narrows what the grammar allows
+    when something else stays allowed, so it never leads a sequence into a dead end: a schema that demands a longer
+    run (a pattern of 40 digits) still gets it."""
+
+    __slots__ = ("limits", "t", "digits", "char", "same")
+
+    def __init__(self, limits, tables: RunTables) -> None:
+        self.limits, self.t = limits, tables
+        self.digits = 0  # trailing ASCII digits of the text so far
+        self.char, self.same = -1, 0  # its last byte and how many times it repeats at the end
+
+    def copy(self) -> RunGuard:
+        g = RunGuard(self.limits, self.t)
+        g.digits, g.char, g.same = self.digits, self.char, self.same
+        return g
+
+    def narrow(self, ok: np.ndarray) -> np.ndarray:
+        t, lim, bad = self.t, self.limits, None
+        md = lim.max_digits
+        if md is not None and self.digits + t.max_dlead > md:
+            bad = t.dlead[:len(ok)] > md - self.digits
+        mc = lim.max_same_char
+        if mc is not None and self.same + t.max_clead > mc:
+            run = t.clead[:len(ok)] + np.where(t.first[:len(ok)] == self.char, self.same, 0)
+            bad = run > mc if bad is None else bad | (run > mc)
+        if bad is None:
+            return ok
+        narrowed = ok & ~bad
+        return narrowed if narrowed.any() else ok
+
+    def advance(self, token: int) -> None:
+        t = self.t
+        if token >= len(t.first) or t.first[token] < 0:  # special/empty: the text does not change
+            return
+        self.digits = self.digits + t.dlead[token] if t.dall[token] else int(t.dtrail[token])
+        if t.call[token] and t.first[token] == self.char:
+            self.same += int(t.clead[token])
+        else:
+            self.char, self.same = int(t.last[token]), int(t.ctrail[token])
 
 
 class ConstraintState:
     """One sequence's position in the grammar (see the module docstring)."""
 
-    __slots__ = ("matcher", "vocab_size", "_words", "_bytes", "error")
+    __slots__ = ("matcher", "vocab_size", "guard", "_words", "_bytes", "error")
 
-    def __init__(self, matcher, vocab_size: int) -> None:
+    def __init__(self, matcher, vocab_size: int, guard: RunGuard | None = None) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.guard = guard
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._bytes = self._words.view(np.uint8)
         self.error: str | None = None
@@ -122,7 +207,8 @@ class ConstraintState:
         if self.error is not None:
             return np.zeros(self.vocab_size, dtype=bool)
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        return np.unpackbits(self._bytes, bitorder="little")[:self.vocab_size].view(bool)
+        ok = np.unpackbits(self._bytes, bitorder="little")[:self.vocab_size].view(bool)
+        return ok if self.guard is None else self.guard.narrow(ok)
 
     def process(self, seq: list[int], scores: Tensor) -> Tensor:
         ok = torch.from_numpy(self.allowed())
@@ -135,9 +221,12 @@ class ConstraintState:
     def advance(self, token: int) -> None:
         if self.error is None and not self.matcher.consume_token(int(token)):
             self.error = self.matcher.get_error() or f"token {token} is not allowed here"
+        if self.guard is not None:
+            self.guard.advance(int(token))
 
     def fork(self) -> ConstraintState:
-        st = ConstraintState(self.matcher.deep_copy(), self.vocab_size)
+        st = ConstraintState(self.matcher.deep_copy(), self.vocab_size,
+                             None if self.guard is None else self.guard.copy())
         st.error = self.error
         return st
 

@@ -26,7 +26,7 @@ import re
 import secrets
 from typing import Any
 
-from aigckit.constrain.constraints import WHITESPACE, Grammar, JsonSchema
+from aigckit.constrain.constraints import WHITESPACE, Grammar, JsonSchema, RunLimits
 from aigckit.errors import AigcError
 
 __all__ = ["response_format_constraint", "ToolSpec", "tool_specs", "tool_constraint", "tool_prompt_messages",
@@ -137,7 +137,7 @@ def tool_constraint(tools: list | None, tool_choice: Any, parallel_tool_calls: b
     lark = f"start: {'calls | TEXT' if choice == 'auto' else 'calls'}\ncalls: {calls}\ncall: {call}\n"
     if choice == "auto":
         lark += "TEXT: /[^<\\s][\\s\\S]*/\n"  # plain text never starts with "<" (or whitespace) in auto mode
-    return ("auto" if choice == "auto" else "required"), Grammar(lark), specs
+    return ("auto" if choice == "auto" else "required"), Grammar(lark, runs=RunLimits()), specs  # bounded runs as JSON
 
 
 def _tools_system_text(specs: list[ToolSpec]) -> str:
