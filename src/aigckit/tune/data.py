@@ -309,37 +309,48 @@ def open_sft_shards(data: str, tok):
     return ts
 
 
-class ShardRows:
+class _ShardExamples:
+    """A list-like of SFT examples made from shard tokens on demand (an index or a slice)."""
+
+    items: list[int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.example(i) for i in self.items[k]]
+        return self.example(self.items[k])
+
+    def example(self, i: int) -> Example:
+        raise NotImplementedError
+
+
+class ShardRows(_ShardExamples):
     """SFT examples read from shards on demand, one document (row) each, cut to ``max_len``: only the tokens of the
     rows asked for are read from the memory map. ``docs`` are the document numbers this split uses."""
 
     def __init__(self, shards, docs: list[int], max_len: int) -> None:
-        self.shards, self.docs, self.max_len = shards, docs, max_len
+        self.shards, self.items, self.max_len = shards, docs, max_len
 
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, k: int) -> Example:
-        start, stop = self.shards.doc_span(self.docs[k])
-        return _shard_example(self.shards, start, min(stop, start + self.max_len), f"doc {self.docs[k]}")
+    def example(self, i: int) -> Example:
+        start, stop = self.shards.doc_span(i)
+        return _shard_example(self.shards, start, min(stop, start + self.max_len), f"doc {i}")
 
 
-class ShardBlocks:
+class ShardBlocks(_ShardExamples):
     """Packed SFT examples from shards: block k is tokens ``[k x block, (k + 1) x block)`` of the whole corpus (the
     last one shorter), what ``pack`` makes of the same rows. ``blocks`` are the block numbers this split uses."""
 
     def __init__(self, shards, blocks: list[int], block: int) -> None:
-        self.shards, self.blocks, self.block = shards, blocks, block
+        self.shards, self.items, self.block = shards, blocks, block
 
     @staticmethod
     def count(shards, block: int) -> int:
         return -(-len(shards) // block)
 
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, k: int) -> Example:
-        start = self.blocks[k] * self.block
+    def example(self, i: int) -> Example:
+        start = i * self.block
         return _shard_example(self.shards, start, min(len(self.shards), start + self.block), "packed")
 
 
