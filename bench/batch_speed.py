@@ -1,6 +1,6 @@
 """Rows/s of `aigc batch`: one process (2 threads) vs Ray (2 workers x 1 thread), interleaved, with the overhead.
 
-    PYTHONPATH=src python bench/batch_speed.py                      # 256 prompts x 64 tokens, 2 rounds (~8 min)
+    PYTHONPATH=src python bench/batch_speed.py                      # 256 prompts x 64 tokens, 2 rounds
     PYTHONPATH=src python bench/batch_speed.py --rows 16 --tokens 8 --rounds 1    # a quick check that it works
 
 Each job is the command a user runs, in a fresh process (`python -m aigckit batch ... --json`), timed from outside
@@ -15,6 +15,10 @@ goes first (A B / B A ...), so a machine that slows down (a shared one) is sprea
   full       N rows x T tokens: rows/s = N / full; steady rows/s = N / (full - start-up)
 
 The table gives the median over rounds (min-max in brackets when --rounds > 1); --json adds every job's numbers.
+
+Time: a round of the defaults is about 3.5 minutes on a quiet 2-core AVX2 machine (estimated from the ~210 tok/s of
+16 concurrent float32 sequences in docs/PERFORMANCE.md, and 5 s / 20 s start-ups); a round that would end past
+--budget-minutes (default 10) is not started, and the table says how many rounds ran.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def main() -> None:
     ap.add_argument("--local-threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--worker-threads", type=int, default=1)
+    ap.add_argument("--budget-minutes", type=float, default=10.0,
+                    help="do not start a round that would end past this (default 10); the first always runs")
     ap.add_argument("--json", action="store_true", help="also print every job's numbers as JSON")
     a = ap.parse_args()
     if a.rows < 2 or a.tokens < 1 or a.rounds < 1:
@@ -87,7 +93,14 @@ def main() -> None:
     names = backends(a)
     res: dict[str, list[dict]] = {n: [] for n in names}
     t_all = time.perf_counter()
+    done = 0
     for r in range(a.rounds):
+        spent = time.perf_counter() - t_all
+        if r and spent + spent / r > a.budget_minutes * 60:
+            print(f"stopping after {r} round(s): another would end past --budget-minutes {a.budget_minutes:g}",
+                  file=sys.stderr)
+            break
+        done += 1
         order = list(names) if r % 2 == 0 else list(reversed(names))
         for name in order:
             flags, out = names[name], tmp / "out.jsonl"
@@ -111,7 +124,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
     print(f"\n`aigc batch`, {a.model}, {a.rows} prompts x {a.tokens} tokens (greedy, EOS ignored), max batch "
-          f"{a.max_batch}, {a.rounds} interleaved round(s); {cpu}, {os.cpu_count()} CPUs; "
+          f"{a.max_batch}, {done} interleaved round(s) of {a.rounds}; {cpu}, {os.cpu_count()} CPUs; "
           f"{time.perf_counter() - t_all:.0f} s in all\n")
     print("| backend | rows/s | steady rows/s | steady tokens/s | start-up s | per row, beside decoding (ms) |")
     print("|---|---|---|---|---|---|")
