@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,7 @@ SAME = 1e-5  # the same run from JSONL and from shards: the same examples (check
 # (the JSONL run repeated in one process differs from itself by as much)
 
 
-def _tokenize(src: Path, out: Path, model: Path, *extra: str) -> Path:
+def _tokenize(src: Path | str, out: Path, model: Path, *extra: str) -> Path:
     assert main(["data", "tokenize", str(src), "--sft", "--out", str(out), "--model", str(model), "--quiet",
                  *extra]) == 0
     return out
@@ -58,10 +59,12 @@ def _adapter(run: Path, ckpt: str | None = None) -> dict[str, torch.Tensor]:
 
 
 def test_shards_carry_the_sft_tokens_and_masks(tiny_chat_dir, sft_file, tmp_path, capsys):
-    shards = _tokenize(sft_file, tmp_path / "s", tiny_chat_dir, "--shard-tokens", "64")  # several shards
+    fsspec.filesystem("memory").pipe("/sft/rows.jsonl", sft_file.read_bytes())  # any fsspec URL
+    shards = _tokenize("memory://sft/rows.jsonl", tmp_path / "s", tiny_chat_dir, "--shard-tokens", "64")  # 3+ shards
     capsys.readouterr()
     tok = load_lm(tiny_chat_dir, kernels="torch").tokenizer
     rows = data.read_jsonl(sft_file, "sft")
+    assert [r.data for r in data.read_jsonl("memory://sft/rows.jsonl", "sft")] == [r.data for r in rows]
     ts = data.open_sft_shards(str(shards), tok)
     assert ts.num_docs == len(rows) and len(ts.index["shards"]) > 2 and ts.index["kind"] == "sft"
     for i, r in enumerate(rows):
@@ -71,6 +74,9 @@ def test_shards_carry_the_sft_tokens_and_masks(tiny_chat_dir, sft_file, tmp_path
     assert main(["data", "info", str(shards), "--verify"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == 2 and info["mask"] is True and info["verified"]
+    assert main(["finetune", "--model", str(tiny_chat_dir), "--data", f"file://{shards}", "--out",
+                 str(tmp_path / "cli"), "--steps", "1", "--lora-rank", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
     # shards of format 1 (no version, no masks) are refused with a message that says what to do
     index = json.loads((shards / "index.json").read_text())
     (tmp_path / "old").mkdir()

@@ -31,11 +31,19 @@ class Row:
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[Row]:
-    """Rows of a JSONL file, each checked for ``kind`` ("sft" | "dpo" | "rl"); the first bad row raises an
-    ``AigcError`` naming its file and line."""
+    """Rows of a JSONL file (a path or an fsspec URL), each checked for ``kind`` ("sft" | "dpo" | "rl"); the first bad
+    row raises an ``AigcError`` naming its file and line."""
+    url = str(path)
     path = Path(path).expanduser()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        if "://" in url:
+            import fsspec
+
+            with fsspec.open(url, "rt", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            path = url  # named as given in errors
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise AigcError(f"data file {path} does not exist", param="data") from None
     except (OSError, UnicodeDecodeError) as e:
