@@ -73,32 +73,30 @@ def iter_texts(url: str, field: str = "text") -> Iterator[str]:
         raise AigcError(f"text input must be .jsonl, .parquet or .txt, got {url!r}", param="input")
 
 
-def iter_records(url: str) -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` for every row of a .jsonl / .parquet file (a path or an fsspec URL); ``where`` is
-    ``url:line`` (JSONL) or ``url:row`` (Parquet), for errors that point at the row."""
+def iter_records(url: str, param: str = "input") -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for every row of a .parquet file, or of a JSON Lines file (any other name), a path or an
+    fsspec URL; ``where`` is ``url:line`` (JSONL) or ``url:row`` (Parquet), for errors that point at the row."""
     import fsspec
 
-    lower = file_name(url)
-    if lower.endswith(".parquet"):
+    if file_name(url).endswith(".parquet"):
         with fsspec.open(url, "rb") as f:
             n = 0
             for batch in pyarrow_parquet().ParquetFile(f).iter_batches():
                 for row in batch.to_pylist():
                     n += 1
                     yield f"{url}:{n}", row
-    elif lower.endswith((".jsonl", ".ndjson")):
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise AigcError(f"{url}:{n}: not valid JSON ({e.msg})", param="input") from None
-                    if not isinstance(row, dict):
-                        raise AigcError(f"{url}:{n}: a row must be a JSON object", param="input")
-                    yield f"{url}:{n}", row
-    else:
-        raise AigcError(f"rows must be .jsonl or .parquet, got {url!r}", param="input")
+        return
+    with fsspec.open(url, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise AigcError(f"{url}:{n}: not valid JSON ({e.msg})", param=param) from None
+                if not isinstance(row, dict):
+                    raise AigcError(f"{url}:{n}: a row must be a JSON object, got {type(row).__name__}",
+                                    param=param)
+                yield f"{url}:{n}", row
 
 
 def write_shards(texts: Iterable, encode: Callable[[Any], list[int]], out: str | Path, *, vocab_size: int,

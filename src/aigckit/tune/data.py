@@ -31,40 +31,24 @@ class Row:
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[Row]:
-    """Rows of a JSONL file (a path or an fsspec URL), each checked for ``kind`` ("sft" | "dpo" | "rl"); the first bad
-    row raises an ``AigcError`` naming its file and line."""
-    url = str(path)
-    path = Path(path).expanduser()
-    try:
-        if "://" in url:
-            import fsspec
+    """Rows of a JSONL (or Parquet) file, a path or an fsspec URL, each checked for ``kind`` ("sft" | "dpo" | "rl");
+    the first bad row raises an ``AigcError`` naming its file and line."""
+    from aigckit.data.shards import iter_records
 
-            with fsspec.open(url, "rt", encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            path = url  # named as given in errors
-        else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise AigcError(f"data file {path} does not exist", param="data") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AigcError(f"cannot read data file {path}: {e}", param="data") from None
+    url = str(path) if "://" in str(path) else str(Path(path).expanduser())
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AigcError(f"{where}: not valid JSON ({e.msg})", param="data") from None
-        if not isinstance(obj, dict):
-            raise AigcError(f"{where}: a row must be a JSON object, got {type(obj).__name__}", param="data")
-        problem = CHECKS[kind](obj)
-        if problem:
-            raise AigcError(f"{where}: {problem}", param="data")
-        rows.append(Row(where, obj))
+    try:
+        for where, obj in iter_records(url, param="data"):
+            problem = CHECKS[kind](obj)
+            if problem:
+                raise AigcError(f"{where}: {problem}", param="data")
+            rows.append(Row(where, obj))
+    except FileNotFoundError:
+        raise AigcError(f"data file {url} does not exist", param="data") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AigcError(f"cannot read data file {url}: {e}", param="data") from None
     if not rows:
-        raise AigcError(f"data file {path} has no rows", param="data")
+        raise AigcError(f"data file {url} has no rows", param="data")
     return rows
 
 

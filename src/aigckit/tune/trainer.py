@@ -213,13 +213,8 @@ def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bo
         saved = saved_config["args"]
         # only the stopping rule, the threads and the folder may change on resume; the global batch is kept
         saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
-        world = saved_config.get("distributed", {}).get("world_size", 1)
-        global_batch = saved["batch_size"] * world
-        if global_batch % d.world_size:
-            raise AigcError(f"the run's global batch of {global_batch} rows ({saved['batch_size']} x {world} ranks) "
-                            f"does not split over {d.world_size} ranks; resume on a number of ranks that divides it",
-                            param="nproc_per_node")
-        saved["batch_size"] = global_batch // d.world_size
+        saved["batch_size"] = dd.resumed_batch(saved["batch_size"],
+                                               saved_config.get("distributed", {}).get("world_size", 1), d)
         args = _args_from_dict(type(args), saved)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out",
