@@ -150,11 +150,12 @@ def test_rows_come_from_the_memory_map_not_a_copy(tiny_chat_dir, sft_file, tmp_p
 
 def test_two_ranks_read_disjoint_rows_and_match_one_process(tiny_chat_dir, sft_file, tmp_path, monkeypatch):
     shards = _tokenize(sft_file, tmp_path / "s", tiny_chat_dir)
-    common = dict(steps=5, eval_frac=0.0, warmup=0)
+    common = dict(steps=5, eval_frac=0.25, warmup=0)  # 21 training rows, 7 held out
     read: list[int] = []
     example = data.ShardRows.example
-    monkeypatch.setattr(data.ShardRows, "example", lambda self, i: (read.append(i), example(self, i))[1])
-    train(SFTTask(), _args(shards, tmp_path / "one", tiny_chat_dir, **common), progress=False)
+    monkeypatch.setattr(data.ShardRows, "example",
+                        lambda self, i: (read.append(i) if len(self) == 21 else None, example(self, i))[1])
+    one = train(SFTTask(), _args(shards, tmp_path / "one", tiny_chat_dir, **common), progress=False)
     monkeypatch.setattr(data.ShardRows, "example", example)
     # 2 ranks x 2 rows for 3 of the 5 steps (a checkpoint at 3), then resumed in this process with 4 rows a step
     job = {**vars(_args(shards, tmp_path / "two", tiny_chat_dir, batch_size=2, **common)), "stop_at": 3}
@@ -162,7 +163,10 @@ def test_two_ranks_read_disjoint_rows_and_match_one_process(tiny_chat_dir, sft_f
     logs.mkdir()
     r = torchrun(tmp_path, str(HERE / "sft_dist_worker.py"), json.dumps([job]), str(logs), paths=(HERE,))
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((logs / f"rank-{k}.json").read_text()) for k in (0, 1)]
+    logged = [json.loads((logs / f"rank-{k}.json").read_text()) for k in (0, 1)]
+    ranks = [[i for n, i in log if n == 21] for log in logged]  # the training rows (held-out ones: n == 7)
+    held = [[i for n, i in log if n == 7] for log in logged]
+    assert sorted(held[0] + held[1]) == sorted(set(held[0] + held[1])) and len(held[0] + held[1]) == 7
     assert len(ranks[0]) == len(ranks[1]) == 6 and not set(ranks[0]) & set(ranks[1])
     for s in range(3):  # each step's global batch is the one process's batch, rank 0's slice first
         assert ranks[0][2 * s:2 * s + 2] + ranks[1][2 * s:2 * s + 2] == read[4 * s:4 * s + 4]
@@ -172,12 +176,15 @@ def test_two_ranks_read_disjoint_rows_and_match_one_process(tiny_chat_dir, sft_f
     state = json.loads((ck.latest_checkpoint(two) / "trainer_state.json").read_text())
     assert state["data_samples"] == 12
     np.testing.assert_allclose(_losses(two), _losses(tmp_path / "one")[:3], atol=TOL, rtol=0)
+    before = json.loads((two / "summary.json").read_text())["before"]  # the held-out loss, evaluated in halves
+    assert abs(before["eval_loss"] - one["before"]["eval_loss"]) < TOL
     wa, wb = _adapter(two, "step-000000003"), _adapter(tmp_path / "one", "step-000000003")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=TOL, rtol=0)
     # 2 ranks -> 1: the global batch of 4 is kept, and the run ends where the one-process run did
-    train(SFTTask(), _args(shards, two, tiny_chat_dir, **common), resume=True, progress=False)
+    after = train(SFTTask(), _args(shards, two, tiny_chat_dir, **common), resume=True, progress=False)
     assert ck.read_config(ck.latest_checkpoint(two))["args"]["batch_size"] == 4
+    assert abs(after["after"]["eval_loss"] - one["after"]["eval_loss"]) < TOL
     np.testing.assert_allclose(_losses(two), _losses(tmp_path / "one"), atol=TOL, rtol=0)
     wa, wb = _adapter(two), _adapter(tmp_path / "one")
     for k in wa:

@@ -87,8 +87,10 @@ class SFTTask:
         if not self.held:
             return {}
         total, count = 0.0, 0
-        for k in range(0, len(self.held), args.batch_size):
+        d = self.dist  # under torchrun each rank takes every world_size-th batch; the sums are reduced
+        for k in range(d.rank * args.batch_size, len(self.held), args.batch_size * d.world_size):
             b = pad_batch(self.held[k:k + args.batch_size], self.pad)
             total += float(sum_nll(model, b.ids, b.labels))
             count += int((b.labels[:, 1:] != -100).sum())
-        return {"eval_loss": total / max(count, 1)}
+        sums = dd.mean_over_ranks({"nll": total, "count": count}, d)
+        return {"eval_loss": sums["nll"] / sums["count"] if sums["count"] else 0.0}

@@ -19,7 +19,8 @@ same adapter, bit for bit, as one never interrupted (same seed, CPU and thread c
 
 Under ``torchrun`` a task that says ``distributed = True`` (SFT) is data-parallel with ``train/distributed.py``:
 ``--batch-size`` is per rank, each rank trains on its slice of the step's global batch, the LoRA gradients are
-averaged (``GradAverager``), metrics are the mean over ranks, rank 0 alone evaluates and writes. The global batch is
+averaged (``GradAverager``), metrics are the mean over ranks, each rank evaluates its share of the held-out rows
+(reduced), rank 0 alone writes. The global batch is
 kept on resume (the per-rank batch becomes global / ranks), so the data position (``step x global batch`` samples)
 carries over and a run started on 2 ranks resumes on 1 and the other way. DPO and RL refuse to start on more than
 one rank (their losses are per pair / per group, and RL samples with the fast engine per step: not done yet).
@@ -270,8 +271,7 @@ def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bo
         save_adapter(model, run / "adapter", lcfg, lm.source)
 
     def evaluate(when: str | None = None) -> dict[str, float]:
-        if not d.is_main:  # rank 0 evaluates (the weights are the same on every rank)
-            return {}
+        """Every rank calls it (a distributed task evaluates its share and reduces); rank 0 writes the result."""
         model.eval()
         rng = torch.get_rng_state()  # evaluation never moves the training RNG
         with torch.no_grad():
@@ -281,11 +281,12 @@ def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bo
         torch.set_rng_state(rng)
         return out
 
-    if "before" not in summary and d.is_main:
+    if dd.any_rank("before" not in summary and d.is_main, d):  # rank 0's summary decides, for every rank
         summary["before"] = evaluate("before")
-        if summary["before"]:
-            append_metrics(run, {"step": step, **summary["before"]})
-        ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))  # a resumed run keeps "before"
+        if d.is_main:
+            if summary["before"]:
+                append_metrics(run, {"step": step, **summary["before"]})
+            ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))  # a resumed run keeps "before"
     stop_requested: list[int] = []
     old_term = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
     bar = tqdm(total=args.steps, initial=step, desc=f"{task.kind}", unit="step",
