@@ -291,7 +291,7 @@ def open_sft_shards(data: str, tok):
 
     ts = TokenShards(data)
     kind = ts.index.get("kind")
-    if kind not in ("sft", "text"):
+    if kind not in ("sft", "text", None):  # text (or written by write_shards without a kind): loss on every token
         raise AigcError(f"{data}: shards of kind {kind!r}; tokenise SFT rows with aigc data tokenize --sft",
                         param="data")
     if ts.index["vocab_size"] != tok.vocab_size:
