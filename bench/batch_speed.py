@@ -14,7 +14,7 @@ goes first (A B / B A ...), so a machine that slows down (a shared one) is sprea
              scheduling, Ray's transport of rows and results, writing the line)
   full       N rows x T tokens: rows/s = N / full; steady rows/s = N / (full - start-up)
 
-The table gives the median over rounds (min-max in brackets when --rounds > 1); --json adds every job's numbers.
+The table gives the median over rounds (min to max in brackets when --rounds > 1); --json adds every job's numbers.
 
 Time: a round of the defaults is about 3.5 minutes on a quiet 2-core AVX2 machine (estimated from the ~210 tok/s of
 16 concurrent float32 sequences in docs/PERFORMANCE.md, and 5 s / 20 s start-ups); a round that would end past
@@ -69,7 +69,7 @@ def job(a, flags: list[str], rows: Path, tokens: int, out: Path) -> dict:
 
 def fmt(values: list[float], digits: int) -> str:
     med = f"{statistics.median(values):.{digits}f}"
-    return med if len(values) == 1 else f"{med} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return med if len(values) == 1 else f"{med} ({min(values):.{digits}f} to {max(values):.{digits}f})"
 
 
 def main() -> None:
