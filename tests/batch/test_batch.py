@@ -127,3 +127,21 @@ def test_cli_batch_error_is_one_line(tmp_path):
                         "--output", str(tmp_path / "o.jsonl")], env={**os.environ, "PYTHONPATH": str(SRC)},
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "input not found" in r.stderr
+
+
+def test_cli_ignore_eos_makes_exactly_max_new_tokens(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """bench/batch_speed.py relies on it: every row generates --max-new-tokens tokens, EOS or not."""
+    from aigckit.batch import runner
+    from aigckit.cli import main
+
+    seen = []
+    real = runner.run_batch
+    monkeypatch.setattr(runner, "run_batch", lambda args, **kw: (seen.append(args.params), real(args, **kw))[1])
+    inp = _write_jsonl(tmp_path / "in.jsonl", _prompts(4))
+    for flag, out in (([], "a.jsonl"), (["--ignore-eos"], "b.jsonl")):
+        assert main(["batch", "--input", str(inp), "--output", str(tmp_path / out), "--model", str(tiny_llama_dir),
+                     "-t", "0", "--max-new-tokens", "40", "--quiet", "--json", *flag]) == 0
+    assert [p.ignore_eos for p in seen] == [False, True] and seen[1].max_new_tokens == 40
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completion_tokens"] == 4 * 40
+    b = _results(tmp_path / "b.jsonl")
+    assert all(r["usage"]["completion_tokens"] == 40 and r["finish_reason"] == "length" for r in b.values())

@@ -25,6 +25,8 @@ from aigckit.train import checkpoint as ck
 from aigckit.train import distributed as dd
 from aigckit.train import loop
 
+from distutil import dist_env, torchrun
+
 HERE = Path(__file__).parent
 SRC = HERE.parents[1] / "src"
 TOL = 1e-5
@@ -43,13 +45,11 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}", "AIGC_HOME": str(tmp_path / "home"),
-            "AIGC_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+    return dist_env(tmp_path, HERE)
 
 
 def _torchrun(tmp_path: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv]
-    return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    return torchrun(tmp_path, *argv, paths=(HERE,), timeout=timeout)
 
 
 def _toy(tmp_path, folder, name, **kw):

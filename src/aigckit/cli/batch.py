@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again: delete --output first")
     _model_args(p)
     _gen_args(p, chat=True)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-new-tokens per row, past EOS (for benchmarks: bench/batch_speed.py)")
     g = p.add_argument_group("scale")
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per worker (default 16)")
     g.add_argument("--workers", type=int, default=1, help="Ray actors, each holding one model (needs --ray)")
@@ -34,9 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _batch(a) -> int:
+    from dataclasses import replace
+
     from aigckit.batch.runner import BatchArgs, run_batch
 
-    args = BatchArgs(input=a.input, output=a.output, model=a.model, params=_params(a), dtype=a.dtype,
+    params = replace(_params(a), ignore_eos=True) if a.ignore_eos else _params(a)
+    args = BatchArgs(input=a.input, output=a.output, model=a.model, params=params, dtype=a.dtype,
                      quantize=a.quantize, kernels=a.kernels, threads=a.threads, max_batch=a.max_batch,
                      workers=a.workers, ray=a.ray, ray_address=a.ray_address, overwrite=a.overwrite)
     s = run_batch(args, progress=not a.quiet)

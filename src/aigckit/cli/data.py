@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="whose tokenizer: store name, .gguf or HF directory (default: smollm2-135m-instruct)")
     t.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text (default text)")
     t.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
+    t.add_argument("--sft", action="store_true",
+                   help="SFT rows ({\"messages\": [...]} or {\"text\": ...}, .jsonl/.parquet): one document per "
+                        "row, tokenised as aigc finetune does (chat template), with a loss mask on the assistant "
+                        "tokens; the folder is then aigc finetune --data")
     t.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 64M)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_tokenize)
@@ -34,10 +38,17 @@ def _tokenize(a) -> int:
 
     res = store.resolve(a.model)
     tok = Tokenizer.from_gguf(res.path) if res.format == "gguf" else Tokenizer.from_dir(res.path)
-    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731  (EOS separates documents)
-    index = write_shards(iter_texts(a.input, a.field), encode, a.out, vocab_size=tok.vocab_size,
-                         eos_id=None if a.no_eos else tok.eos_token_id,
-                         shard_tokens=a.shard_tokens or SHARD_TOKENS, progress=not a.quiet, source=a.input)
+    common = dict(vocab_size=tok.vocab_size, shard_tokens=a.shard_tokens or SHARD_TOKENS, progress=not a.quiet,
+                  source=a.input)
+    if a.sft:
+        from aigckit.tune.data import sft_shard_rows
+
+        index = write_shards(sft_shard_rows(tok, a.input), lambda pair: pair, a.out, eos_id=None, masked=True,
+                             meta={"kind": "sft", "tokenizer": res.name}, **common)
+    else:
+        encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731  (EOS separates documents)
+        index = write_shards(iter_texts(a.input, a.field), encode, a.out, eos_id=None if a.no_eos else
+                             tok.eos_token_id, meta={"kind": "text", "tokenizer": res.name}, **common)
     print(json.dumps({k: index[k] for k in ("tokens", "docs", "dtype", "vocab_size")} |
                      {"shards": len(index["shards"]), "out": a.out}))
     return 0
@@ -47,6 +58,7 @@ def _info(a) -> int:
     from aigckit.data.shards import TokenShards
 
     ts = TokenShards(a.path, verify=a.verify)
-    print(json.dumps({k: ts.index[k] for k in ("tokens", "docs", "dtype", "vocab_size", "eos_id", "source")} |
+    print(json.dumps({k: ts.index.get(k) for k in ("version", "kind", "tokens", "docs", "dtype", "vocab_size",
+                                                    "eos_id", "mask", "tokenizer", "source")} |
                      {"shards": len(ts.index["shards"]), "verified": a.verify}))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from aigckit.errors import AigcError
@@ -102,8 +103,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="supervised fine-tuning of a LoRA adapter (SFT)",
                        description="Train a LoRA adapter on JSONL rows: {\"messages\": [...]} chats (through the "
                                    "model's chat template, loss on the assistant tokens only) or {\"text\": ...}. "
-                                   "The adapter lands in RUN/adapter (peft layout): aigc chat --adapter RUN/adapter.")
-    _common(p, "JSONL rows: {\"messages\": [{role, content}, ...]} or {\"text\": ...}", lr=2e-4, steps=100, batch=4)
+                                   "The adapter lands in RUN/adapter (peft layout): aigc chat --adapter RUN/adapter. "
+                                   "Data-parallel under torchrun (--batch-size per rank): torchrun --standalone "
+                                   "--nproc-per-node 2 -m aigckit finetune ... (docs/DISTRIBUTED.md).")
+    _common(p, "JSONL rows: {\"messages\": [{role, content}, ...]} or {\"text\": ...}; or a token-shard folder "
+               "(path or fsspec URL) from aigc data tokenize --sft, read from its memory map step by step",
+            lr=2e-4, steps=100, batch=4)
     p.add_argument("--packing", action="store_true", help="concatenate rows and cut into --max-len blocks")
     p.set_defaults(func=_finetune)
 
@@ -155,6 +160,8 @@ def _run(task, args_obj, args) -> int:
     from aigckit.tune.trainer import train
 
     summary = train(task, args_obj, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+        return 0
     return _report(args, summary)
 
 

@@ -147,6 +147,17 @@ def threads_per_rank(requested: int | None, d: Dist) -> int | None:
     return max(1, cores // max(1, d.local_world_size))
 
 
+def resumed_batch(batch_size: int, saved_world: int, d: Dist) -> int:
+    """The per-rank batch of a run resumed on ``d.world_size`` ranks that keeps its global batch (``batch_size`` x
+    ``saved_world`` ranks), so that its data position, kept in samples, carries over."""
+    global_batch = batch_size * saved_world
+    if global_batch % d.world_size:
+        raise AigcError(f"the run's global batch of {global_batch} ({batch_size} x {saved_world} ranks) does not "
+                        f"split over {d.world_size} ranks; resume on a number of ranks that divides it",
+                        param="nproc_per_node")
+    return global_batch // d.world_size
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s training noise: ``seed`` on rank 0, distinct and fixed for the others."""
     return seed if rank == 0 else (seed * 1_000_003 + 7919 * rank) % (2**63 - 1)

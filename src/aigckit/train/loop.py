@@ -122,13 +122,8 @@ def _resumed_args(saved: dict, saved_config: dict, args: TrainArgs, d: dd.Dist) 
     """The saved options with the new stopping rule, threads and folder; the per-rank batch keeps the global one."""
     # only the stopping rule (and the folder, if the run was moved) may change on resume
     saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
-    world = saved_config.get("distributed", {}).get("world_size", 1)
-    global_batch = saved["batch_size"] * world
-    if global_batch % d.world_size:
-        raise AigcError(f"the run's global batch of {global_batch} ({saved['batch_size']} x {world} ranks) does not "
-                        f"split over {d.world_size} ranks; resume on a number of ranks that divides it",
-                        param="nproc_per_node")
-    saved["batch_size"] = global_batch // d.world_size
+    saved["batch_size"] = dd.resumed_batch(saved["batch_size"], saved_config.get("distributed", {}).get("world_size", 1),
+                                           d)
     return args_from_dict(saved)
 
 

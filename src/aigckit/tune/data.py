@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,32 +31,24 @@ class Row:
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[Row]:
-    """Rows of a JSONL file, each checked for ``kind`` ("sft" | "dpo" | "rl"); the first bad row raises an
-    ``AigcError`` naming its file and line."""
-    path = Path(path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise AigcError(f"data file {path} does not exist", param="data") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AigcError(f"cannot read data file {path}: {e}", param="data") from None
+    """Rows of a JSONL (or Parquet) file, a path or an fsspec URL, each checked for ``kind`` ("sft" | "dpo" | "rl");
+    the first bad row raises an ``AigcError`` naming its file and line."""
+    from aigckit.data.shards import iter_records
+
+    url = str(path) if "://" in str(path) else str(Path(path).expanduser())
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AigcError(f"{where}: not valid JSON ({e.msg})", param="data") from None
-        if not isinstance(obj, dict):
-            raise AigcError(f"{where}: a row must be a JSON object, got {type(obj).__name__}", param="data")
-        problem = CHECKS[kind](obj)
-        if problem:
-            raise AigcError(f"{where}: {problem}", param="data")
-        rows.append(Row(where, obj))
+    try:
+        for where, obj in iter_records(url, param="data"):
+            problem = CHECKS[kind](obj)
+            if problem:
+                raise AigcError(f"{where}: {problem}", param="data")
+            rows.append(Row(where, obj))
+    except FileNotFoundError:
+        raise AigcError(f"data file {url} does not exist", param="data") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AigcError(f"cannot read data file {url}: {e}", param="data") from None
     if not rows:
-        raise AigcError(f"data file {path} has no rows", param="data")
+        raise AigcError(f"data file {url} has no rows", param="data")
     return rows
 
 
@@ -107,14 +100,21 @@ def _dpo_problem(obj: dict) -> str | None:
 CHECKS = {"sft": _sft_problem, "dpo": _dpo_problem, "rl": _prompt_problem}
 
 
-def split_rows(rows: list[Row], eval_frac: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """A held-out split drawn by ``seed`` (at least one row when ``eval_frac > 0`` and there are >= 2 rows)."""
-    if eval_frac <= 0 or len(rows) < 2:
-        return rows, []
-    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_frac)))
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+def split_indices(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a training / held-out split of ``n`` rows drawn by ``seed`` (at least one held-out row when
+    ``eval_frac > 0`` and there are >= 2 rows), each in the original order."""
+    if eval_frac <= 0 or n < 2:
+        return list(range(n)), []
+    n_eval = min(n - 1, max(1, round(n * eval_frac)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held = set(perm[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return [i for i in range(n) if i not in held], [i for i in range(n) if i in held]
+
+
+def split_rows(rows: list[Row], eval_frac: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """A held-out split drawn by ``seed`` (``split_indices``)."""
+    train, held = split_indices(len(rows), eval_frac, seed)
+    return [rows[i] for i in train], [rows[i] for i in held]
 
 
 def train_and_held(args, kind: str) -> tuple[list[Row], list[Row]]:
@@ -127,6 +127,15 @@ def train_and_held(args, kind: str) -> tuple[list[Row], list[Row]]:
 
 def pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def rank_rows(n: int, step: int, per_rank: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's rows of optimiser step ``step``: the step's global batch (``per_rank x world_size`` rows, from
+    ``sample_indices``) cut into one slice per rank, as ``train.distributed.ShardedSampler`` does; rank r takes the
+    r-th. The data position is ``step x global batch`` samples, so a run keeps its place when it resumes on another
+    number of ranks with the same global batch (and one process with the global batch sees the same rows)."""
+    rows = sample_indices(n, step, per_rank * world_size, seed)
+    return rows[rank * per_rank:(rank + 1) * per_rank]
 
 
 def sample_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -248,3 +257,96 @@ def pack(examples: list[Example], block: int) -> list[Example]:
 
 def truncate(e: Example, max_len: int) -> Example:
     return e if len(e.ids) <= max_len else Example(e.ids[:max_len], e.labels[:max_len], e.where)
+
+
+# ------------------------------------------------------------------------------------------------ token shards
+
+
+def sft_shard_rows(tok, url: str):
+    """``(ids, loss mask)`` of every SFT row of a .jsonl/.parquet (path or fsspec URL), tokenised exactly as
+    ``aigc finetune`` tokenises JSONL rows: what ``aigc data tokenize --sft`` writes into shards."""
+    from aigckit.data.shards import iter_records
+
+    for where, obj in iter_records(url):
+        problem = _sft_problem(obj)
+        if problem:
+            raise AigcError(f"{where}: {problem}", param="input")
+        e = sft_example(tok, Row(where, obj))
+        yield e.ids, [lab != IGNORE for lab in e.labels]
+
+
+def is_shard_folder(data: str) -> bool:
+    """Whether ``--data`` names a token-shard folder (``aigc data tokenize``) rather than a JSONL file."""
+    from aigckit.data.urls import file_name
+
+    if "://" in data and not data.startswith("file://"):
+        return not file_name(data).endswith((".jsonl", ".ndjson", ".parquet", ".json"))
+    p = Path(data[len("file://"):] if data.startswith("file://") else data).expanduser()
+    return p.is_dir()  # a folder without INDEX is refused by TokenShards, with a message
+
+
+def open_sft_shards(data: str, tok):
+    """The memory-mapped shards of ``--data``, checked against the model's tokenizer."""
+    from aigckit.data.shards import TokenShards
+
+    ts = TokenShards(data)
+    kind = ts.index.get("kind")
+    if kind not in ("sft", "text", None):  # text (or written by write_shards without a kind): loss on every token
+        raise AigcError(f"{data}: shards of kind {kind!r}; tokenise SFT rows with aigc data tokenize --sft",
+                        param="data")
+    if ts.index["vocab_size"] != tok.vocab_size:
+        raise AigcError(f"{data} was tokenised with a vocabulary of {ts.index['vocab_size']} "
+                        f"({ts.index.get('tokenizer')}); the model's has {tok.vocab_size}: tokenise with its "
+                        f"tokenizer (aigc data tokenize --model)", param="data")
+    return ts
+
+
+class _ShardExamples:
+    """A list-like of SFT examples made from shard tokens on demand (an index or a slice)."""
+
+    items: list[int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.example(i) for i in self.items[k]]
+        return self.example(self.items[k])
+
+    def example(self, i: int) -> Example:
+        raise NotImplementedError
+
+
+class ShardRows(_ShardExamples):
+    """SFT examples read from shards on demand, one document (row) each, cut to ``max_len``: only the tokens of the
+    rows asked for are read from the memory map. ``docs`` are the document numbers this split uses."""
+
+    def __init__(self, shards, docs: list[int], max_len: int) -> None:
+        self.shards, self.items, self.max_len = shards, docs, max_len
+
+    def example(self, i: int) -> Example:
+        start, stop = self.shards.doc_span(i)
+        return _shard_example(self.shards, start, min(stop, start + self.max_len), f"doc {i}")
+
+
+class ShardBlocks(_ShardExamples):
+    """Packed SFT examples from shards: block k is tokens ``[k x block, (k + 1) x block)`` of the whole corpus (the
+    last one shorter), what ``pack`` makes of the same rows. ``blocks`` are the block numbers this split uses."""
+
+    def __init__(self, shards, blocks: list[int], block: int) -> None:
+        self.shards, self.items, self.block = shards, blocks, block
+
+    @staticmethod
+    def count(shards, block: int) -> int:
+        return -(-len(shards) // block)
+
+    def example(self, i: int) -> Example:
+        start = i * self.block
+        return _shard_example(self.shards, start, min(len(self.shards), start + self.block), "packed")
+
+
+def _shard_example(shards, start: int, stop: int, where: str) -> Example:
+    ids = shards.tokens(start, stop)
+    labels = np.where(shards.mask(start, stop), ids, IGNORE)
+    return Example(ids.tolist(), labels.tolist(), where)

@@ -16,6 +16,14 @@ Determinism: LoRA's A is drawn from a generator seeded by ``seed``; the rows of 
 (``data.sample_indices``); dropout draws from torch's global RNG and sampling (RL) from a seed per step; the RNG
 states, AdamW's moments and the step are checkpointed. A run resumed from any checkpoint therefore ends with the
 same adapter, bit for bit, as one never interrupted (same seed, CPU and thread count).
+
+Under ``torchrun`` a task that says ``distributed = True`` (SFT) is data-parallel with ``train/distributed.py``:
+``--batch-size`` is per rank, each rank trains on its slice of the step's global batch, the LoRA gradients are
+averaged (``GradAverager``), metrics are the mean over ranks, each rank evaluates its share of the held-out rows
+(reduced), rank 0 alone writes. The global batch is
+kept on resume (the per-rank batch becomes global / ranks), so the data position (``step x global batch`` samples)
+carries over and a run started on 2 ranks resumes on 1 and the other way. DPO and RL refuse to start on more than
+one rank (their losses are per pair / per group, and RL samples with the fast engine per step: not done yet).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch import Tensor, nn
 
 from aigckit.errors import AigcError
 from aigckit.train import checkpoint as ck
+from aigckit.train import distributed as dd
 from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
 from aigckit.tune.data import IGNORE
 from aigckit.tune.lora import (DEFAULT_TARGETS, LoraConfig, LoraState, add_lora, attach_adapter, lora_parameters,
@@ -170,69 +179,99 @@ def sum_nll(model, ids: Tensor, labels: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def load_base(args: TuneArgs):
+def load_base(args: TuneArgs, threads: int | None = None):
     """The base model for training: float32, plain torch linears (gradients flow through the reference path)."""
     from aigckit.text.lm import load_lm
 
-    return load_lm(args.model, kernels="torch", threads=args.threads)
+    return load_lm(args.model, kernels="torch", threads=threads or args.threads)
 
 
 def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = True,
           stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) ``task`` in ``args.out``; returns the summary (held-out metrics before and after, timing).
-    ``stop_at``: leave after this step as if interrupted (checkpoint written, no final evaluation)."""
+    ``stop_at``: leave after this step as if interrupted (checkpoint written, no final evaluation). Under torchrun
+    every rank calls this (see the module docstring)."""
+    with dd.session() as d:
+        return _train(task, args, d, resume=resume, progress=progress, stop_at=stop_at)
+
+
+def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bool, stop_at: int | None):
     from tqdm import tqdm
 
     run = Path(args.out).expanduser()
     ckpt = None
+    if d.active and not getattr(task, "distributed", False):
+        raise AigcError(f"{task.kind} does not run data-parallel yet: start it without torchrun (or with "
+                        "--nproc-per-node 1)", param="nproc_per_node")
     if resume:
         if ck.list_checkpoints(run):
             ckpt = ck.latest_checkpoint(run)
-            saved = ck.read_config(ckpt)["args"]
+            saved_config = ck.read_config(ckpt)
         elif (run / "config.json").exists():
-            saved = ck.read_config(run)["args"]
+            saved_config = ck.read_config(run)
         else:
             raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json", param="resume")
-        # only the stopping rule, the threads and the folder may change on resume
+        saved = saved_config["args"]
+        # only the stopping rule, the threads and the folder may change on resume; the global batch is kept
         saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
+        saved["batch_size"] = dd.resumed_batch(saved["batch_size"],
+                                               saved_config.get("distributed", {}).get("world_size", 1), d)
         args = _args_from_dict(type(args), saved)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out",
                         param="out")
     args.check()
-    lm = load_base(args)
+    lm = load_base(args, dd.threads_per_rank(args.threads, d))
     model = lm.model
     if args.adapter:
         lcfg = attach_adapter(model, args.adapter)
     else:
         lcfg = args.lora_config()
         add_lora(model, lcfg, torch.Generator().manual_seed(args.seed))
+    task.dist = d
     task.prepare(lm, args)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(dd.rank_seed(args.seed + 1, d.rank))  # dropout; rank 0's is the single-process seed
     step, train_time, tokens_seen = 0, 0.0, 0
+    global_batch = args.batch_size * args.grad_accum * d.world_size
     config = {"kind": task.kind, "args": asdict(args), "lora": asdict(lcfg), "base": {"name": lm.name,
-              "source": lm.source}, "lora_summary": lora_summary(model)}
+              "source": lm.source}, "lora_summary": lora_summary(model),
+              "distributed": {"world_size": d.world_size, "global_batch": global_batch}}
     if ckpt is not None:
         ck.load_weights(LoraState(model), ckpt / "model.safetensors")
         tensors, meta = ck.load_trainer_state(ckpt)
         ck.optimizer_from_flat({"adamw": opt}, tensors, meta["optimizers"])
-        torch.set_rng_state(tensors["rng.torch"])
+        suffix = f".rank{d.rank}" if d.rank else ""
+        if f"rng.torch{suffix}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        else:  # a rank the saving run did not have: a fresh stream fixed by (seed, rank, step)
+            torch.manual_seed(dd.rank_seed(args.seed * 1_000_003 + meta["step"], d.rank))
         step, train_time, tokens_seen = meta["step"], meta["train_time_s"], meta["tokens_seen"]
-        truncate_metrics(run, step)
-    run.mkdir(parents=True, exist_ok=True)
-    ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
+        if d.is_main:
+            truncate_metrics(run, step)
+    dd.broadcast_module(LoraState(model), d)
+    averager = dd.GradAverager(model, d)
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if ckpt is not None and summary_path.exists() else {}
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
 
     def save() -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if d.active:  # every rank's stream, so that a resume on as many ranks is bit for bit
+            states = dd.gather_bytes(rng["torch"], d)
+            rng = {f"torch.rank{r}" if r else "torch": states[r] for r in range(d.world_size)}
+        if not d.is_main:
+            return
         ck.save_checkpoint(run, step=step, config=config, model=LoraState(model), optimizers={"adamw": opt},
-                           rng={"torch": torch.get_rng_state()},
-                           state={"train_time_s": train_time, "tokens_seen": tokens_seen})
+                           rng=rng, state={"train_time_s": train_time, "tokens_seen": tokens_seen,
+                                           "data_samples": step * global_batch})
         save_adapter(model, run / "adapter", lcfg, lm.source)
 
     def evaluate(when: str | None = None) -> dict[str, float]:
+        """Every rank calls it (a distributed task evaluates its share and reduces); rank 0 writes the result."""
         model.eval()
         rng = torch.get_rng_state()  # evaluation never moves the training RNG
         with torch.no_grad():
@@ -242,25 +281,33 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
         torch.set_rng_state(rng)
         return out
 
-    if "before" not in summary:
+    if dd.any_rank("before" not in summary and d.is_main, d):  # rank 0's summary decides, for every rank
         summary["before"] = evaluate("before")
-        if summary["before"]:
-            append_metrics(run, {"step": step, **summary["before"]})
-        ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))  # a resumed run keeps "before"
+        if d.is_main:
+            if summary["before"]:
+                append_metrics(run, {"step": step, **summary["before"]})
+            ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))  # a resumed run keeps "before"
     stop_requested: list[int] = []
     old_term = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
-    bar = tqdm(total=args.steps, initial=step, desc=f"{task.kind}", unit="step", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=step, desc=f"{task.kind}", unit="step",
+               disable=not progress or not d.is_main, dynamic_ncols=True, file=sys.stderr)
     last_saved = step if ckpt is not None else -1
+    out_of_time = False
     try:
-        while (step < args.steps and not stop_requested and step != stop_at
-               and (args.minutes is None or train_time < args.minutes * 60)):
+        while step < args.steps and step != stop_at:
+            timed_out = args.minutes is not None and train_time >= args.minutes * 60
+            if dd.any_rank(timed_out or bool(stop_requested), d):  # every rank stops at the same step
+                out_of_time = dd.any_rank(timed_out, d)
+                break
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, args)
             model.train()
             opt.zero_grad(set_to_none=True)
             metrics = task.step(lm, model, step, args)
+            if d.active:  # means over ranks; counts are sums
+                metrics = {k: v * d.world_size if k in ("tokens", "loss_tokens") else v
+                           for k, v in dd.mean_over_ranks(metrics, d).items()}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm
                                                               else float("inf")))
             opt.step()
@@ -275,7 +322,8 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
                        **{k: v for k, v in metrics.items() if k != "tokens"}}
                 if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                     row.update(evaluate())
-                append_metrics(run, row)
+                if d.is_main:
+                    append_metrics(run, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "reward", "tokens_per_s") if k in row})
             if step % args.ckpt_every == 0:
                 save()
@@ -288,18 +336,21 @@ def train(task: Task, args: TuneArgs, *, resume: bool = False, progress: bool = 
     finally:
         signal.signal(signal.SIGTERM, old_term)
         bar.close()
+        averager.remove()
     if step != last_saved:
         save()
-    if step < args.steps and (args.minutes is None or train_time < args.minutes * 60):
+    if step < args.steps and not out_of_time:
         # interrupted: the checkpoint is written, the run goes on with --resume
         return {**summary, "steps": step, "interrupted": True}
     summary["after"] = evaluate("after")
-    if summary["after"]:
-        append_metrics(run, {"step": step, **summary["after"]})
     summary.update(steps=step, train_time_s=round(train_time, 2), tokens_seen=tokens_seen,
                    tokens_per_s=round(tokens_seen / max(train_time, 1e-9), 1), adapter=str(run / "adapter"))
-    ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))
-    plot_curves(run)
+    if d.is_main:
+        if summary["after"]:
+            append_metrics(run, {"step": step, **summary["after"]})
+        ck.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+        plot_curves(run)
+    dd.barrier(d, "waiting for rank 0 to write the run")
     return summary
 
 
