@@ -59,6 +59,7 @@ ATTACKS = {
     "resize0.5": lambda im: im.resize((im.width // 2, im.height // 2), Image.BILINEAR),
     "crop10_center": lambda im: crop(im, 0.1, "center"),
     "crop10_corner": lambda im: crop(im, 0.1, "corner"),
+    "crop30_corner": lambda im: crop(im, 0.3, "corner"),
     "resize0.5+jpeg75": lambda im: jpeg(im.resize((im.width // 2, im.height // 2), Image.BILINEAR), 75),
 }
 

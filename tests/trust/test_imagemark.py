@@ -1,5 +1,5 @@
-"""The invisible image watermark: round trip, JPEG and resizing, nothing found on unmarked images or with another
-key, small images left alone."""
+"""The invisible image watermark: round trip, JPEG, crops anywhere, halving, nothing found on unmarked images or
+with another key, small images left alone."""
 
 from __future__ import annotations
 
@@ -40,9 +40,16 @@ def test_round_trip_and_robustness():
         for attacked in (marked, _jpeg(marked, 75)):
             d = im_.decode_image(attacked, "secret", search=False)
             assert d["found"] and int(d["payload"], 16) == payload
-        # halving loses a few bits on this noisy host (docs/TRUST.md has the rates on real samples)
-        d = im_.decode_image(marked.resize((121, 121), Image.BILINEAR), "secret", search=False)
-        assert d["found"] and np.mean([int(b) for b in d["bits"]] == im_._bits_of(payload)) >= 0.85
+        # crops move the block grid and the tile: found at any offset (centre, corners, uneven, 30%)
+        for box in ((12, 12, 230, 230), (0, 0, 217, 217), (25, 25, 242, 242), (13, 7, 182, 176), (5, 30, 200, 238)):
+            d = im_.decode_image(marked.crop(box), "secret")
+            assert d["found"] and int(d["payload"], 16) == payload, box
+            assert d["registration"]["scale"] == 1.0
+            assert (d["registration"]["dy"], d["registration"]["dx"]) == ((-box[1]) % im_.B, (-box[0]) % im_.B)
+        # halving: found through the x2 hypothesis, most bits right on this noisy host (docs/TRUST.md: rates)
+        d = im_.decode_image(marked.resize((121, 121), Image.BILINEAR), "secret")
+        assert d["registration"]["scale"] == 2.0
+        assert np.mean([int(b) for b in d["bits"]] == im_._bits_of(payload)) >= 0.85
         assert not im_.decode_image(marked, "other secret")["found"]
         assert not im_.decode_image(img, "secret")["found"]
 
@@ -50,3 +57,17 @@ def test_round_trip_and_robustness():
 def test_small_images_are_left_alone():
     small = Image.new("L", (28, 28), 40)
     assert im_.embed_image(small, "k", im_.payload_for({})) is small
+
+
+def test_fit_is_a_z_score_near_zero_without_a_mark():
+    """The fit compares hypotheses with different block counts: on noise it is a z-score near 0 for every grid
+    size, on a marked image it is far above."""
+    rng = np.random.default_rng(5)
+    for side in (96, 160, 400):
+        noise = rng.uniform(0, 255, (side, side)).astype(np.float32)
+        _, fit = im_._votes(im_._block_means(noise), "k", im_.DELTA)
+        assert abs(float(np.mean(fit))) < 2.0 and 0.3 < float(np.std(fit)) < 2.0 and fit.max() < 6, side
+    y = np.asarray(_grid(2), dtype=np.float32)
+    marked = np.round(im_.embed(y, "k", im_.payload_for({}))).astype(np.float32)
+    _, fit = im_._votes(im_._block_means(marked), "k", im_.DELTA, np.array([0]))
+    assert fit[0] > 50
