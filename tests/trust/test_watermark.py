@@ -124,7 +124,7 @@ def test_detector_on_hand_built_sequences(self_hash, h):
     all_green = _make_green_sequence(wm, 60, True, start=tuple(range(3, 3 + h)))
     d = detect_ids(all_green, wm)
     assert d.n_scored == 60 - h and d.green == d.n_scored and d.watermarked
-    assert d.p_value == pytest.approx(0.25 ** d.n_scored, rel=1e-9)
+    assert d.p_value == pytest.approx(wm.gamma ** d.n_scored, rel=1e-9)
     red = _make_green_sequence(wm, 60, False, start=tuple(range(3, 3 + h)))
     d = detect_ids(red, wm)
     assert d.green == 0 and d.p_value == 1.0 and not d.watermarked
@@ -200,3 +200,32 @@ def test_watermark_argument_checked(lm):
     with pytest.raises(AigcError) as e:
         lm.generate([3], watermark="a key string", max_new_tokens=2)
     assert e.value.param == "watermark"
+
+
+def test_entropy_gate():
+    """The bias goes only where the next-token entropy reaches min_entropy; min_entropy=0 marks every step."""
+    import torch
+
+    from aigckit.trust.watermark import entropy
+
+    V = 1000
+    flat = torch.zeros(V)
+    assert entropy(flat) == pytest.approx(math.log(V), rel=1e-6)
+    sure = torch.full((V,), -30.0)
+    sure[7] = 10.0
+    assert entropy(sure) < 1e-6
+    masked = torch.full((V,), float("-inf"))
+    masked[:4] = 0.0
+    assert entropy(masked) == pytest.approx(math.log(4), rel=1e-6)  # -inf scores carry no mass, no NaN
+    ctx = [5]
+    green = torch.from_numpy(green_mask(key64("g"), ctx, V, 0.5, False))
+    for gate, scores, marked in ((1.0, flat, True), (1.0, sure, False), (0.0, sure, True),
+                                 (math.log(V) + 0.01, flat, False)):
+        wm = Watermark("g", gamma=0.5, delta=2.0, min_entropy=gate)
+        out = wm.start([1], None, V).process(ctx, scores.clone())
+        want = scores + 2.0 * green if marked else scores
+        assert torch.equal(out, want), (gate, marked)
+    for bad in (-0.1, 21.0, True, "1"):
+        with pytest.raises(AigcError) as e:
+            Watermark("g", min_entropy=bad)
+        assert e.value.param == "min_entropy"

@@ -34,7 +34,10 @@ def read_key(value: str | None) -> str | None:
 
 
 def _scheme_args(g, prefix: str = "") -> None:
-    g.add_argument(f"--{prefix}gamma", type=float, default=0.25, help="green-list fraction (default 0.25)")
+    from aigckit.trust.watermark import Watermark
+
+    g.add_argument(f"--{prefix}gamma", type=float, default=Watermark.gamma,
+                   help=f"green-list fraction (default {Watermark.gamma:g})")
     g.add_argument(f"--{prefix}context-width", type=int, default=1,
                    help="context tokens that seed each green list, h (default 1; 4 with --self-hash is more robust)")
     g.add_argument(f"--{prefix}self-hash", action="store_true",
@@ -46,6 +49,9 @@ def add_watermark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--watermark", default=None, metavar="KEY",
                    help="mark the generated text with this secret key (KEY, @FILE or env:NAME)")
     g.add_argument("--watermark-delta", type=float, default=2.0, help="green-token logit bias (default 2)")
+    g.add_argument("--watermark-min-entropy", type=float, default=None, metavar="NATS",
+                   help="mark only steps whose next-token entropy is at least this (default 1.0; 0 = every step, "
+                        "the paper's scheme); detection needs no change")
     _scheme_args(g, "watermark-")
 
 
@@ -56,8 +62,9 @@ def watermark_of(args):
         return None
     from aigckit.trust.watermark import Watermark
 
+    gate = {} if args.watermark_min_entropy is None else {"min_entropy": args.watermark_min_entropy}
     return Watermark(key, gamma=args.watermark_gamma, delta=args.watermark_delta,
-                     context_width=args.watermark_context_width, self_hash=args.watermark_self_hash)
+                     context_width=args.watermark_context_width, self_hash=args.watermark_self_hash, **gate)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -48,10 +48,11 @@ class ResponseFormat(_Strict):
 
 class WatermarkSpec(_Strict):
     key: str = Field(min_length=1, max_length=256)
-    gamma: float = Field(0.25, gt=0, lt=1)
+    gamma: float = Field(0.5, gt=0, lt=1)
     delta: float = Field(2.0, ge=0, le=100)
     context_width: int = Field(1, ge=1, le=16)
     self_hash: bool = False
+    min_entropy: float = Field(1.0, ge=0, le=20, description="mark only steps with at least this entropy (nats)")
 
 
 class _Sampling(_Strict):

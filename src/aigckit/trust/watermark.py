@@ -23,6 +23,15 @@ Two ways of seeding:
   anchor is the *minimum* of the keyed token hashes over the h previous tokens and the candidate itself, so a
   substitution in the context changes the list only when it changes that minimum (more robust to edits; the paper
   recommends h = 4).
+
+Entropy gate (``min_entropy``, nats): the bias is added only where the model's next-token distribution (softmax
+of the scores the processor sees, before temperature) has at least this entropy. The text's quality cost comes
+from low-entropy steps, where the bias can push the model off the one token it is sure of; at high-entropy steps
+it picks among near-equal candidates (the observation behind SWEET, Lee et al. 2023, which also gates on entropy).
+The detector needs no model and scores every token as before: an unmarked step is green with probability gamma,
+as under the null hypothesis, so the p-value stays exact; the gate only dilutes the signal a little. With the
+defaults (gamma 0.5, delta 2, min_entropy 1.0) SmolLM2's perplexity cost falls from +27% (no gate) to the figure in
+docs/TRUST.md while 200 tokens are still detected at FPR 1e-3.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from torch import Tensor
 
 from aigckit.errors import AigcError
 
-__all__ = ["Watermark", "watermark_from", "key64", "green_mask", "is_green", "seed_of"]
+__all__ = ["Watermark", "watermark_from", "key64", "green_mask", "is_green", "seed_of", "entropy"]
 
 M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -121,10 +130,11 @@ class Watermark:
     ``delta`` matters only for generating; ``detect`` needs the same key, gamma, context_width and self_hash."""
 
     key: str | bytes
-    gamma: float = 0.25
+    gamma: float = 0.5
     delta: float = 2.0
     context_width: int = 1
     self_hash: bool = False
+    min_entropy: float = 1.0  # nats; 0 marks every step (the paper's scheme)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, (str, bytes)) or not self.key:
@@ -137,10 +147,13 @@ class Watermark:
                 or not 1 <= self.context_width <= MAX_CONTEXT_WIDTH):
             raise AigcError(f"context_width must be an integer in [1, {MAX_CONTEXT_WIDTH}], got "
                             f"{self.context_width!r}", param="context_width")
+        if (not isinstance(self.min_entropy, (int, float)) or isinstance(self.min_entropy, bool)
+                or not 0.0 <= self.min_entropy <= 20.0):
+            raise AigcError(f"min_entropy must be in [0, 20] nats, got {self.min_entropy!r}", param="min_entropy")
 
     def __repr__(self) -> str:  # never print the secret
         return (f"Watermark(key=<secret>, gamma={self.gamma}, delta={self.delta}, "
-                f"context_width={self.context_width}, self_hash={self.self_hash})")
+                f"context_width={self.context_width}, self_hash={self.self_hash}, min_entropy={self.min_entropy})")
 
     @property
     def k(self) -> int:
@@ -149,7 +162,8 @@ class Watermark:
     def describe(self) -> dict:
         """The public parameters (no key): what a detector must be told besides the key."""
         return {"scheme": "kgw-selfhash" if self.self_hash else "kgw-lefthash", "gamma": self.gamma,
-                "delta": self.delta, "context_width": self.context_width, "hash": "blake2b+splitmix64"}
+                "delta": self.delta, "context_width": self.context_width, "min_entropy": self.min_entropy,
+                "hash": "blake2b+splitmix64"}
 
     # -------------------------------------------------------------------------------- the processor protocol
     def start(self, prompt: list[int], tokenizer, vocab_size: int) -> _WatermarkState:
@@ -161,6 +175,12 @@ def _green_tensor(k: int, context: tuple[int, ...], vocab: int, gamma: float, se
     """``green_mask`` as a torch bool tensor, cached (a pure function of its arguments; with h = 1 the contexts
     repeat a lot: common tokens)."""
     return torch.from_numpy(green_mask(k, context, vocab, gamma, self_hash))
+
+
+def entropy(scores: Tensor) -> float:
+    """Entropy in nats of softmax(scores) over the last dimension (one row); -inf scores count as zero mass."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    return float(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum())
 
 
 class _WatermarkState:
@@ -175,6 +195,8 @@ class _WatermarkState:
         h = self.wm.context_width
         if len(seq) < h:  # too little context (an empty prompt): leave this step unmarked
             return scores
+        if self.wm.min_entropy > 0 and entropy(scores) < self.wm.min_entropy:
+            return scores  # the model is sure here: marking would cost quality, not add much signal
         mask = _green_tensor(self.k, tuple(seq[len(seq) - h:]), scores.shape[-1], self.wm.gamma, self.wm.self_hash)
         scores.add_(mask, alpha=self.wm.delta)  # (boolean indexing is ~100x slower here)
         return scores
