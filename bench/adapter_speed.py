@@ -100,11 +100,16 @@ def main() -> None:
 
     extra = sum(int(p.A.count_nonzero() + p.B.count_nonzero()) for m in lm.adapters.model.modules()
                 if isinstance(m, RowLoraLinear) for p in m.parts if p is not None)
+    from aigckit.text.adapter import lora_targets
+
+    shapes = {t.module: (max(t.row0 + t.rows for u in lora_targets(lm.config) if u.module == t.module), t.cols)
+              for t in lora_targets(lm.config)}
+    copy = sum(o * i for o, i in shapes.values())  # what a merged copy of every adapted linear would hold
     res = {"model": a.model, "rank": a.rank, "threads": a.threads, "tokens": a.tokens, "tok_s": best,
-           "adapter_params": extra, "base_params": sum(p.numel() for p in lm.model.parameters())}
+           "adapter_numbers": extra, "merged_copy_numbers": copy}
     for k, v in best.items():
         print(f"{k:>24}: {v:7.1f} tok/s")
-    print(f"adapter tensors: {extra:,} numbers on top of {res['base_params']:,} base parameters")
+    print(f"per adapter: {extra:,} numbers (A, B) where a merged copy of the adapted linears would hold {copy:,}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
 
