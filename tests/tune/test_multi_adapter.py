@@ -134,3 +134,13 @@ def test_serve_adapters_concurrently(tiny_llama_dir, adapters, references):
             assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     finally:
         srv.stop()
+
+
+def test_gpt2_layout(tiny_gpt2_dir, tmp_path):
+    """GPT-2's unfused attention linears (c_attn covers the whole qkv) take the same path."""
+    ad = _adapter(tiny_gpt2_dir, tmp_path / "g", "all-linear", 4, 3)
+    lm = load_lm(tiny_gpt2_dir, adapters={"g": ad})
+    merged = load_lm(tiny_gpt2_dir, adapter=ad)
+    want = merged.generate(PROMPTS[1], GREEDY).token_ids
+    assert want != lm.generate(PROMPTS[1], GREEDY).token_ids
+    assert lm.with_adapter("g").generate(PROMPTS[1], GREEDY).token_ids == want
