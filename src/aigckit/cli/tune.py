@@ -131,7 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             batch=4)
     p.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
     p.add_argument("--reward", action="append", default=[], metavar="SPEC",
-                   help="reward: a built-in (format:REGEX, json, length:N, exact, exact-number) or module:function "
+                   help="reward: a built-in (format:REGEX, json[:SCHEMA], length:N, exact[:COL], exact-number[:COL], "
+                        "similarity[:COL] (MiniLM cosine to a column), classifier:DIR[:LABEL] (probability of "
+                        "LABEL under a BERT/MiniLM sequence classifier saved by transformers)) or module:function "
                         "with TRL's signature fn(prompts, completions, **columns) -> list[float]; repeatable; "
                         "SPEC=WEIGHT sets its weight, e.g. --reward exact-number=1 --reward 'format:^\\d+$=0.5'")
     p.add_argument("--num-generations", type=int, default=8, help="completions per prompt (the group)")

@@ -37,6 +37,8 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)  # embeddings/images: one computation at a time
     waiting: int = 0
+    base: str | None = None  # a LoRA adapter served on the text model with this id (spec: the adapter folder)
+    adapter: str | None = None  # the adapter's name (the id is BASE:NAME)
 
     def card(self) -> dict:
         d: dict[str, Any] = {"id": self.id, "object": "model", "created": self.created, "owned_by": "aigckit",
@@ -48,6 +50,8 @@ class Served:
         if self.kind == "text":
             d.update(context_length=self.worker.context if self.worker else o.config.block_size,
                      chat=o.tokenizer.chat_template is not None)
+            if self.base is not None:
+                d.update(parent=self.base, adapter=self.adapter)
         elif self.kind == "embedding":
             d.update(dimensions=o.dim, max_input_tokens=o.max_seq_length)
         elif self.kind == "speech":
@@ -127,11 +131,40 @@ def detect(spec: str) -> tuple[str, Kind, str]:
     return alias, kind, spec
 
 
+def parse_adapter(spec: str, text_ids: list[str]) -> tuple[str, str, str]:
+    """``[BASE:]NAME=DIR`` -> (base id, adapter name, folder). BASE may be left out when one text model is served;
+    the adapter is served as ``BASE:NAME``."""
+    from aigckit.text.adapter import CONFIG_FILE, WEIGHTS_FILE
+    from aigckit.text.multilora import ADAPTER_NAME_PATTERN
+
+    m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._:+@-]*)=(.+)$", spec)
+    if m is None:
+        raise AigcError(f"--adapter {spec!r}: give it as NAME=DIR or BASE:NAME=DIR", param="adapter")
+    key, folder = m.group(1), m.group(2)
+    base, _, name = key.rpartition(":")
+    if not base:
+        if len(text_ids) != 1:
+            raise AigcError(f"--adapter {spec!r}: {len(text_ids)} text models are served; name the base as "
+                            f"BASE:NAME=DIR (text models: {', '.join(text_ids) or 'none'})", param="adapter")
+        base = text_ids[0]
+    elif base not in text_ids:
+        raise AigcError(f"--adapter {spec!r}: {base!r} is not a served text model (text models: "
+                        f"{', '.join(text_ids) or 'none'})", param="adapter")
+    if not re.match(ADAPTER_NAME_PATTERN, name):
+        raise AigcError(f"--adapter {spec!r}: adapter name {name!r} must be letters, digits, . _ + @ -",
+                        param="adapter")
+    p = Path(folder).expanduser()
+    if not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+        raise AigcError(f"--adapter {spec!r}: {p} is not a LoRA adapter folder (it needs {CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE}, as `aigc finetune` writes in RUN/adapter)", param="adapter")
+    return base, name, str(p)
+
+
 class Registry:
     """The served models. ``load()`` loads them all (the server answers 503 until it is done)."""
 
     def __init__(self, specs: list[str] | None = None, *, dtype: str = "float32", quantize: str | None = None,
-                 max_batch: int = 16, max_queue: int = 64) -> None:
+                 max_batch: int = 16, max_queue: int = 64, adapters: list[str] | None = None) -> None:
         from aigckit.dtypes import torch_dtype
 
         torch_dtype(dtype)  # bad options fail here, before the server binds
@@ -148,6 +181,10 @@ class Registry:
         for s in specs or []:
             mid, kind, spec = detect(s)
             self._add(Served(mid, kind, spec))
+        text_ids = [k for k, v in self.models.items() if v.kind == "text"]
+        for a in adapters or []:  # LoRA adapters side by side on one loaded base (text/multilora.py)
+            base, name, folder = parse_adapter(a, text_ids)
+            self._add(Served(f"{base}:{name}", "text", folder, base=base, adapter=name))
 
     def _add(self, sm: Served) -> None:
         if sm.id in self.models:
@@ -177,13 +214,14 @@ class Registry:
         ``start_workers()`` afterwards from another thread (see there) to become ready."""
         try:
             for sm in self.models.values():
-                if sm.obj is not None:
+                if sm.obj is not None or sm.base is not None:
                     continue
                 t0 = time.perf_counter()
                 if sm.kind == "text":
                     from aigckit.text.lm import load_lm
 
-                    sm.obj = load_lm(sm.spec, dtype=self.dtype, quantize=self.quantize)
+                    adapters = {a.adapter: a.spec for a in self.models.values() if a.base == sm.id}
+                    sm.obj = load_lm(sm.spec, dtype=self.dtype, quantize=self.quantize, adapters=adapters or None)
                 elif sm.kind == "embedding":
                     from aigckit.embed import load_embedder
 
@@ -197,6 +235,9 @@ class Registry:
 
                     sm.obj = load_image_model(sm.spec)
                 log.info("loaded %s (%s) in %.1fs", sm.id, sm.kind, time.perf_counter() - t0)
+            for sm in self.models.values():  # adapters: views of their loaded base (no second copy of weights)
+                if sm.base is not None and sm.obj is None:
+                    sm.obj = self.models[sm.base].obj.with_adapter(sm.adapter)
         except Exception as e:  # reported by /health and the CLI
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             raise
@@ -210,8 +251,11 @@ class Registry:
         from aigckit.serve.worker import TextWorker
 
         for sm in self.models.values():
-            if sm.kind == "text" and sm.worker is None and sm.obj is not None:
+            if sm.kind == "text" and sm.worker is None and sm.obj is not None and sm.base is None:
                 sm.worker = TextWorker(sm.obj, max_batch=self.max_batch, max_queue=self.max_queue)
+        for sm in self.models.values():  # an adapter decodes in its base's scheduler, in the same batches
+            if sm.base is not None and sm.worker is None and sm.obj is not None:
+                sm.worker = self.models[sm.base].worker.for_adapter(sm.adapter, sm.obj)
         if self.state != "failed":
             self.state = "ready"
 

@@ -36,12 +36,22 @@ class _Rows:
 
 
 class TextWorker:
-    """Decoding for one served LM. Thread-safe; shared by all requests for that model."""
+    """Decoding for one served LM. Thread-safe; shared by all requests for that model.
 
-    def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    ``for_adapter(name, lm)`` is the worker of one of the base's side-by-side adapters (``--adapter``): it submits
+    to the base's scheduler with the adapter's name, so base and adapter requests decode in the same batches."""
+
+    def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, scheduler: Scheduler | None = None,
+                 adapter: str | None = None) -> None:
         self.lm = lm
         self.max_queue = max_queue
-        self.scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue)
+        self.adapter = adapter
+        self.owns_scheduler = scheduler is None
+        self.scheduler = scheduler or Scheduler(lm, max_batch=max_batch, max_queue=max_queue)
+
+    def for_adapter(self, name: str, lm) -> TextWorker:
+        """The worker for adapter ``name`` of this worker's model (``lm``: its ``LM.with_adapter(name)``)."""
+        return TextWorker(lm, max_queue=self.max_queue, scheduler=self.scheduler, adapter=name)
 
     @property
     def queue_depth(self) -> int:
@@ -77,7 +87,7 @@ class TextWorker:
             for i in range(n):
                 seed = None if params.seed is None else (params.seed + i) % (LIMITS.seed + 1)
                 p = params if n == 1 else replace(params, num_return_sequences=1, seed=seed)
-                handles.append(self.scheduler.submit(list(prompt_ids), p))
+                handles.append(self.scheduler.submit(list(prompt_ids), p, self.adapter))
         except BaseException:
             for h in handles:
                 h.cancel()
@@ -86,8 +96,9 @@ class TextWorker:
 
     def beam(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
         """Beam search (blocking); the beams decode in the same batched steps as the sampled requests."""
-        seqs = self.scheduler.generate_beam(list(prompt_ids), params)
+        seqs = self.scheduler.generate_beam(list(prompt_ids), params, self.adapter)
         return GenerationResult(self.lm.name, seqs, len(prompt_ids), {})
 
     def close(self) -> None:
-        self.scheduler.close()
+        if self.owns_scheduler:
+            self.scheduler.close()

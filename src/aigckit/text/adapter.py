@@ -148,10 +148,10 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(cfg, weights, str(path))
 
 
-def adapter_deltas(cfg: LMConfig, adapter: Adapter) -> dict[str, list[tuple[int, Tensor]]]:
-    """Per our module name, ``(row0, scale * B @ A)`` for each adapted row range; unknown modules or shapes raise."""
+def adapter_parts(cfg: LMConfig, adapter: Adapter) -> dict[str, list[tuple[int, Tensor, Tensor]]]:
+    """Per our module name, ``(row0, A, B)`` for each adapted row range; unknown modules or shapes raise."""
     targets = {t.hf: t for t in lora_targets(cfg)}
-    out: dict[str, list[tuple[int, Tensor]]] = {}
+    out: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
     for name, (A, B) in adapter.weights.items():
         t = targets.get(name)
         if t is None:
@@ -159,8 +159,14 @@ def adapter_deltas(cfg: LMConfig, adapter: Adapter) -> dict[str, list[tuple[int,
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or B.shape[0] != t.rows or A.shape[1] != t.cols:
             raise CorruptFileError(f"adapter {adapter.path}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
                                    f"this model wants A [r, {t.cols}] and B [{t.rows}, r]")
-        out.setdefault(t.module, []).append((t.row0, adapter.scale * (B.double() @ A.double())))
+        out.setdefault(t.module, []).append((t.row0, A, B))
     return out
+
+
+def adapter_deltas(cfg: LMConfig, adapter: Adapter) -> dict[str, list[tuple[int, Tensor]]]:
+    """Per our module name, ``(row0, scale * B @ A)`` for each adapted row range; unknown modules or shapes raise."""
+    return {module: [(row0, adapter.scale * (B.double() @ A.double())) for row0, A, B in parts]
+            for module, parts in adapter_parts(cfg, adapter).items()}
 
 
 @torch.no_grad()

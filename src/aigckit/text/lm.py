@@ -43,7 +43,8 @@ class LM:
         self.dtype, self.quantize, self.load_s, self.source = dtype, quantize, load_s, source
         self.kernels = "torch"
         self.kernel_choice = "torch F.linear"  # what runs the linears on this CPU (kernels.cpu.selection)
-        self.adapter: str | None = None  # the LoRA adapter merged at load, if any
+        self.adapter: str | None = None  # the LoRA adapter merged at load (or applied, in a with_adapter view)
+        self.adapters = None  # a multilora.AdapterSet: adapters served side by side on this base (load_lm adapters=)
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.config.arch}, dtype={self.dtype}, quantize={self.quantize})"
@@ -57,6 +58,20 @@ class LM:
                 "kernels": self.kernels, "kernel_choice": self.kernel_choice, "cpu_isa": cpu.isa_level(),
                 "env": {k: v for k, v in os.environ.items() if k in cpu.CAP_VARS},
                 "arch": self.config.arch, "context": self.config.block_size, "adapter": self.adapter}
+
+    def with_adapter(self, name: str) -> LM:
+        """This model with adapter ``name`` (of ``load_lm(adapters=...)``) applied to every row: an ``LM`` sharing
+        the base weights and tokenizer (no copy; ``text/multilora.py``). Unknown names raise naming ``model``."""
+        from aigckit.text.multilora import AdapterModel
+
+        if self.adapters is None:
+            raise AigcError(f"{self.name} was loaded without adapters (load_lm(..., adapters={{NAME: DIR}}))",
+                            param="model")
+        k = self.adapters.index(name)
+        lm = LM(AdapterModel(self.adapters, k), self.tokenizer, f"{self.name}:{name}", dtype=self.dtype,
+                quantize=self.quantize, load_s=self.load_s, source=self.source)
+        lm.kernels, lm.kernel_choice, lm.adapter = self.kernels, self.kernel_choice, self.adapters.paths[k]
+        return lm
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, text: str) -> list[int]:
@@ -273,18 +288,21 @@ def _quantize(net, res: store.Resolved, mode: str, tok, variant: str = "") -> No
 
 def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", quantize: str | None = None,
             threads: int | None = None, kernels: str = "auto", base_url: str | None = None,
-            api_key: str | None = None, adapter: str | os.PathLike | None = None):
+            api_key: str | None = None, adapter: str | os.PathLike | None = None,
+            adapters: dict[str, str | os.PathLike] | None = None):
     """Load a language model by store name, .gguf path, HF directory, or cached HF hub id.
 
     ``kernels``: "auto" runs float32 linears through the numba tile kernel (<= 16 rows) and oneDNN prepacked
     weights (more rows), "torch" keeps plain ``nn.Linear``. (``AIGC_NO_NUMBA=1`` turns off all numba kernels.)
     ``dtype``: one of ``aigckit.dtypes.DTYPES``. ``quantize``: None or one of ``quant.QUANT_MODES`` (int8, int4, w8a8;
     see README). ``adapter``: a LoRA adapter folder in peft's layout, merged into the weights at load
-    (``text/adapter.py``). ``openai:NAME`` returns a remote model (OpenAI-compatible API) with the same interface."""
+    (``text/adapter.py``). ``adapters``: ``{name: folder}`` of LoRA adapters kept apart, applied per request on top
+    of the one loaded base (``lm.with_adapter(name)``, ``Scheduler.submit(..., adapter=name)``; ``text/multilora.py``).
+    ``openai:NAME`` returns a remote model (OpenAI-compatible API) with the same interface."""
     if model is not None and str(model).startswith("openai:"):
         from aigckit.text.remote import RemoteLM
 
-        if adapter is not None:
+        if adapter is not None or adapters:
             raise AigcError("adapters apply to local models only, not openai:NAME", param="adapter")
         return RemoteLM(str(model)[len("openai:"):], base_url=base_url, api_key=api_key)
     torch_dtype(dtype)  # raises for an unknown name
@@ -335,5 +353,9 @@ def load_lm(model: str | os.PathLike | None = None, *, dtype: str = "float32", q
             source=str(res.path))
     lm.kernels = used
     lm.adapter = None if adapter is None else str(adapter)
+    if adapters:
+        from aigckit.text.multilora import attach_adapters
+
+        lm.adapters = attach_adapters(net, adapters)
     lm.kernel_choice = cpu.selection(mode)[mode] if used != "torch" or mode != "fp32" else "torch F.linear"
     return lm

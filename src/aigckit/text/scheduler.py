@@ -58,6 +58,7 @@ class _Request:
     slots: list[int | None] = field(default_factory=list)  # current cache slot of each row (None once freed)
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    adapter: int = -1  # index into lm.adapters (text/multilora.py); -1: the base model
 
 
 class RequestHandle:
@@ -120,9 +121,11 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
-    def submit(self, prompt: list[int], params: GenerationParams) -> RequestHandle:
+    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None = None) -> RequestHandle:
         """Queue one request (``params`` was validated when it was made). Raises ``QueueFull`` when
-        ``max_queue`` requests are already waiting."""
+        ``max_queue`` requests are already waiting. ``adapter``: the name of one of ``lm.adapters`` (loaded with
+        ``load_lm(adapters=...)``) to decode this request with; None decodes with the base model."""
+        index = self._adapter_index(adapter)
         if not isinstance(params, GenerationParams):
             raise AigcError(f"params must be a GenerationParams, got {type(params).__name__}", param="params")
         if not prompt:
@@ -135,7 +138,7 @@ class Scheduler:
             raise AigcError("stop strings are not supported with beam search; use max_new_tokens or EOS",
                             param="stop")
         budget = params.budget(len(prompt), self.max_seq_len)
-        req = _Request(list(prompt), params, budget, generator=make_generator(params.seed))
+        req = _Request(list(prompt), params, budget, generator=make_generator(params.seed), adapter=index)
         with self.lock:
             if self.closed:
                 raise AigcError("the scheduler is closed")
@@ -145,11 +148,12 @@ class Scheduler:
             self.lock.notify()
         return RequestHandle(req)
 
-    def generate_beam(self, prompt: list[int], params: GenerationParams) -> list[Sequence]:
+    def generate_beam(self, prompt: list[int], params: GenerationParams, adapter: str | None = None
+                      ) -> list[Sequence]:
         """Beam search through the shared batched step; blocks until done, returns the sequences best first."""
         seqs: dict[int, Sequence] = {}
         ids: dict[int, list[int]] = {}
-        for ev in self.submit(prompt, params):
+        for ev in self.submit(prompt, params, adapter):
             if ev.token_id is not None:
                 ids.setdefault(ev.row, []).append(ev.token_id)
             if ev.finish_reason:
@@ -161,6 +165,24 @@ class Scheduler:
             self.closed = True
             self.lock.notify()
         self.thread.join(timeout=30)
+
+    def _adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return -1
+        adapters = getattr(self.lm, "adapters", None)
+        if adapters is None:
+            raise AigcError(f"adapter {adapter!r}: this model was loaded without adapters", param="model")
+        return adapters.index(adapter)
+
+    def _forward(self, adapters: list[int], *args, **kwargs) -> torch.Tensor:
+        """The model's forward for a batch whose row i uses adapter ``adapters[i]``: the base model itself when no
+        row uses one (its fused kernels), else the adapter tree with this batch's selection (a value)."""
+        if all(k < 0 for k in adapters):
+            return self.model(*args, **kwargs)
+        from aigckit.text.multilora import select, using
+
+        with using(select(adapters)):
+            return self.lm.adapters.model(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ worker
     def _loop(self) -> None:
@@ -227,8 +249,9 @@ class Scheduler:
             tokens[i, :lens[i]] = torch.tensor(r.prompt)
         try:
             with torch.inference_mode():
-                logits = self.model(tokens, torch.arange(T), self.cache, rows=torch.tensor([s[0] for s in slots_of]),
-                                    logits_at=torch.tensor(lens) - 1)[:, 0]
+                first_slots = torch.tensor([s[0] for s in slots_of])
+                logits = self._forward([r.adapter for r in reqs], tokens, torch.arange(T), self.cache,
+                                       rows=first_slots, logits_at=torch.tensor(lens) - 1)[:, 0]
                 for slots, L in zip(slots_of, lens):
                     for s in slots[1:]:  # n > 1: every sequence starts from the same prompt cache
                         for k, v in zip(self.cache.k, self.cache.v):
@@ -278,14 +301,15 @@ class Scheduler:
         A = self.active
         if A == 0:
             return
-        toks = []
+        toks, adapters = [], []
         for s in range(A):
             req, i = self.slot_row[s]
             toks.append(int(req.beam.next_tokens()[i]) if req.beam is not None else req.rows[i].seq[-1])
+            adapters.append(req.adapter)
         tokens = torch.tensor(toks, dtype=torch.long).view(A, 1)
         pos = torch.tensor(self.pos[:A], dtype=torch.long).view(A, 1)
         with torch.inference_mode():
-            logits = self.model(tokens, pos, self.cache)[:, -1]
+            logits = self._forward(adapters, tokens, pos, self.cache)[:, -1]
         self.steps += 1
         for s in range(A):
             self.pos[s] += 1

@@ -121,21 +121,38 @@ class LoRALinear(nn.Module):
             out[row0:row0 + rows] = (p.B @ p.A) * self.scale
         return out
 
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """The pairs as one LoRA of rank R = sum of ranks: ``A [R, in]`` (the A's one after another) and
+        ``B [out, R]`` (each B in its own rows and rank columns, zeros elsewhere), built from the parameters (so
+        gradients flow back to each pair). One pair covering every row is itself."""
+        pairs = [self.lora[s] for s in self.parts]
+        if len(pairs) == 1 and self.parts[next(iter(self.parts))] == (0, self.out_features):
+            return pairs[0].A, pairs[0].B
+        A = torch.cat([p.A for p in pairs])
+        R = A.shape[0]
+        blocks, at, r0 = [], 0, 0
+        for (row0, rows), p in zip(self.parts.values(), pairs):
+            if row0 > at:
+                blocks.append(A.new_zeros(row0 - at, R))
+            r = p.A.shape[0]
+            blocks.append(F.pad(p.B, (r0, R - r0 - r)))  # this pair's rank columns; zeros in the others
+            r0, at = r0 + r, row0 + rows
+        if at < self.out_features:
+            blocks.append(A.new_zeros(self.out_features - at, R))
+        return A, torch.cat(blocks)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        pieces, at = [], 0
-        for s, (row0, rows) in self.parts.items():
-            if row0 > at:
-                pieces.append(y.new_zeros(*y.shape[:-1], row0 - at))
-            p = self.lora[s]
-            pieces.append(F.linear(F.linear(h, p.A), p.B) * self.scale)
-            at = row0 + rows
-        if at < self.out_features:
-            pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
-        return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+        # y + scale * B (A h) with the pairs stacked: two small matmuls and one fused multiply-add over y, instead
+        # of a matmul pair, a scaled copy and zero padding per HF module (the elementwise passes over [N, out] were
+        # ~15% of an SFT step on SmolLM2); the scale multiplies the [N, R] intermediate, not the [N, out] output
+        A, B = self.stacked()
+        t = F.linear(h, A) * self.scale
+        shape = y.shape
+        return torch.addmm(y.reshape(-1, shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(shape)
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None) -> list[LoRALinear]:

@@ -14,6 +14,9 @@ A reward is named by a SPEC (``--reward``):
   exact-number[:COLUMN]  1 if the last number in the completion equals the row's COLUMN as a number
   similarity[:COLUMN]    cosine similarity of MiniLM embeddings of the completion and the row's COLUMN
                          (default "reference")
+  classifier:DIR[:LABEL] probability of LABEL (a name or index; default the last label) under a BERT / MiniLM
+                         sequence classifier saved by transformers in DIR (``tune/classifier.py``); a one-output
+                         head (a regression reward model) gives its raw score
   module:function    any Python callable with TRL's signature (module importable, or path/to/file.py:function)
 and ``SPEC=WEIGHT`` weights it (default 1).
 """
@@ -157,6 +160,22 @@ def similarity_reward(col: str = "reference", model: str | None = None) -> Rewar
     return fn
 
 
+def classifier_reward(arg: str) -> RewardFn:
+    from aigckit.tune.classifier import load_classifier
+
+    folder, label = arg, None
+    if not Path(arg).expanduser().is_dir() and ":" in arg:  # DIR:LABEL (a folder whose name has a ':' stays whole)
+        folder, _, label = arg.rpartition(":")
+    clf = load_classifier(folder)
+    index = clf.label_index(label)
+
+    def fn(prompts, completions, **_) -> list[float]:
+        return clf.scores(_texts(completions), index)
+
+    fn.__name__ = "classifier"
+    return fn
+
+
 def _callable(spec: str) -> RewardFn:
     mod_name, _, attr = spec.rpartition(":")
     try:
@@ -184,6 +203,7 @@ BUILTINS: dict[str, Callable[[str | None], RewardFn]] = {
     "exact": lambda a: exact_reward(a or "answer"),
     "exact-number": lambda a: exact_number_reward(a or "answer"),
     "similarity": lambda a: similarity_reward(a or "reference"),
+    "classifier": lambda a: classifier_reward(a) if a else _need("classifier:DIR[:LABEL]"),
 }
 
 

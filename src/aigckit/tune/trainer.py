@@ -134,14 +134,29 @@ class Task(Protocol):
 
 
 class _HeadRows(nn.Module):
-    """Stands in for ``lm_head`` for one forward: the head applied only to the flattened positions ``index``."""
+    """Stands in for ``lm_head`` for one forward: the head (None: no head, the hidden states themselves) applied only
+    to the flattened positions ``index``."""
 
-    def __init__(self, head: nn.Module, index: Tensor) -> None:
+    def __init__(self, head: nn.Module | None, index: Tensor) -> None:
         super().__init__()
         self.head, self.index = head, index
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(x.reshape(-1, x.shape[-1]).index_select(0, self.index))
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+        return rows if self.head is None else self.head(rows)
+
+
+def _at_labels(model, ids: Tensor, labels: Tensor, head: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+    target = labels[:, 1:]
+    where = (target != IGNORE).nonzero()
+    index = where[:, 0] * ids.shape[1] + where[:, 1]
+    lm_head = model.lm_head
+    model.lm_head = _HeadRows(head, index)
+    try:
+        out = model(ids)
+    finally:
+        model.lm_head = lm_head
+    return out, target[where[:, 0], where[:, 1]], where
 
 
 def label_logits(model, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,16 +164,7 @@ def label_logits(model, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Te
     with ``where`` the (row, position) of each in ``labels[:, 1:]``. The output head is a fifth of a small model's
     FLOPs and most of its activation memory (SmolLM2: 49152 x 576), and prompts, padding and chat turns that carry
     no loss need none of it; the model itself is untouched (the head is swapped for this call only)."""
-    target = labels[:, 1:]
-    where = (target != IGNORE).nonzero()
-    index = where[:, 0] * ids.shape[1] + where[:, 1]
-    head = model.lm_head
-    model.lm_head = _HeadRows(head, index)
-    try:
-        logits = model(ids)
-    finally:
-        model.lm_head = head
-    return logits, target[where[:, 0], where[:, 1]], where
+    return _at_labels(model, ids, labels, model.lm_head)
 
 
 def token_logps(model, ids: Tensor, labels: Tensor) -> Tensor:
@@ -170,8 +176,44 @@ def token_logps(model, ids: Tensor, labels: Tensor) -> Tensor:
     return out.index_put((where[:, 0], where[:, 1]), picked)
 
 
+CE_CHUNK = 256  # rows of logits at once in linear_cross_entropy (SmolLM2: 256 x 49152 float32 = 50 MB)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed ``cross_entropy(h @ W.T, target)`` for a frozen ``W``, ``CE_CHUNK`` rows at a time, the gradient of
+    ``h`` computed in the same pass (``(softmax - onehot) @ W``): the [N, V] logits, their log-softmax and their
+    gradient are never held whole (Liger's fused linear cross-entropy, for a frozen head)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, W: Tensor, target: Tensor) -> Tensor:
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        total = h.new_zeros(())
+        for i in range(0, h.shape[0], CE_CHUNK):
+            z = F.linear(h[i:i + CE_CHUNK], W)
+            t = target[i:i + CE_CHUNK]
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, t[:, None])[:, 0]).sum()
+            if grad is not None:
+                p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+                p[torch.arange(p.shape[0]), t] -= 1
+                torch.mm(p, W, out=grad[i:i + CE_CHUNK])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None
+
+
 def sum_nll(model, ids: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy of the labelled next tokens (for a mean over the tokens of several micro-batches)."""
+    """Summed cross-entropy of the labelled next tokens (for a mean over the tokens of several micro-batches). With
+    a frozen float32 head (LoRA training) the head and the loss run fused and chunked (``_LinearCrossEntropy``)."""
+    head = model.lm_head
+    if (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+            and head.weight.dtype == torch.float32):
+        h, target, _ = _at_labels(model, ids, labels, None)
+        return _LinearCrossEntropy.apply(h, head.weight, target)
     logits, target, _ = label_logits(model, ids, labels)
     return F.cross_entropy(logits.float(), target, reduction="sum")
 
