@@ -150,6 +150,12 @@ def main() -> int:
     out["ppl_plain"] = float(np.mean(ppl["plain"]))
     out["ppl_wm"] = float(np.mean(ppl["wm"]))
     out["ppl_increase"] = out["ppl_wm"] / out["ppl_plain"] - 1
+    # per-token (geometric mean over samples of equal length) and median: less swayed by a few runaway samples
+    for k in ("plain", "wm"):
+        out[f"ppl_token_{k}"] = float(np.exp(np.mean(np.log(ppl[k]))))
+        out[f"ppl_median_{k}"] = float(np.median(ppl[k]))
+    out["ppl_token_increase"] = out["ppl_token_wm"] / out["ppl_token_plain"] - 1
+    out["ppl_median_increase"] = out["ppl_median_wm"] / out["ppl_median_plain"] - 1
     # robustness: random token substitutions (in token space, then detection on the ids, repeats ignored)
     rng = random.Random(1)
     special = set(tok.eos_token_ids) if hasattr(tok, "eos_token_ids") else set()

@@ -16,7 +16,7 @@ PROMPTS = ["Write a short essay about the history of bridges.", "Tell a story ab
 
 def test_smollm_watermark_detected_at_fpr_1e3(smollm_gguf):
     lm = load_lm(str(smollm_gguf))
-    wm = Watermark("integration-key", gamma=0.25, delta=2.0)
+    wm = Watermark("integration-key")  # the defaults: gamma 0.5, delta 2, entropy gate
     ids = [lm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     kw = dict(max_new_tokens=200, temperature=1.0, seed=0, ignore_eos=True)
     marked = lm.generate_batch(ids, watermark=wm, **kw)
@@ -29,4 +29,9 @@ def test_smollm_watermark_detected_at_fpr_1e3(smollm_gguf):
     beam = lm.generate(ids[0], watermark=Watermark("integration-key", delta=4.0), num_beams=3, max_new_tokens=60,
                        ignore_eos=True)
     d = detect_text(beam.text, wm, lm.tokenizer)
-    assert d.green_fraction > 0.5
+    assert d.green_fraction > 0.65, d
+    # the paper's scheme (gamma 0.25, every step marked) is detected too
+    wm0 = Watermark("integration-key", gamma=0.25, min_entropy=0.0)
+    m0 = lm.generate(ids[1], watermark=wm0, **kw)
+    d = detect_text(lm.tokenizer.decode(m0.token_ids, skip_special_tokens=True), wm0, lm.tokenizer)
+    assert d.p_value <= 1e-3, d
