@@ -229,3 +229,11 @@ def test_entropy_gate():
         with pytest.raises(AigcError) as e:
             Watermark("g", min_entropy=bad)
         assert e.value.param == "min_entropy"
+
+
+def test_server_watermark_defaults_are_the_library_defaults():
+    from aigckit.serve.schemas import WatermarkSpec
+
+    spec, wm = WatermarkSpec(key="k"), Watermark("k")
+    fields = ("gamma", "delta", "context_width", "self_hash", "min_entropy")
+    assert [getattr(spec, f) for f in fields] == [getattr(wm, f) for f in fields]

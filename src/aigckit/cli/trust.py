@@ -49,9 +49,11 @@ def add_watermark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--watermark", default=None, metavar="KEY",
                    help="mark the generated text with this secret key (KEY, @FILE or env:NAME)")
     g.add_argument("--watermark-delta", type=float, default=2.0, help="green-token logit bias (default 2)")
+    from aigckit.trust.watermark import Watermark
+
     g.add_argument("--watermark-min-entropy", type=float, default=None, metavar="NATS",
-                   help="mark only steps whose next-token entropy is at least this (default 1.0; 0 = every step, "
-                        "the paper's scheme); detection needs no change")
+                   help="mark only steps whose next-token entropy is at least this (default "
+                        f"{Watermark.min_entropy:g}; 0 = every step, the paper's scheme); detection needs no change")
     _scheme_args(g, "watermark-")
 
 

@@ -52,7 +52,7 @@ class WatermarkSpec(_Strict):
     delta: float = Field(2.0, ge=0, le=100)
     context_width: int = Field(1, ge=1, le=16)
     self_hash: bool = False
-    min_entropy: float = Field(1.0, ge=0, le=20, description="mark only steps with at least this entropy (nats)")
+    min_entropy: float = Field(2.0, ge=0, le=20, description="mark only steps with at least this entropy (nats)")
 
 
 class _Sampling(_Strict):

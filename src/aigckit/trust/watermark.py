@@ -134,7 +134,7 @@ class Watermark:
     delta: float = 2.0
     context_width: int = 1
     self_hash: bool = False
-    min_entropy: float = 1.0  # nats; 0 marks every step (the paper's scheme)
+    min_entropy: float = 2.0  # nats; 0 marks every step (the paper's scheme)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, (str, bytes)) or not self.key:
