@@ -30,11 +30,17 @@ class _Worker:
         from aigckit.text.lm import load_lm
         from aigckit.text.params import GenerationParams
 
-        if model_options.get("threads"):
-            torch.set_num_threads(model_options["threads"])
+        self.threads = model_options.get("threads") or 1
+        torch.set_num_threads(self.threads)
         self.gen = BatchGenerator(load_lm(**model_options), GenerationParams(**params), max_batch=max_batch)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        import torch
+
+        from aigckit.text.kernels.gemm import set_num_threads
+
+        if torch.get_num_threads() != self.threads:  # OpenMP settings are per thread: Ray may call from another
+            set_num_threads(self.threads)
         rows = [Row.from_json(s) for s in batch["row"]]
         return {"result": [json.dumps(r, ensure_ascii=False) for r in self.gen.run(rows)]}
 
@@ -59,7 +65,7 @@ def run_on_ray(todo: list[Row], args):
     if not ray.is_initialized():
         address = args.ray_address or os.environ.get("RAY_ADDRESS")
         env = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "AIGC_HOME", "AIGC_NO_NUMBA")}
-        env["OMP_NUM_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = env["NUMBA_NUM_THREADS"] = str(threads)
         here = str(Path(__file__).resolve().parents[2])  # this aigckit, for workers of a local Ray
         env["PYTHONPATH"] = os.pathsep.join([here, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
         kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False,

@@ -186,7 +186,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ worker
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
+        from aigckit.text.kernels.gemm import set_num_threads
+
+        set_num_threads(self._threads)  # torch's and numba's thread counts are per thread: set both here
         while True:
             with self.lock:
                 while not self.closed and not self.waiting and self.active == 0:
