@@ -138,3 +138,35 @@ def test_score_reports_windowing(capsys, tiny_llama_dir):
     assert rc == 0 and "window(s) of 128 tokens, stride 64" in out
     rc, _, err = run(capsys, "score", text, "--model", tiny_llama_dir, "--window", "500")
     assert rc == 2 and "window must be <= 128" in err
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_interactive_chat_turns(capsys, monkeypatch, tiny_llama_dir, tmp_path):
+    """At a terminal: one reply per non-empty line, /reset clears the history, /exit (or end of input) ends it."""
+    import shutil
+
+    d = tmp_path / "chatty"
+    shutil.copytree(tiny_llama_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+                            "{% if add_generation_prompt %}w3 {% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", _Tty())
+    for lines, replies in ((["w5", "", "/reset", "w6", "/exit", "w7"], 2), (["w5"], 1)):
+        feed = iter(lines)
+
+        def fake_input(prompt, feed=feed):
+            try:
+                return next(feed)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        rc = main(["chat", "--model", str(d), "-t", "0", "--max-new-tokens", "3"])
+        std = capsys.readouterr()
+        assert rc == 0 and std.out.count("assistant> ") == replies, std.out
+        assert "/exit to leave" in std.err

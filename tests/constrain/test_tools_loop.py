@@ -53,6 +53,17 @@ def test_cli_chat_tools(capsys, monkeypatch, tiny_bytes_dir, tmp_path):
                "--max-new-tokens", "30", "--max-tool-rounds", "1"])
     obj = json.loads(capsys.readouterr().out)
     assert rc == 0 and obj["messages"][-1] == {"role": "assistant", "content": obj["text"]}
+    # at a terminal: one answer per typed line until /exit
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Tty())
+    feed = iter(["say hi", "", "say bye", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
+    rc = main(["chat", "-m", str(tiny_bytes_dir), "--tools", "aigc_test_tools_mod:shout", "-t", "0",
+               "--max-new-tokens", "30", "--max-tool-rounds", "1"])
+    assert rc == 0 and capsys.readouterr().out.count("assistant> ") == 2 and next(feed) == "never read"
     rc = main(["chat", "-m", str(tiny_bytes_dir), "--tools", "no_such_module_xyz:f"])
     assert rc == 2 and "cannot load tool" in capsys.readouterr().err
     sys.modules.pop("aigc_test_tools_mod", None)

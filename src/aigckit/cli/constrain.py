@@ -172,23 +172,16 @@ def tool_chat(args, params, load) -> int:
         history = out.messages
         return {"text": out.text, "tool_calls": out.calls, "messages": out.messages}
 
-    if sys.stdin is not None and not sys.stdin.isatty():
-        user = sys.stdin.read().strip()
-        if not user:
-            raise AigcError("empty message on stdin")
+    from aigckit.cli.text import piped_message, user_turns  # (cli.text imports this module)
+
+    user = piped_message()
+    if user is not None:
         lm = load(args)
         res = answer(user)
         print(json.dumps(res, ensure_ascii=False) if args.json else res["text"])
         return 0
     lm = load(args)
     print(f"chatting with {lm.name} and {len(functions)} tool(s) - /exit to leave", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if user in ("/exit", "/quit"):
-            return 0
-        if user:
-            print("assistant> " + answer(user)["text"])
+    for user in user_turns():
+        print("assistant> " + answer(user)["text"])
+    return 0

@@ -182,6 +182,30 @@ def _chat(args) -> int:
         return _chat_turns(args, speak)
 
 
+def piped_message() -> str | None:
+    """The one message piped on stdin (an empty one is an error), or None when stdin is a terminal."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    user = sys.stdin.read().strip()
+    if not user:
+        raise AigcError("empty message on stdin")
+    return user
+
+
+def user_turns():
+    """What the user types at ``you> `` line by line (empty lines skipped) until /exit, /quit or end of input."""
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if user in ("/exit", "/quit"):
+            return
+        if user:
+            yield user
+
+
 def _chat_turns(args, speak) -> int:
     params = _params(args)
     if args.tools:  # a tool-calling loop (cli/constrain.py)
@@ -189,10 +213,8 @@ def _chat_turns(args, speak) -> int:
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    if sys.stdin is not None and not sys.stdin.isatty():
-        user = sys.stdin.read().strip()
-        if not user:
-            raise AigcError("empty message on stdin")
+    user = piped_message()
+    if user is not None:
         lm = _load(args)
         messages = history + [{"role": "user", "content": user}]
         if args.json:
@@ -207,16 +229,7 @@ def _chat_turns(args, speak) -> int:
         return 0
     lm = _load(args)
     print(f"chatting with {lm.name} - /exit to leave, /reset to clear the history", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if not user:
-            continue
-        if user in ("/exit", "/quit"):
-            return 0
+    for user in user_turns():
         if user == "/reset":
             history = history[:1] if args.system else []
             continue
@@ -229,6 +242,7 @@ def _chat_turns(args, speak) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(parts)})
+    return 0
 
 
 def _score(args) -> int:

@@ -112,6 +112,11 @@ class Constraint:
         raise TypeError("constraints cannot be combined with |; write one grammar")
 
 
+def _check_runs(runs: Any) -> None:
+    if runs is not None and not isinstance(runs, RunLimits):
+        raise AigcError(f"runs must be a RunLimits or None, got {type(runs).__name__}", param="runs")
+
+
 def _check_source(text: Any, param: str) -> None:
     if not isinstance(text, str) or not text.strip():
         raise AigcError(f"{param} must be a non-empty string, got {text!r}", param=param)
@@ -160,8 +165,7 @@ class JsonSchema(Constraint):
         if not isinstance(whitespace, str) or not whitespace:
             raise AigcError(f"whitespace must be bounded, compact, flexible or a regex, got {whitespace!r}",
                             param="whitespace")
-        if runs is not None and not isinstance(runs, RunLimits):
-            raise AigcError(f"runs must be a RunLimits or None, got {type(runs).__name__}", param="runs")
+        _check_runs(runs)
         object.__setattr__(self, "schema", text)
         object.__setattr__(self, "whitespace", whitespace)
         object.__setattr__(self, "runs", runs)
@@ -229,8 +233,7 @@ class Grammar(Constraint):
     param = "grammar"
 
     def __post_init__(self) -> None:
-        if self.runs is not None and not isinstance(self.runs, RunLimits):
-            raise AigcError(f"runs must be a RunLimits or None, got {type(self.runs).__name__}", param="runs")
+        _check_runs(self.runs)
         _check_source(self.text, "grammar")
         self._check()
 
