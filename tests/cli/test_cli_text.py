@@ -85,7 +85,9 @@ def test_corrupt_safetensors_is_one_line_error(capsys, tmp_path, tiny_llama_dir)
     assert rc == 2 and "not a valid safetensors file" in err and len(err.strip().splitlines()) == 1
 
 
-def test_chat_one_shot_from_stdin(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+@pytest.fixture
+def chatty(tmp_path, tiny_llama_dir):
+    """The tiny model with a chat template."""
     import shutil
 
     d = tmp_path / "chatty"
@@ -94,6 +96,11 @@ def test_chat_one_shot_from_stdin(capsys, monkeypatch, tmp_path, tiny_llama_dir)
     cfg["chat_template"] = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
                             "{% if add_generation_prompt %}w3 {% endif %}")
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_chat_one_shot_from_stdin(capsys, monkeypatch, chatty):
+    d = chatty
     monkeypatch.setattr("sys.stdin", io.StringIO("w9 w10"))
     rc, out, _ = run(capsys, "chat", "--model", d, "--json", "-t", "0", "--max-new-tokens", "4",
                      "--system", "w11")
@@ -145,16 +152,9 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_interactive_chat_turns(capsys, monkeypatch, tiny_llama_dir, tmp_path):
+def test_interactive_chat_turns(capsys, monkeypatch, chatty):
     """At a terminal: one reply per non-empty line, /reset clears the history, /exit (or end of input) ends it."""
-    import shutil
-
-    d = tmp_path / "chatty"
-    shutil.copytree(tiny_llama_dir, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-                            "{% if add_generation_prompt %}w3 {% endif %}")
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    d = chatty
     monkeypatch.setattr("sys.stdin", _Tty())
     for lines, replies in ((["w5", "", "/reset", "w6", "/exit", "w7"], 2), (["w5"], 1)):
         feed = iter(lines)
