@@ -80,6 +80,11 @@ class RunTables:
         self.dall, self.call = dall, call
         self.max_dlead = int(cols["dlead"].max(initial=0))
         self.max_clead = int(cols["clead"].max(initial=0))
+        # the few tokens a guard may have to remove, so a step looks at them only, not the whole vocabulary:
+        # tokens that start with a digit, tokens that start with a repeated byte, tokens by first byte
+        self.digit_ids = np.flatnonzero(cols["dlead"] > 0)
+        self.rep_ids = np.flatnonzero(cols["clead"] > 1)
+        self.by_first = {int(c): np.flatnonzero(cols["first"] == c) for c in np.unique(cols["first"]) if c >= 0}
 
 
 def _entry(tokenizer, vocab_size: int) -> _TokEntry:
@@ -165,17 +170,25 @@ class RunGuard:
         return g
 
     def narrow(self, ok: np.ndarray) -> np.ndarray:
-        t, lim, bad = self.t, self.limits, None
+        t, lim, bad = self.t, self.limits, []
         md = lim.max_digits
-        if md is not None and self.digits + t.max_dlead > md:
-            bad = t.dlead[:len(ok)] > md - self.digits
+        if md is not None and self.digits + t.max_dlead > md:  # tokens whose leading digits extend the run too far
+            ids = t.digit_ids
+            bad.append(ids[t.dlead[ids] > md - self.digits])
         mc = lim.max_same_char
-        if mc is not None and self.same + t.max_clead > mc:
-            run = t.clead[:len(ok)] + np.where(t.first[:len(ok)] == self.char, self.same, 0)
-            bad = run > mc if bad is None else bad | (run > mc)
-        if bad is None:
+        if mc is not None and t.max_clead > mc:  # tokens that alone start with too long a run of one byte
+            ids = t.rep_ids
+            bad.append(ids[t.clead[ids] > mc])
+        if mc is not None and self.same + t.max_clead > mc:  # tokens that continue the text's run too far
+            ids = t.by_first.get(self.char)
+            if ids is not None:
+                bad.append(ids[t.clead[ids] > mc - self.same])
+        ids = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
+        ids = ids[ids < len(ok)]
+        if not ok[ids].any():
             return ok
-        narrowed = ok & ~bad
+        narrowed = ok.copy()
+        narrowed[ids] = False
         return narrowed if narrowed.any() else ok
 
     def advance(self, token: int) -> None:
