@@ -55,7 +55,9 @@ STYLES = ["Write a short essay about {}.", "Tell a story about {}.", "Explain {}
 
 
 def prompts(n: int) -> list[str]:
-    out = [STYLES[i % len(STYLES)].format(TOPICS[(i * 7) % len(TOPICS)]) for i in range(n)]
+    """Every (style, topic) pair once (128) before any repeats."""
+    out = [STYLES[i % len(STYLES)].format(TOPICS[((i // len(STYLES)) * 7 + i // 128) % len(TOPICS)])
+           for i in range(n)]
     return out
 
 
@@ -88,7 +90,7 @@ def cond_ppl(lm, prompt_ids: list[int], gen_ids: list[int]) -> float:
     return math.exp(float(nll))
 
 
-def expected_cost(lm, rows, key: str, delta: float, gammas=(0.25, 0.5), gates=(0.0, 1.0, 2.0, 3.0)) -> dict:
+def expected_cost(lm, rows, key: str, delta: float, gammas=(0.25, 0.5), gates=(0.0, 1.0, 2.0, 3.0, 4.0, 5.0)) -> dict:
     """Per (gamma, gate): the expected per-token perplexity increase of one marked step, averaged over the steps of
     the unmarked samples: exp(mean over steps of E_{x~p'}[-log p(x)] - H(p)) - 1, with p the model's next-token
     distribution and p' the marked one (p itself where the entropy is below the gate). A first-order estimate
@@ -122,6 +124,45 @@ def expected_cost(lm, rows, key: str, delta: float, gammas=(0.25, 0.5), gates=(0
             for (g, h), (s, n, m) in acc.items()}
 
 
+def cost_sweep(lm, args, prompt_ids) -> dict:
+    """The perplexity cost per entropy gate, with its sampling noise made visible: an unmarked set (seeds s), a
+    second unmarked set with other seeds (the null control: what two unmarked runs differ by), and one marked set
+    per gate (seeds s). Per-token perplexity (exp of the mean NLL over all generated tokens) under the unmarked
+    model; the cost is its ratio to the first unmarked set, with a 95% bootstrap interval over prompts."""
+    from aigckit.trust.watermark import Watermark
+
+    def gen(wm, seed0):
+        nll = []
+        for b in range(0, len(prompt_ids), args.batch):
+            batch = prompt_ids[b:b + args.batch]
+            res = lm.generate_batch(batch, max_new_tokens=args.tokens, temperature=args.temperature,
+                                    seed=seed0 + b, ignore_eos=True, watermark=wm)
+            nll += [math.log(cond_ppl(lm, pid, r.token_ids)) for pid, r in zip(batch, res)]
+        return np.array(nll)
+
+    gates = [float(g) for g in args.cost_gates.split(",")]
+    t0 = time.time()
+    sets = {"plain": gen(None, 0), "plain, other seeds": gen(None, 10_000)}
+    print(f"unmarked sets {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    for g in gates:
+        wm = Watermark("bench-key-2026", gamma=args.gamma, delta=args.delta, min_entropy=g)
+        sets[f"gate {g:g}"] = gen(wm, 0)
+        print(f"gate {g:g} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    base = sets["plain"]
+    rng = np.random.default_rng(0)
+    boots = rng.integers(0, len(base), (2000, len(base)))
+    out = {"n": len(base), "tokens": args.tokens, "gamma": args.gamma, "delta": args.delta,
+           "ppl_token_plain": float(np.exp(base.mean())), "sets": {}}
+    for name, v in sets.items():
+        r = np.exp(v[boots].mean(1) - base[boots].mean(1)) - 1  # same prompts resampled on both sides
+        out["sets"][name] = {"ppl_token": round(float(np.exp(v.mean())), 3),
+                             "cost": round(float(np.exp(v.mean() - base.mean()) - 1), 4),
+                             "ci95": [round(float(np.quantile(r, 0.025)), 4), round(float(np.quantile(r, 0.975)), 4)],
+                             "median_ppl": round(float(np.exp(np.median(v))), 3)}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
 def auroc(pos: list[float], neg: list[float]) -> float:
     """P(score of a positive > score of a negative) (Mann-Whitney), ties count half."""
     pos_a, neg_a = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
@@ -142,11 +183,16 @@ def main() -> int:
     ap.add_argument("--self-hash", action="store_true")
     ap.add_argument("--min-entropy", type=float, default=None, help="the watermark's entropy gate (default: "
                     "Watermark's)")
+    ap.add_argument("--detect-gates", default=None, metavar="G,G,...",
+                    help="also detect with the model's entropies, scoring only steps at or above each gate "
+                         "(default: the watermark's min_entropy)")
     ap.add_argument("--skip-zeroshot", action="store_true", help="only the watermark measurements")
     ap.add_argument("--expected-cost", action="store_true",
                     help="also the first-order perplexity cost of each (gamma, gate) on the unmarked samples")
     ap.add_argument("--from-samples", default=None, metavar="FILE",
                     help="analyse the samples a run saved (--json X writes X.samples.json) instead of generating")
+    ap.add_argument("--cost-gates", default=None, metavar="G,G,...",
+                    help="only the perplexity cost: unmarked twice (other seeds: the noise) and marked per gate")
     ap.add_argument("--human", type=int, default=64, help="human passages")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -164,6 +210,12 @@ def main() -> int:
                    self_hash=args.self_hash, **gate)
     ps = prompts(args.n)
     prompt_ids = [lm.chat_prompt([{"role": "user", "content": p}]) for p in ps]
+    if args.cost_gates:
+        res = cost_sweep(lm, args, prompt_ids)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     rows = {"wm": [], "plain": []}
     if args.from_samples:  # the analysis again on samples a run saved (same watermark options)
         saved = json.loads(Path(args.from_samples).read_text())
@@ -193,6 +245,26 @@ def main() -> int:
         out[f"fpr_plain@{fpr:g}"] = float(np.mean([d.p_value <= fpr for d in dets["plain"]]))
     out["median_z_wm"] = float(np.median([d.z for d in dets["wm"]]))
     out["median_z_plain"] = float(np.median([d.z for d in dets["plain"]]))
+    # entropy-gated detection (the model's entropies over the re-tokenised text, no prompt)
+    from aigckit.trust.detect import token_entropies
+
+    human = human_passages(tok, args.tokens, args.human)
+    gates = ([wm.min_entropy] if args.detect_gates is None else
+             [float(g) for g in args.detect_gates.split(",")])
+    enc = {k: [tok.encode(text_of(ids), add_special_tokens=False) for _, ids in v] for k, v in rows.items()}
+    enc["human"] = [tok.encode(t, add_special_tokens=False) for _, t in human]
+    ents = {k: [token_entropies(ids, lm.model, lm.config) for ids in v] for k, v in enc.items()}
+    out["gated"] = {}
+    for g in gates:
+        gd = {k: [detect_ids(ids, wm, entropies=e, entropy_gate=g) for ids, e in zip(enc[k], ents[k])]
+              for k in enc}
+        r = {"median_scored_tokens": float(np.median([d.n_scored for d in gd["wm"]])),
+             "median_z_wm": float(np.median([d.z for d in gd["wm"]]))}
+        for fpr in (1e-3, 1e-5):
+            for k, name in (("wm", "tpr"), ("plain", "fpr_plain"), ("human", "fpr_human")):
+                r[f"{name}@{fpr:g}"] = float(np.mean([d.p_value <= fpr for d in gd[k]]))
+        out["gated"][f"{g:g}"] = r
+        print(f"gate {g:g}: {r}", file=sys.stderr, flush=True)
     ppl = {k: [cond_ppl(lm, pid, ids) for pid, ids in v] for k, v in rows.items()}
     out["ppl_plain"] = float(np.mean(ppl["plain"]))
     out["ppl_wm"] = float(np.mean(ppl["wm"]))
@@ -224,7 +296,6 @@ def main() -> int:
         for f in hits:
             out[f"tpr@{f:g}_sub{int(frac * 100)}"] = hits[f] / len(rows["wm"])
     # human text: false positives of the watermark test, and zero-shot
-    human = human_passages(tok, args.tokens, args.human)
     hdet = [detect_text(t, wm, tok) for _, t in human]
     out["n_human"] = len(human)
     out["human_sources"] = sorted({s for s, _ in human})

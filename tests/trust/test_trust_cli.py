@@ -20,6 +20,16 @@ def test_text_watermark_then_detect(tiny_llama_dir, tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)["watermark"]
     # (the tiny tokenizer reads "w2x" as its special EOS "w2" + unknown: a few tokens do not round-trip)
     assert d["watermarked"] and d["green"] >= d["n_scored"] - 8 and 0 <= d["p_value"] < 1e-6
+    assert d["params"]["entropy_gate"] == 2.0  # the model's entropies decide which steps count (the default)
+    assert main(["detect", str(f), "--key", "cli-key", "--model", str(tiny_llama_dir), "--json", "--keep-repeats",
+                 "--no-model"]) == 0
+    d0 = json.loads(capsys.readouterr().out)["watermark"]
+    assert d0["params"]["entropy_gate"] is None and d0["n_scored"] >= d["n_scored"]
+    # a gate above every step of this tiny model's (near-uniform) distributions: nothing is scored, no verdict
+    assert main(["detect", str(f), "--key", "cli-key", "--model", str(tiny_llama_dir), "--json",
+                 "--min-entropy", "19"]) == 0
+    d19 = json.loads(capsys.readouterr().out)["watermark"]
+    assert d19["n_scored"] == 0 and not d19["watermarked"]
     key_file = tmp_path / "key"
     key_file.write_text("wrong-key\n")
     assert main(["detect", text, "--key", f"@{key_file}", "--model", str(tiny_llama_dir)]) == 0

@@ -231,6 +231,69 @@ def test_entropy_gate():
         assert e.value.param == "min_entropy"
 
 
+def test_entropy_gated_scoring_on_hand_built_sequences():
+    """With entropies, low-entropy tokens are not scored: a text whose uncertain steps are green and whose sure
+    steps are red is diluted when every token is scored and clear-cut when only the gated steps are."""
+    wm = Watermark("key", min_entropy=2.0)
+    green_seq = _make_green_sequence(wm, 80, True)
+    ids, ents = [green_seq[0]], [None]
+    for i in range(1, 80):  # odd positions: a sure step with a red token; even: an uncertain one with a green token
+        ctx = ids[-1:]
+        m = green_mask(wm.k, ctx, 500, wm.gamma, False)
+        cands = np.flatnonzero(m == (i % 2 == 0))
+        ids.append(int(cands[i % len(cands)]))
+        ents.append(3.0 if i % 2 == 0 else 0.5)
+    plain = detect_ids(ids, wm)
+    gated = detect_ids(ids, wm, entropies=ents)
+    assert plain.n_scored == 79 and plain.green == 39 and not plain.watermarked
+    assert gated.n_scored == 39 and gated.green == 39 and gated.watermarked
+    assert gated.params["entropy_gate"] == 2.0 and plain.params["entropy_gate"] is None
+    assert detect_ids(ids, wm, entropies=ents, entropy_gate=0.0).n_scored == 79  # a gate of 0 scores everything
+    assert score_tokens(ids, wm, entropies=ents, entropy_gate=2.0)[1] is None
+    with pytest.raises(AigcError) as e:
+        detect_ids(ids, wm, entropies=ents[:-1])
+    assert e.value.param == "entropies"
+    with pytest.raises(AigcError) as e:
+        detect_ids(ids, wm, entropies=ents, entropy_gate=-1)
+    assert e.value.param == "entropy_gate"
+
+
+def test_token_entropies_reproduce_the_generation_gate(lm):
+    """The detector's entropies over prompt + text are the ones the processor saw while generating: with a strong
+    bias, exactly the gated steps come out green, so gated scoring finds all of them green; and under the null
+    hypothesis (unmarked text) the gated green share stays near gamma."""
+    import torch
+
+    from aigckit.text.kvcache import KVCache
+    from aigckit.trust.detect import token_entropies
+    from aigckit.trust.watermark import entropy
+
+    prompt = [3, 4, 9]
+    probe = lm.generate(prompt, max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=5)
+    ents = token_entropies(prompt + probe.sequences[0].token_ids, lm.model, lm.config)
+    with torch.inference_mode():  # entry i is the entropy of the distribution that predicted token i
+        full = lm.model(torch.tensor([prompt]), torch.arange(3), KVCache.for_model(lm.config, 1, 3, torch.float32))[0]
+    assert ents[0] is None and ents[3] == pytest.approx(entropy(full[-1]), abs=1e-4)
+    gate = float(np.median([e for e in ents[3:]]))  # a gate that splits this model's steps
+    wm = Watermark("engine-key", gamma=0.25, delta=30.0, min_entropy=gate)
+    marked = lm.generate(prompt, watermark=wm, max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=5)
+    ids = prompt + marked.sequences[0].token_ids
+    e = token_entropies(ids, lm.model, lm.config)
+    gated = detect_ids(ids[2:], wm, entropies=e[2:], ignore_repeated=False)
+    every = detect_ids(ids[2:], wm, ignore_repeated=False)
+    assert 5 <= gated.n_scored < every.n_scored
+    assert gated.green == gated.n_scored  # every marked step green, no unmarked step scored
+    assert every.green < every.n_scored
+    # null hypothesis: random texts, gated scoring, green share ~ gamma (0.25)
+    rng = np.random.default_rng(0)
+    green = scored = 0
+    for _ in range(12):
+        rand = [int(x) for x in rng.integers(0, lm.config.vocab_size, 60)]
+        d = detect_ids(rand, wm, entropies=token_entropies(rand, lm.model, lm.config), ignore_repeated=False)
+        green, scored = green + d.green, scored + d.n_scored
+    assert scored > 100 and abs(green / scored - 0.25) < 0.1
+
+
 def test_server_watermark_defaults_are_the_library_defaults():
     from aigckit.serve.schemas import WatermarkSpec
 

@@ -42,6 +42,10 @@ def _scheme_args(g, prefix: str = "") -> None:
                    help="context tokens that seed each green list, h (default 1; 4 with --self-hash is more robust)")
     g.add_argument(f"--{prefix}self-hash", action="store_true",
                    help="SelfHash seeding (min-hash over the context and the token itself)")
+    g.add_argument(f"--{prefix}min-entropy", type=float, default=None, metavar="NATS",
+                   help="entropy gate: only steps whose next-token entropy is at least this are marked (and, when "
+                        f"detecting with the model, scored); default {Watermark.min_entropy:g}, 0 = every step, "
+                        "the paper's scheme")
 
 
 def add_watermark_args(p: argparse.ArgumentParser) -> None:
@@ -49,11 +53,6 @@ def add_watermark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--watermark", default=None, metavar="KEY",
                    help="mark the generated text with this secret key (KEY, @FILE or env:NAME)")
     g.add_argument("--watermark-delta", type=float, default=2.0, help="green-token logit bias (default 2)")
-    from aigckit.trust.watermark import Watermark
-
-    g.add_argument("--watermark-min-entropy", type=float, default=None, metavar="NATS",
-                   help="mark only steps whose next-token entropy is at least this (default "
-                        f"{Watermark.min_entropy:g}; 0 = every step, the paper's scheme); detection needs no change")
     _scheme_args(g, "watermark-")
 
 
@@ -77,13 +76,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the model, no key needed, a calibrated threshold. With --against: the longest n-gram the "
                     "text shares with a corpus. TEXT is the text itself or a file name; default stdin.")
     p.add_argument("text", nargs="?", help="text or file (default: stdin)")
-    p.add_argument("--model", "-m", default=None, help="the model whose tokenizer (and, for --zero-shot, weights) "
-                                                       "to use (default: smollm2-135m-instruct)")
+    p.add_argument("--model", "-m", default=None,
+                   help="the model that wrote the text (default: smollm2-135m-instruct): its tokenizer, and its "
+                        "weights for --zero-shot and for scoring only the watermark's gated steps")
     g = p.add_argument_group("watermark")
     g.add_argument("--key", default=None, help="the watermark key (KEY, @FILE or env:NAME)")
     _scheme_args(g)
     g.add_argument("--fpr", type=float, default=1e-3, help="false-positive rate of the verdict (default 1e-3)")
     g.add_argument("--keep-repeats", action="store_true", help="score repeated n-grams too (default: once each)")
+    g.add_argument("--no-model", action="store_true",
+                   help="score every token, without the model's entropies (no weights loaded; the signal of a "
+                        "gated watermark is diluted by the unmarked steps, so less power)")
     g.add_argument("--window", type=int, default=None,
                    help="also test windows of this many tokens (text that mixes marked and unmarked parts)")
     g.add_argument("--stride", type=int, default=None, help="tokens between windows (default window / 2)")
@@ -145,33 +148,42 @@ def _detect(args) -> int:
     from aigckit.trust.detect import detect_text, load_tokenizer
     from aigckit.trust.watermark import Watermark
 
-    wm = Watermark(key, gamma=args.gamma, context_width=args.context_width, self_hash=args.self_hash) if key else None
+    gate = {} if args.min_entropy is None else {"min_entropy": args.min_entropy}
+    wm = (Watermark(key, gamma=args.gamma, context_width=args.context_width, self_hash=args.self_hash, **gate)
+          if key else None)
     if not 0 < args.fpr < 1:
         raise AigcError(f"--fpr must be in (0, 1), got {args.fpr}", param="fpr")
     out: dict = {}
+    lm = None  # the weights, loaded once: for the gated watermark test and for --zero-shot
+    if args.zero_shot or (wm is not None and wm.min_entropy > 0 and not args.no_model):
+        from aigckit.text.lm import load_lm
+
+        lm = load_lm(args.model)
     if wm is not None or args.against is not None:
-        tok = load_tokenizer(args.model)
+        tok = lm.tokenizer if lm is not None else load_tokenizer(args.model)
         if wm is not None:
-            out["watermark"] = detect_text(text, wm, tok, fpr=args.fpr, ignore_repeated=not args.keep_repeats,
-                                           window=args.window, stride=args.stride).to_dict()
+            out["watermark"] = detect_text(text, wm, tok, lm=None if args.no_model else lm, fpr=args.fpr,
+                                           ignore_repeated=not args.keep_repeats, window=args.window,
+                                           stride=args.stride).to_dict()
         if args.against is not None:
             from aigckit.trust.memorisation import ngram_overlap
 
             out["overlap"] = ngram_overlap(text, args.against, tok).to_dict()
     if args.zero_shot:
-        from aigckit.text.lm import load_lm
         from aigckit.trust.zeroshot import zero_shot
 
-        out["zero_shot"] = zero_shot(text, load_lm(args.model)).to_dict()
+        out["zero_shot"] = zero_shot(text, lm).to_dict()
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
     if "watermark" in out:
         d = out["watermark"]
         verdict = "WATERMARKED" if d["watermarked"] else "no watermark found"
+        gated = d["params"]["entropy_gate"]
+        how = f"steps >= {gated:g} nats scored" if gated is not None else "every token scored"
         print(f"{verdict} at FPR {d['fpr']:g}: {d['green']}/{d['n_scored']} green tokens "
               f"({d['green_fraction']:.3f}, gamma {args.gamma:g}), z = {d['z']:.2f}, "
-              f"p = {d['p_value']:.3g} (log10 p = {d['log10_p_value']:.2f}), {d['n_tokens']} tokens")
+              f"p = {d['p_value']:.3g} (log10 p = {d['log10_p_value']:.2f}), {d['n_tokens']} tokens, {how}")
         if d.get("best_window"):
             w = d["best_window"]
             print(f"best window: tokens {w['start']}..{w['end']}, {w['green']}/{w['n_scored']} green, "

@@ -10,7 +10,7 @@ import sys
 from aigckit.errors import AigcError
 
 TARGETS_HELP = ("comma-separated HF module names the adapter trains (peft's target_modules), all-linear, or "
-                "re:REGEX matched against whole HF module names, e.g. 're:model\.layers\.2\d\..*' for the "
+                r"re:REGEX matched against whole HF module names, e.g. 're:model\.layers\.2\d\..*' for the "
                 "top layers only (backward stops below them) (default: q_proj,k_proj,v_proj,o_proj,gate_proj,"
                 "up_proj,down_proj)")
 

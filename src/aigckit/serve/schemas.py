@@ -215,6 +215,10 @@ class DetectRequest(_Strict):
     gamma: float | None = Field(None, gt=0, lt=1)
     context_width: int | None = Field(None, ge=1, le=16)
     self_hash: bool | None = None
+    min_entropy: float | None = Field(None, ge=0, le=20, description="the watermark's entropy gate in nats "
+                                      "(default: the server's watermark's, else the library default)")
+    entropy_gated: bool = Field(True, description="score only the steps at or above the gate, with the served "
+                                "model's entropies (false: every token; no model pass, less power)")
     fpr: float = Field(1e-3, gt=0, lt=1, description="false-positive rate of the verdict")
     ignore_repeated: bool = True
     window: int | None = Field(None, ge=1, le=100_000, description="also test windows of this many tokens")

@@ -7,6 +7,15 @@ so the verdict here uses the exact tail ``P(X >= G)``, summed in log space (``lo
 
 Repeated (context, token) n-grams break the independence (a text that repeats a phrase repeats its green tokens),
 so by default each distinct (h context tokens, token) tuple is scored once, as the follow-up paper recommends.
+
+Entropy-gated scoring (with the model): a watermark with an entropy gate (``Watermark.min_entropy``) marks only the
+steps where the model was uncertain; the other tokens are green with probability gamma and only dilute the count.
+Given the model's next-token entropies over the text (``token_entropies``), the detector scores only the tokens
+whose step reaches the gate (SWEET, Lee et al. 2023). The choice depends only on the text *before* each token, never
+on the token or the key, so under the null hypothesis the scored tokens are still independent Bernoulli(gamma)
+draws and the p-value stays exact; under the watermark it keeps the marked steps and drops most unmarked ones. The
+entropies seen here (text without the prompt, re-tokenised) differ a little from those at generation (prompt in
+context), which costs some power but never validity.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from aigckit.errors import AigcError
 from aigckit.trust.watermark import Watermark, is_green
 
 __all__ = ["log_binom_sf", "binom_sf", "z_score", "Detection", "WindowScore", "score_tokens", "detect_ids",
-           "detect_text"]
+           "detect_text", "token_entropies"]
 
 
 def _log_add(a: float, b: float) -> float:
@@ -103,13 +112,18 @@ class Detection:
         return asdict(self)
 
 
-def score_tokens(ids: list[int], wm: Watermark, *, ignore_repeated: bool = True) -> list[bool | None]:
-    """Per token: True (green), False (red) or None (not scored: the first h tokens, or a repeated n-gram)."""
+def score_tokens(ids: list[int], wm: Watermark, *, ignore_repeated: bool = True,
+                 entropies: list[float | None] | None = None, entropy_gate: float | None = None) -> list[bool | None]:
+    """Per token: True (green), False (red) or None (not scored: the first h tokens, a repeated n-gram, or, given
+    ``entropies``, a token whose step's entropy is below ``entropy_gate``)."""
     h, k = wm.context_width, wm.k
+    if entropies is not None and len(entropies) != len(ids):
+        raise AigcError(f"entropies must have one value per token ({len(ids)}), got {len(entropies)}",
+                        param="entropies")
     seen: set[tuple[int, ...]] = set()
     out: list[bool | None] = []
     for i, t in enumerate(ids):
-        if i < h:
+        if i < h or (entropies is not None and (entropies[i] is None or entropies[i] < entropy_gate)):
             out.append(None)
             continue
         ctx = tuple(ids[i - h:i])
@@ -129,19 +143,27 @@ def _p(green: int, n: int, gamma: float) -> tuple[float, float]:
 
 
 def detect_ids(ids: list[int], wm: Watermark, *, fpr: float = 1e-3, ignore_repeated: bool = True,
-               window: int | None = None, stride: int | None = None) -> Detection:
+               window: int | None = None, stride: int | None = None, entropies: list[float | None] | None = None,
+               entropy_gate: float | None = None) -> Detection:
     """Test token ids for ``wm``'s watermark. With ``window`` (scored tokens per window) the text is also tested
     window by window (``stride`` scored tokens apart, default window // 2): the verdict is then "watermarked" if
     the whole text or the best window passes at ``fpr`` after a Bonferroni correction for the windows tested (for
-    a text where only a part was generated with the key)."""
+    a text where only a part was generated with the key). With ``entropies`` (``token_entropies``: the model's
+    entropy before each token) only tokens at steps of at least ``entropy_gate`` nats are scored (default: the
+    watermark's ``min_entropy``)."""
     if not 0.0 < fpr < 1.0:
         raise AigcError(f"fpr must be in (0, 1), got {fpr!r}", param="fpr")
-    marks = score_tokens(ids, wm, ignore_repeated=ignore_repeated)
+    if entropy_gate is None:
+        entropy_gate = wm.min_entropy
+    if not isinstance(entropy_gate, (int, float)) or isinstance(entropy_gate, bool) or not 0 <= entropy_gate <= 20:
+        raise AigcError(f"entropy_gate must be in [0, 20] nats, got {entropy_gate!r}", param="entropy_gate")
+    marks = score_tokens(ids, wm, ignore_repeated=ignore_repeated, entropies=entropies, entropy_gate=entropy_gate)
     scored = [(i, g) for i, g in enumerate(marks) if g is not None]
     n, green = len(scored), sum(1 for _, g in scored if g)
     p, lp10 = _p(green, n, wm.gamma)
     params = {k: v for k, v in wm.describe().items() if k != "delta"}
     params["ignore_repeated"] = ignore_repeated
+    params["entropy_gate"] = entropy_gate if entropies is not None else None  # None: every token scored
     det = Detection(len(ids), n, green, green / n if n else 0.0, z_score(green, n, wm.gamma), p, lp10, fpr,
                     n > 0 and p <= fpr, params)
     if window is not None:
@@ -170,11 +192,35 @@ def detect_ids(ids: list[int], wm: Watermark, *, fpr: float = 1e-3, ignore_repea
     return det
 
 
-def detect_text(text: str, wm: Watermark, tokenizer, **kw) -> Detection:
-    """``detect_ids`` on ``text`` tokenised without special tokens (the tokenizer the text was generated with)."""
+def token_entropies(ids: list[int], model, config) -> list[float | None]:
+    """The model's next-token entropy (nats, over its whole output vocabulary) before each token of ``ids``: entry
+    i is the entropy of the distribution that predicts ``ids[i]`` from ``ids[:i]``; entry 0 is None (no context)."""
+    from aigckit.trust.zeroshot import next_token_log_probs
+
+    if not ids:
+        return []
+    if len(ids) > config.block_size:
+        raise AigcError(f"text has {len(ids)} tokens, more than the model's context ({config.block_size}); test "
+                        "it in parts", param="text")
+    out: list[float | None] = [None]
+    for _, _, lp in next_token_log_probs(ids, model, config):
+        out.extend((-(lp.exp() * lp.nan_to_num(neginf=0.0)).sum(-1)).tolist())
+    return out
+
+
+def detect_text(text: str, wm: Watermark, tokenizer, *, lm=None, **kw) -> Detection:
+    """``detect_ids`` on ``text`` tokenised without special tokens (the tokenizer the text was generated with).
+    With ``lm`` (a loaded ``aigckit.text.lm.LM``, the model that generated the text) only the steps that reach
+    the entropy gate are scored (``token_entropies``)."""
     if not isinstance(text, str) or not text.strip():
         raise AigcError("text to test is empty", param="text")
-    return detect_ids(tokenizer.encode(text, add_special_tokens=False), wm, **kw)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if lm is not None:
+        if not hasattr(lm, "model"):
+            raise AigcError("entropy-gated detection needs a local model (its logits), not a remote one",
+                            param="model")
+        kw["entropies"] = token_entropies(ids, lm.model, lm.config)
+    return detect_ids(ids, wm, **kw)
 
 
 def load_tokenizer(model: str | None = None):

@@ -24,7 +24,7 @@ import torch
 from aigckit.errors import AigcError
 from aigckit.text.kvcache import KVCache
 
-__all__ = ["ZeroShotResult", "sampling_discrepancy", "zero_shot", "THRESHOLD", "MIN_TOKENS"]
+__all__ = ["ZeroShotResult", "next_token_log_probs", "sampling_discrepancy", "zero_shot", "THRESHOLD", "MIN_TOKENS"]
 
 # Calibrated for smollm2-135m-instruct in bench/trust_text.py (docs/TRUST.md): between the median score of 200-token
 # samples at temperature 1 (-0.69) and of human passages from Debian documents (-1.62). A small, weak calibration
@@ -48,25 +48,31 @@ class ZeroShotResult:
         return asdict(self)
 
 
+def next_token_log_probs(ids: list[int], model, config):
+    """Yield ``(c0, c1, log_probs)`` over ``ids`` in chunks: ``log_probs[j]`` (float32 ``[c1 - c0, vocab]``) is the
+    model's next-token log-distribution after ``ids[:c0 + j + 1]``, i.e. the prediction of token ``c0 + j + 1``."""
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.for_model(config, 1, len(ids), dtype)
+    with torch.inference_mode():
+        for c0 in range(0, len(ids) - 1, CHUNK):
+            c1 = min(c0 + CHUNK, len(ids) - 1)  # the logits at token j predict token j + 1
+            logits = model(torch.tensor([ids[c0:c1]]), torch.arange(c0, c1), cache)[0].float()
+            yield c0, c1, torch.log_softmax(logits, dim=-1)
+
+
 def sampling_discrepancy(ids: list[int], model, config) -> tuple[float, float, int]:
     """(d(x), mean log-likelihood, tokens scored) for token ids under ``model`` (an ``aigckit.text.model``)."""
     ids = ids[:MAX_TOKENS]
     if len(ids) < 2:
         raise AigcError("text is too short for zero-shot detection: need at least 2 tokens", param="text")
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(config, 1, len(ids), dtype)
     ll = mu = var = 0.0
-    with torch.inference_mode():
-        for c0 in range(0, len(ids) - 1, CHUNK):
-            c1 = min(c0 + CHUNK, len(ids) - 1)  # the logits at token j predict token j + 1
-            logits = model(torch.tensor([ids[c0:c1]]), torch.arange(c0, c1), cache)[0].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            p = lp.exp()
-            target = torch.tensor(ids[c0 + 1:c1 + 1])
-            ll += float(lp.gather(-1, target[:, None]).sum())
-            m = (p * lp).sum(-1)
-            mu += float(m.sum())
-            var += float(((p * lp * lp).sum(-1) - m * m).sum())
+    for c0, c1, lp in next_token_log_probs(ids, model, config):
+        p = lp.exp()
+        target = torch.tensor(ids[c0 + 1:c1 + 1])
+        ll += float(lp.gather(-1, target[:, None]).sum())
+        m = (p * lp).sum(-1)
+        mu += float(m.sum())
+        var += float(((p * lp * lp).sum(-1) - m * m).sum())
     n = len(ids) - 1
     return (ll - mu) / math.sqrt(max(var, 1e-12)), ll / n, n
 

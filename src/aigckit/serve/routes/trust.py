@@ -54,11 +54,13 @@ async def detect(request: Request, req: DetectRequest):
         raise ApiError(400, "give key (this server has no watermark key of its own) or zero_shot: true", param="key")
     if req.key is not None or own is not None:
         base = own or Watermark("-")
-        fields = dict(gamma=base.gamma, context_width=base.context_width, self_hash=base.self_hash)
-        fields.update({k: v for k in ("gamma", "context_width", "self_hash")
+        fields = dict(gamma=base.gamma, context_width=base.context_width, self_hash=base.self_hash,
+                      min_entropy=base.min_entropy)
+        fields.update({k: v for k in ("gamma", "context_width", "self_hash", "min_entropy")
                        if (v := getattr(req, k)) is not None})
         wm = Watermark(req.key if req.key is not None else own.key, **fields)
-        det = await to_thread(request, lambda: detect_text(req.text, wm, sm.obj.tokenizer, fpr=req.fpr,
+        lm = sm.obj if req.entropy_gated and wm.min_entropy > 0 else None
+        det = await to_thread(request, lambda: detect_text(req.text, wm, sm.obj.tokenizer, lm=lm, fpr=req.fpr,
                                                            ignore_repeated=req.ignore_repeated, window=req.window))
         out["watermark"] = det.to_dict()
     if req.zero_shot:
