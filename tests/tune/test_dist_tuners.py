@@ -6,7 +6,8 @@ Tolerance: the tiny model has no dropout, so both runs take the same steps on th
 and, with a seed per completion, the same sampled tokens); only the order of float sums differs (half batches, an
 all_reduce of two half gradients, logits of a smaller batch): losses, metrics and LoRA weights agree to 1e-5
 (absolute; values are O(1) and O(0.1)). A wrong normalisation (a rank dividing by its own count instead of the
-global one) is off by far more (checked by hand when these tests were written: 1e-3 and up)."""
+global one) is off by far more (checked by hand when these tests were written: 1e-3 and up). Ranks whose adapters
+drift apart (rank 1 nudging its gradients) stop the run at the next checkpoint with an error naming it."""
 
 from __future__ import annotations
 
@@ -52,16 +53,26 @@ def _same_metrics(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
         np.testing.assert_allclose([r[k] for r in a], [r[k] for r in b], atol=TOL, rtol=0, err_msg=k)
 
 
-def _check(tmp_path: Path, task, make_args, train_keys: tuple[str, ...], eval_keys: tuple[str, ...]) -> None:
+def _check(tmp_path: Path, task, make_args, train_keys: tuple[str, ...], eval_keys: tuple[str, ...],
+           skew: bool = False) -> None:
     """One process with 4 rows a step; 2 ranks x 2 stopped at step 2 then resumed on 1; 1 process x 4 stopped at
-    step 2 then resumed on 2 ranks: the same losses, held-out metrics and adapters."""
+    step 2 then resumed on 2 ranks: the same losses, held-out metrics and adapters. ``skew``: a last job in the same
+    launch whose rank 1 nudges its gradients must stop at its first checkpoint, naming the cause."""
     one = train(task(), make_args(tmp_path / "one", batch_size=4), progress=False)
     train(task(), make_args(tmp_path / "p1", batch_size=4), progress=False, stop_at=2)
     kind = "dpo" if task is DPOTask else "rl"
     jobs = [{"task": kind, **vars(make_args(tmp_path / "two", batch_size=2)), "stop_at": 2},
             {"task": kind, **vars(make_args(tmp_path / "p1", batch_size=2)), "resume": True}]
+    if skew:
+        jobs.append({"task": kind, **vars(make_args(tmp_path / "skew", batch_size=2)), "skew": True})
     r = torchrun(tmp_path, str(HERE / "tune_dist_worker.py"), json.dumps(jobs), paths=(HERE,))
-    assert r.returncode == 0, r.stderr[-3000:]
+    if skew:
+        assert r.returncode != 0 and "the LoRA weights differ between ranks" in r.stderr, r.stderr[-3000:]
+        assert not ck.list_checkpoints(tmp_path / "skew")  # stopped before writing the diverged weights
+        assert (tmp_path / "p1" / "summary.json").exists() and "after" in json.loads((tmp_path / "p1" /
+                                                                                       "summary.json").read_text())
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
     two, p1, ref = tmp_path / "two", tmp_path / "p1", tmp_path / "one"
     cfg = ck.read_config(ck.latest_checkpoint(two))
     assert cfg["distributed"] == {"world_size": 2, "global_batch": 4} and cfg["args"]["batch_size"] == 2
@@ -101,7 +112,7 @@ def test_dpo_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny_chat
                        lr=2e-2, lora_rank=4, beta=0.5, ckpt_every=2, threads=1, **kw)
 
     _check(tmp_path, DPOTask, make_args, ("loss", "reward_margin", "reward_accuracy", "grad_norm"),
-           ("eval_loss", "eval_reward_accuracy", "eval_preference_accuracy"))
+           ("eval_loss", "eval_reward_accuracy", "eval_preference_accuracy"), skew=True)
 
 
 def test_grpo_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny_llama_dir, tmp_path):
