@@ -15,8 +15,8 @@ A group whose rewards are all equal has zero advantages (no signal): counted as 
 
 Generation: the current adapter is merged into a model copy (``lora.merged_model``: the adapted linears get their
 own tensors, every other weight is shared with the base; built once, and each step rewrites the adapted weights in
-place, ``lora.refresh_merged``) and sampled by the engine (``LM.generate_batch`` with
-``num_return_sequences = G``: the fused decode kernels, all prompts of the step in one batch). Its time is logged
+place, ``lora.refresh_merged``) and sampled by the engine (``engine.generate`` with ``num_return_sequences = G``:
+the fused decode kernels, all prompts of the step (of this rank) in one batch). Its time is logged
 (``merge_s``, ``gen_s``, ``gen_share``). Each completion draws from its own generator, seeded by (run seed, the
 prompt's data position, completion number) (``row_seed``; the data position of the i-th prompt of step k is
 k x global batch + i): its tokens depend on its prompt and the policy, not on the batch it was decoded in.
