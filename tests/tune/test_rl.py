@@ -111,3 +111,27 @@ def test_cli_rl(tiny_chat_dir, tmp_path, capsys):
     rc = main(["rl", "--model", str(tiny_chat_dir), "--data", str(data), "--out", str(tmp_path / "q"),
                "--reward", "bogus"])
     assert rc == 2 and "unknown reward" in capsys.readouterr().err
+
+
+def test_a_completion_depends_on_its_seed_not_on_its_batch(tiny_llama_dir):
+    """RL samples each completion from its own generator (seeded by run seed, data position, number): the same
+    tokens whether its prompt is decoded alone or in a ragged batch with others (what makes 2 ranks x B prompts
+    sample as 1 x 2B), and other tokens at another position."""
+    from aigckit.text.engine import generate
+    from aigckit.text.lm import load_lm
+    from aigckit.text.params import GenerationParams
+    from aigckit.tune.grpo import _generators, row_seed
+
+    lm = load_lm(tiny_llama_dir, kernels="torch")
+    p = GenerationParams(max_new_tokens=8, temperature=1.0, num_return_sequences=2, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+    def tokens(results):
+        return [list(s.token_ids) for r in results for s in r.sequences]
+
+    batch = tokens(generate(lm.model, lm.tokenizer, prompts, p, "", _generators(3, 10, 3, 2)))
+    alone = tokens(generate(lm.model, lm.tokenizer, prompts[1:2], p, "", _generators(3, 11, 1, 2)))
+    assert alone == batch[2:4] and alone[0] != alone[1]
+    assert tokens(generate(lm.model, lm.tokenizer, prompts[1:2], p, "", _generators(3, 12, 1, 2))) != alone
+    assert len({row_seed(0, i, j) for i in range(100) for j in range(8)}) == 800
+    assert all(0 <= row_seed(2**40, i, 3) < 2**62 for i in range(10))

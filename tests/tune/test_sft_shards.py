@@ -191,13 +191,19 @@ def test_two_ranks_read_disjoint_rows_and_match_one_process(tiny_chat_dir, sft_f
         torch.testing.assert_close(wa[k], wb[k], atol=TOL, rtol=0)
 
 
-def test_dpo_refuses_more_than_one_rank(monkeypatch, tmp_path):
-    from aigckit.tune.dpo import DPOArgs, DPOTask
+def test_a_task_without_distributed_refuses_more_than_one_rank(monkeypatch, tmp_path):
     from aigckit.train import distributed as dd
+    from aigckit.tune.dpo import DPOArgs, DPOTask
+    from aigckit.tune.grpo import RLTask
 
+    class Later(DPOTask):  # a task that has not declared it runs data-parallel
+        distributed = False
+        kind = "later"
+
+    assert DPOTask.distributed and RLTask.distributed and SFTTask.distributed  # every task here runs on N ranks
     monkeypatch.setattr(dd, "session", lambda device="cpu": _fake_session(dd.Dist(rank=0, world_size=2)))
-    with pytest.raises(AigcError, match="does not run data-parallel"):
-        train(DPOTask(), DPOArgs(data="x.jsonl", out=str(tmp_path / "d")), progress=False)
+    with pytest.raises(AigcError, match="later does not run data-parallel"):
+        train(Later(), DPOArgs(data="x.jsonl", out=str(tmp_path / "d")), progress=False)
 
 
 def _fake_session(d):

@@ -115,7 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dpo", help="direct preference optimisation of a LoRA adapter",
                        description="DPO (Rafailov et al. 2023) on preference pairs {prompt, chosen, rejected} "
                                    "(strings, or chat messages). The reference model is the base with the adapter "
-                                   "disabled (no second copy). Held-out: preference accuracy and DPO loss.")
+                                   "disabled (no second copy). Held-out: preference accuracy and DPO loss. "
+                                   "Data-parallel under torchrun (--batch-size pairs per rank): torchrun --standalone "
+                                   "--nproc-per-node 2 -m aigckit dpo ... (docs/DISTRIBUTED.md).")
     _common(p, "JSONL rows: {\"prompt\", \"chosen\", \"rejected\"}", lr=5e-5, steps=100, batch=2)
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (KL strength), default 0.1")
     p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
@@ -126,7 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Samples --num-generations completions per prompt with the fast engine (the "
                                    "current adapter merged into a model copy each step), scores them with the reward "
                                    "functions, and takes a clipped policy-gradient step with group-normalised "
-                                   "(GRPO) or leave-one-out (RLOO) advantages and a KL penalty to the base model.")
+                                   "(GRPO) or leave-one-out (RLOO) advantages and a KL penalty to the base model. "
+                                   "Data-parallel under torchrun (--batch-size prompts per rank, each with its whole "
+                                   "group): torchrun --standalone --nproc-per-node 2 -m aigckit rl ... "
+                                   "(docs/DISTRIBUTED.md).")
     _common(p, "JSONL rows: {\"prompt\": str | messages, ...columns passed to the rewards}", lr=1e-5, steps=100,
             batch=4)
     p.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")

@@ -205,9 +205,10 @@ class RowState:
         return TokenEvent(self.row, None, None, self.stops.flush() + self.decoder.flush(), reason)
 
 
-def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, generator: torch.Generator
-                ) -> tuple[list[int], list[float | None]]:
-    """Process and sample one token for each row of ``logits`` [len(rows), V] that share ``params``."""
+def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams,
+                generator: torch.Generator | list[torch.Generator]) -> tuple[list[int], list[float | None]]:
+    """Process and sample one token for each row of ``logits`` [len(rows), V] that share ``params`` (``generator``:
+    one for all rows, or one per row: ``sampling.sample``)."""
     scores = logits.float()
     logp = torch.log_softmax(scores, dim=-1) if params.logprobs else None
     if any(r.needs_process for r in rows):
@@ -226,8 +227,11 @@ def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams, 
 
 
 def stream_tokens(model, tokenizer, prompts: list[list[int]], params: GenerationParams,
-                  stats: dict[str, float] | None = None) -> Iterator[TokenEvent]:
-    """Sample (or greedily decode) continuations for a static batch of prompts; yields events as tokens arrive."""
+                  stats: dict[str, float] | None = None,
+                  generators: list[torch.Generator] | None = None) -> Iterator[TokenEvent]:
+    """Sample (or greedily decode) continuations for a static batch of prompts; yields events as tokens arrive.
+    ``generators``: one per prompt (each row's tokens then depend only on its own generator and logits, not on the
+    batch around it; ``params.seed`` is unused); default one generator from ``params.seed`` for the batch."""
     cfg = model.config
     B = len(prompts)
     if B == 0:
@@ -235,7 +239,9 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
     if any(len(p) == 0 for p in prompts):
         raise AigcError("empty prompt: give at least one token of text", param="prompt")
     budgets = [params.budget(len(p), cfg.block_size) for p in prompts]
-    gen = make_generator(params.seed)
+    if generators is not None and len(generators) != B:
+        raise AigcError(f"generators: one per row, {B} rows, got {len(generators)}", param="generators")
+    gen = make_generator(params.seed) if generators is None else generators
     dtype = next(model.parameters()).dtype
     L = max(len(p) for p in prompts)
     check_memory(cfg, rows=B, seq_len=L + max(budgets), prompt_len=L, dtype=dtype,
@@ -297,10 +303,13 @@ def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParam
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParams, model_name: str = "",
-             ) -> list[GenerationResult]:
-    """Generate for each prompt; ``num_return_sequences`` sequences per prompt."""
+             generators: list[torch.Generator] | None = None) -> list[GenerationResult]:
+    """Generate for each prompt; ``num_return_sequences`` sequences per prompt. ``generators``: one per sequence
+    (prompt-major: prompt j's sequence k draws from ``generators[j * n + k]``), see ``stream_tokens``."""
     results = []
     if params.num_beams > 1:
+        if generators is not None:
+            raise AigcError("generators per row do not apply to beam search", param="num_beams")
         for p in prompts:
             stats: dict[str, float] = {}
             seqs = run_beam_search(model, tokenizer, p, params, stats)
@@ -314,7 +323,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParam
     lps: list[list[float]] = [[] for _ in rows]
     tops: list[list] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
-    for ev in stream_tokens(model, tokenizer, rows, params, stats):
+    for ev in stream_tokens(model, tokenizer, rows, params, stats, generators):
         texts[ev.row].append(ev.text)
         if ev.token_id is not None:
             ids[ev.row].append(ev.token_id)

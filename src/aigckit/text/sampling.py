@@ -8,6 +8,8 @@ top-k, top-p, min-p, then a draw (or argmax when ``temperature`` is 0 or below `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -91,11 +93,14 @@ def warp(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
     """Pick one token per row of ``logits`` [B, V]. Greedy (argmax) when ``temperature < TEMPERATURE_FLOOR``
-    (0 included)."""
+    (0 included). ``generator``: one for the batch, or one per row (row i draws from ``generator[i]`` alone, so its
+    token does not depend on the other rows of the batch: RL sampling seeded per prompt)."""
     logits = logits.float()
     if temperature < TEMPERATURE_FLOOR:
         return logits.argmax(dim=-1)
     probs = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[0] for i, g in enumerate(generator)])

@@ -19,7 +19,8 @@ A trainer gets all of it by using these pieces (``train/loop.py`` does; a loop o
   position is kept in samples (epoch, offset), so a checkpoint written by 2 ranks resumes on 1 and the other way.
 - ``rank_seed(seed, rank)``: per-rank seeds for training noise, derived from the run seed (rank 0's is the seed
   itself, so a 1-process run is the run it always was).
-- rank 0 alone writes logs, grids and checkpoints (``is_main``); metrics are the mean over ranks (``mean_over_ranks``);
+- rank 0 alone writes logs, grids and checkpoints (``is_main``); metrics are the mean over ranks (``mean_over_ranks``;
+  counts and totals: ``sum_over_ranks``); ``check_same`` verifies that the trained weights are equal on every rank;
   stopping (``--minutes``, SIGTERM) is agreed by all ranks (``any_rank``) so none waits for a partner that left.
 - A rank that dies or hangs: the others' next collective fails (connection closed) or times out after
   ``AIGC_DIST_TIMEOUT`` seconds (default 300) and raises ``DistributedError`` naming the rank and what happened; the
@@ -195,14 +196,40 @@ def broadcast_module(module: nn.Module, d: Dist, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
-def mean_over_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
+def sum_over_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Each value summed over the ranks (float64; every rank must pass the same keys); the values in one process."""
     if not d.active or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    with collective(d, "averaging the metrics"):
+    with collective(d, "reducing the metrics"):
         dist.all_reduce(t)
-    return {k: v / d.world_size for k, v in zip(keys, t.tolist())}
+    return dict(zip(keys, t.tolist()))
+
+
+def mean_over_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
+    if not d.active or not values:
+        return dict(values)
+    return {k: v / d.world_size for k, v in sum_over_ranks(values, d).items()}
+
+
+def check_same(tensors: list[torch.Tensor], d: Dist, what: str) -> None:
+    """Raise ``DistributedError`` unless every rank holds the same ``tensors``, bit for bit (compared through an
+    exact integer checksum of their bit patterns per tensor: independent of thread counts and summation order)."""
+    if not d.active or not tensors:
+        return
+    sums = []
+    for t in tensors:
+        b = t.detach().contiguous().reshape(-1)
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[b.element_size()]
+        sums.append(b.view(bits).long().sum())
+    v = torch.stack(sums)
+    both = torch.cat([v, -v])
+    with collective(d, f"comparing {what}"):
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[:len(v)], -both[len(v):]):
+        raise DistributedError(f"rank {d.rank} of {d.world_size}: {what} differ between ranks (they must stay equal "
+                               "after every averaged step); the run stops")
 
 
 def any_rank(flag: bool, d: Dist) -> bool:

@@ -9,6 +9,12 @@ the losses (TRL's ``loss_type`` names, same formulas):
     ipo       (h - 1 / (2 beta))^2   with log-probs averaged per token (Azar et al. 2023, as TRL)
     hinge     relu(1 - beta h)
 Implicit rewards r = beta (log pi_theta - log pi_ref); reward accuracy = share of pairs with r_w > r_l.
+
+Under ``torchrun`` each rank takes its slice of every step's global batch of pairs (``data.rank_rows``) and divides
+its summed per-pair losses by its own number of pairs; every rank has as many, so the averaged gradients are the
+gradient of the mean over the global batch (one process with the global batch), and the metrics averaged over the
+ranks are the global batch's. The reference log-probs are each rank's own (adapter disabled on its copy of the base).
+Held-out pairs: each rank scores every ranks-th batch, the sums are reduced.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aigckit.errors import AigcError
-from aigckit.tune.data import IGNORE, Example, completion_ids, pad_batch, pad_id, sample_indices, train_and_held
+from aigckit.train import distributed as dd
+from aigckit.tune.data import IGNORE, Example, completion_ids, pad_batch, pad_id, rank_rows, train_and_held
 from aigckit.tune.lora import adapters_disabled
 from aigckit.tune.trainer import TuneArgs, token_logps
 
@@ -100,6 +107,8 @@ def sequence_logps(model, pairs: list[Pair], pad: int) -> tuple[Tensor, Tensor, 
 
 class DPOTask:
     kind = "dpo"
+    distributed = True  # data-parallel under torchrun (trainer.py)
+    dist = dd.Dist()  # set by the loop
 
     def prepare(self, lm, args: DPOArgs) -> None:
         train, held = train_and_held(args, "dpo")
@@ -119,8 +128,9 @@ class DPOTask:
         return losses, rw, rl, pol[2].detach(), pol[3].detach()
 
     def step(self, lm, model, step: int, args: DPOArgs) -> dict[str, float]:
-        idx = sample_indices(len(self.train), step, args.batch_size * args.grad_accum, args.seed)
-        n = len(idx)
+        d = self.dist
+        idx = rank_rows(len(self.train), step, args.batch_size * args.grad_accum, args.seed, d.rank, d.world_size)
+        n = len(idx)  # this rank's pairs; the same on every rank, so the averaged gradients are the global mean's
         sums = {"loss": 0.0, "rewards_chosen": 0.0, "rewards_rejected": 0.0, "reward_accuracy": 0.0}
         tokens = 0
         for k in range(0, n, args.batch_size):
@@ -140,11 +150,15 @@ class DPOTask:
         of the policy itself (log pi(y_w|x) > log pi(y_l|x), per-token averaged so length does not decide)."""
         if not self.held:
             return {}
-        loss, acc, pref, n = 0.0, 0.0, 0.0, len(self.held)
-        for k in range(0, n, args.batch_size):
+        s = {"loss": 0.0, "acc": 0.0, "pref": 0.0}
+        d = self.dist  # under torchrun each rank takes every world_size-th batch; the sums are reduced
+        for k in range(d.rank * args.batch_size, len(self.held), args.batch_size * d.world_size):
             pairs = self.held[k:k + args.batch_size]
             losses, rw, rl, aw, al = self._losses(model, pairs, args)
-            loss += losses.sum().item()
-            acc += (rw > rl).float().sum().item()
-            pref += (aw > al).float().sum().item()
-        return {"eval_loss": loss / n, "eval_reward_accuracy": acc / n, "eval_preference_accuracy": pref / n}
+            s["loss"] += losses.sum().item()
+            s["acc"] += (rw > rl).float().sum().item()
+            s["pref"] += (aw > al).float().sum().item()
+        s = dd.sum_over_ranks(s, d)
+        n = len(self.held)
+        return {"eval_loss": s["loss"] / n, "eval_reward_accuracy": s["acc"] / n,
+                "eval_preference_accuracy": s["pref"] / n}

@@ -15,9 +15,23 @@ A group whose rewards are all equal has zero advantages (no signal): counted as 
 
 Generation: the current adapter is merged into a model copy (``lora.merged_model``: the adapted linears get their
 own tensors, every other weight is shared with the base; built once, and each step rewrites the adapted weights in
-place, ``lora.refresh_merged``) and sampled by the engine (``LM.generate_batch`` with
-``num_return_sequences = G``: the fused decode kernels, all prompts of the step in one batch). Its time is logged
-(``merge_s``, ``gen_s``, ``gen_share``).
+place, ``lora.refresh_merged``) and sampled by the engine (``engine.generate`` with ``num_return_sequences = G``:
+the fused decode kernels, all prompts of the step (of this rank) in one batch). Its time is logged
+(``merge_s``, ``gen_s``, ``gen_share``). Each completion draws from its own generator, seeded by (run seed, the
+prompt's data position, completion number) (``row_seed``; the data position of the i-th prompt of step k is
+k x global batch + i): its tokens depend on its prompt and the policy, not on the batch it was decoded in.
+
+Under ``torchrun`` each rank takes its slice of the step's prompts (``data.rank_rows``; a group never spans ranks,
+so the group-normalised and leave-one-out advantages are the same), samples its groups with its own engine copy
+(rebuilt from the adapter before every sampling; the adapter is the same on every rank after each averaged step, and
+the loop checks that at every checkpoint) and divides its loss by the completion tokens of the whole step (one
+``all_reduce``), so the averaged gradients are one process's with the global batch. Reward mean and std, zero-std
+groups, KL, loss and per-reward statistics are the global batch's (sums reduced over ranks); held-out prompts are
+split over the ranks and the sums reduced. What does not depend on the number of ranks: the prompts of each step,
+the seed of every completion, the advantages and the normalisation. What does, in the last bits only: a batch of
+other shape rounds the logits (and the summed gradient) differently, so 2 ranks x B prompts and 1 x 2B draw the
+same tokens except where a draw falls within that rounding of a boundary of the sampling distribution (not seen
+in the tests), and losses and adapters agree to float tolerance, not bit for bit.
 """
 
 from __future__ import annotations
@@ -31,12 +45,14 @@ from torch import Tensor
 
 from aigckit.errors import AigcError
 from aigckit.text.params import GenerationParams
-from aigckit.tune.data import IGNORE, Example, pad_batch, pad_id, prompt_ids, sample_indices, train_and_held
+from aigckit.train import distributed as dd
+from aigckit.tune.data import IGNORE, Example, pad_batch, pad_id, prompt_ids, rank_rows, train_and_held
 from aigckit.tune.lora import adapters_disabled, merged_model, refresh_merged
 from aigckit.tune.rewards import Reward, parse_reward, score
 from aigckit.tune.trainer import TuneArgs, token_logps
 
 ALGOS = ("grpo", "rloo")
+EVAL_CHUNK = 32  # held-out prompts sampled at once
 
 
 @dataclass
@@ -92,6 +108,40 @@ def policy_loss(pol: Tensor, old: Tensor, ref: Tensor | None, adv: Tensor, mask:
     return (-surrogate + beta * kl) * mask, kl.detach() * mask
 
 
+_M64 = (1 << 64) - 1
+
+
+def row_seed(seed: int, position: int, j: int) -> int:
+    """The sampling seed of completion ``j`` of the prompt at data position ``position`` in a run seeded ``seed``
+    (splitmix64 of the three: neighbouring positions give unrelated streams); below 2**62."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + j * 0xC2B2AE3D27D4EB4F) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) >> 2
+
+
+def _generators(seed: int, first: int, prompts: int, n: int) -> list[torch.Generator]:
+    """One generator per completion of ``prompts`` prompts at data positions ``first``, ``first + 1``, ... (n each)."""
+    return [torch.Generator().manual_seed(row_seed(seed, first + i, j)) for i in range(prompts) for j in range(n)]
+
+
+def _reward_stats(rewards: list[Reward], per: list[list[float]], d: dd.Dist, prefix: str = "") -> dict[str, float]:
+    """Mean (and, without ``prefix``, population std) of each reward's non-None values over every rank's rows."""
+    sums: dict[str, float] = {}
+    for rw, vals in zip(rewards, per):
+        finite = [v for v in vals if not math.isnan(v)]
+        sums[f"n/{rw.name}"], sums[f"s/{rw.name}"] = len(finite), sum(finite)
+    sums = dd.sum_over_ranks(sums, d)
+    means = {rw.name: sums[f"s/{rw.name}"] / sums[f"n/{rw.name}"] for rw in rewards if sums[f"n/{rw.name}"]}
+    out = {f"{prefix}reward/{k}": m for k, m in means.items()}
+    if prefix:
+        return out
+    sq = dd.sum_over_ranks({rw.name: sum((v - means[rw.name]) ** 2 for v in vals if not math.isnan(v))
+                            for rw, vals in zip(rewards, per) if rw.name in means}, d)
+    out.update({f"reward_std/{k}": math.sqrt(v / sums[f"n/{k}"]) for k, v in sq.items()})
+    return out
+
+
 @dataclass
 class Prompt:
     ids: list[int]
@@ -101,6 +151,8 @@ class Prompt:
 
 class RLTask:
     kind = "rl"
+    distributed = True  # data-parallel under torchrun (trainer.py)
+    dist = dd.Dist()  # set by the loop
 
     def prepare(self, lm, args: RLArgs) -> None:
         self.kind = args.algo
@@ -121,8 +173,11 @@ class RLTask:
         return Prompt(ids, row.data["prompt"], {k: v for k, v in row.data.items() if k != "prompt"})
 
     # -------------------------------------------------------------------------------- sampling and scoring
-    def _sample(self, lm, model, prompts: list[Prompt], n: int, params: GenerationParams):
-        """n completions per prompt from the current policy: (completion ids with EOS where it stopped, texts)."""
+    def _sample(self, lm, model, prompts: list[Prompt], n: int, params: GenerationParams,
+                generators: list[torch.Generator] | None = None):
+        """n completions per prompt from the current policy: (completion ids with EOS where it stopped, texts);
+        ``generators``: one per completion (prompt-major), else ``params.seed`` for the batch."""
+        from aigckit.text.engine import generate
         from aigckit.text.lm import LM
 
         t0 = time.perf_counter()
@@ -132,7 +187,8 @@ class RLTask:
         else:
             refresh_merged(gen.model, model)
         t1 = time.perf_counter()
-        results = gen.generate_batch([p.ids for p in prompts], params, num_return_sequences=n)
+        results = generate(gen.model, gen.tokenizer, [p.ids for p in prompts],
+                           GenerationParams.make(params, num_return_sequences=n), gen.name, generators)
         t2 = time.perf_counter()
         ids, texts = [], []
         for res in results:
@@ -151,14 +207,17 @@ class RLTask:
         return score(self.rewards, [p.prompt for p in rep], completions, columns, ids)
 
     def step(self, lm, model, step: int, args: RLArgs) -> dict[str, float]:
-        G = args.num_generations
-        prompts = [self.train[i] for i in sample_indices(len(self.train), step, args.batch_size * args.grad_accum,
-                                                         args.seed)]
+        G, d = args.num_generations, self.dist
+        per_rank = args.batch_size * args.grad_accum
+        prompts = [self.train[i] for i in rank_rows(len(self.train), step, per_rank, args.seed, d.rank,
+                                                    d.world_size)]
+        first = (step * d.world_size + d.rank) * per_rank  # the data position of this rank's first prompt
         t0 = time.perf_counter()
         params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=(args.seed * 1_000_003 + step) % (1 << 62))
+                                  top_p=args.top_p)
         model.eval()
-        ids, texts, merge_s, gen_s = self._sample(lm, model, prompts, G, params)
+        ids, texts, merge_s, gen_s = self._sample(lm, model, prompts, G, params,
+                                                  _generators(args.seed, first, len(prompts), G))
         model.train()
         per, total = self._score(prompts, G, ids, texts)
         t_score = time.perf_counter()
@@ -167,6 +226,8 @@ class RLTask:
         zero_std = float((r.std(-1) == 0).float().mean())
 
         n_tok = sum(len(c) for c in ids)
+        # the step's completion tokens over all ranks, / world_size because the ranks' gradients are averaged
+        denom = max(dd.sum_over_ranks({"n": n_tok}, d)["n"], 1) / d.world_size
         rows = args.batch_size * G
         kl_sum = 0.0
         loss_sum = 0.0
@@ -184,55 +245,50 @@ class RLTask:
                     ref = token_logps(model, b.ids, b.labels)
             pol = token_logps(model, b.ids, b.labels)
             terms, kl = policy_loss(pol, pol.detach(), ref, adv[k:k + len(exs)], mask, args.beta, args.epsilon)
-            loss = terms.sum() / max(n_tok, 1)
+            loss = terms.sum() / denom
             loss.backward()
             loss_sum += loss.item()
             kl_sum += float(kl.sum())
             tokens += b.tokens
         t_end = time.perf_counter()
         out = {"reward": float(r.mean()), "reward_std": float(r.std(-1).mean()), "zero_std_frac": zero_std,
-               "loss": loss_sum, "kl": kl_sum / max(n_tok, 1), "completion_len": n_tok / len(ids),
+               "loss": loss_sum, "kl": kl_sum / denom, "completion_len": n_tok / len(ids),
                "stopped_frac": sum(1 for c in ids if c and c[-1] == self.eos) / len(ids),
                "merge_s": round(merge_s, 4), "gen_s": round(gen_s, 3), "train_s": round(t_end - t_score, 3),
                "gen_share": round((merge_s + gen_s) / max(t_end - t0, 1e-9), 3), "tokens": tokens}
-        for rw, vals in zip(self.rewards, per):
-            finite = [v for v in vals if not math.isnan(v)]
-            if finite:
-                m = sum(finite) / len(finite)
-                out[f"reward/{rw.name}"] = m
-                out[f"reward_std/{rw.name}"] = math.sqrt(sum((v - m) ** 2 for v in finite) / len(finite))
-        return out
+        # the same on every rank (reduced here), so the loop's mean over ranks leaves them as they are
+        return {**out, **_reward_stats(self.rewards, per, d)}
 
     def evaluate(self, lm, model, args: RLArgs) -> dict[str, float]:
-        """Held-out reward: a greedy completion per prompt (and ``eval_generations - 1`` sampled ones)."""
+        """Held-out reward: a greedy completion per prompt (and ``eval_generations - 1`` sampled ones, seeded per
+        held-out prompt). Under torchrun each rank takes its contiguous share of the prompts; the sums are reduced."""
         if not self.held:
             return {}
+        d = self.dist
         per_all: list[list[float]] = [[] for _ in self.rewards]
         totals: list[float] = []
         greedy = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0)
         runs = [(greedy, 1)]
         if args.eval_generations > 1:
             runs.append((GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, seed=args.seed + 17), args.eval_generations - 1))
+                                          top_p=args.top_p), args.eval_generations - 1))
+        mine = range(d.rank * len(self.held) // d.world_size, (d.rank + 1) * len(self.held) // d.world_size)
         for params, n in runs:
-            for k in range(0, len(self.held), 32):
-                chunk = self.held[k:k + 32]
-                ids, texts, _, _ = self._sample(lm, model, chunk, n, params)
+            for k in range(mine.start, mine.stop, EVAL_CHUNK):
+                chunk = self.held[k:min(k + EVAL_CHUNK, mine.stop)]
+                gens = None if params.greedy else _generators(args.seed + 17, k, len(chunk), n)
+                ids, texts, _, _ = self._sample(lm, model, chunk, n, params, gens)
                 per, total = self._score(chunk, n, ids, texts)
                 totals += total
                 for acc, vals in zip(per_all, per):
                     acc += vals
-        out = {"eval_reward": sum(totals) / len(totals)}
-        for rw, vals in zip(self.rewards, per_all):
-            finite = [v for v in vals if not math.isnan(v)]
-            if finite:
-                out[f"eval_reward/{rw.name}"] = sum(finite) / len(finite)
-        return out
+        s = dd.sum_over_ranks({"sum": sum(totals), "n": len(totals)}, d)
+        return {"eval_reward": s["sum"] / s["n"], **_reward_stats(self.rewards, per_all, d, "eval_")}
 
     def samples(self, lm, model, args: RLArgs, n: int = 4) -> list[dict]:
-        """Greedy completions of the first ``n`` held-out prompts (for before/after reports)."""
+        """Greedy completions of the first ``n`` held-out prompts (for before/after reports; rank 0's alone)."""
         chunk = self.held[:n]
-        if not chunk:
+        if not chunk or not self.dist.is_main:
             return []
         ids, texts, _, _ = self._sample(lm, model, chunk, 1, GenerationParams(max_new_tokens=args.max_new_tokens,
                                                                                temperature=0))

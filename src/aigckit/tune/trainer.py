@@ -17,13 +17,16 @@ Determinism: LoRA's A is drawn from a generator seeded by ``seed``; the rows of 
 states, AdamW's moments and the step are checkpointed. A run resumed from any checkpoint therefore ends with the
 same adapter, bit for bit, as one never interrupted (same seed, CPU and thread count).
 
-Under ``torchrun`` a task that says ``distributed = True`` (SFT) is data-parallel with ``train/distributed.py``:
-``--batch-size`` is per rank, each rank trains on its slice of the step's global batch, the LoRA gradients are
-averaged (``GradAverager``), metrics are the mean over ranks, each rank evaluates its share of the held-out rows
-(reduced), rank 0 alone writes. The global batch is
-kept on resume (the per-rank batch becomes global / ranks), so the data position (``step x global batch`` samples)
-carries over and a run started on 2 ranks resumes on 1 and the other way. DPO and RL refuse to start on more than
-one rank (their losses are per pair / per group, and RL samples with the fast engine per step: not done yet).
+Under ``torchrun`` a task that says ``distributed = True`` (SFT, DPO, GRPO/RLOO: every task here) is data-parallel
+with ``train/distributed.py``: ``--batch-size`` is per rank, each rank trains on its slice of the step's global batch
+(``data.rank_rows``: rows, pairs, or prompts with their whole groups), normalises its loss by the global batch's count
+(tokens, pairs, completion tokens) so that the averaged LoRA gradients (``GradAverager``) are one process's with the
+global batch, metrics are the mean over ranks (a task reduces its own sums where a mean of means would be wrong),
+each rank evaluates its share of the held-out rows (reduced), rank 0 alone writes. The adapter is the same on every
+rank after every step (checked at each checkpoint: ``check_same``), so RL's per-rank engine copies sample from the
+same policy. The global batch is kept on resume (the per-rank batch becomes global / ranks), so the data position
+(``step x global batch`` samples) carries over and a run started on 2 ranks resumes on 1 and the other way. A task
+without ``distributed`` refuses to start on more than one rank.
 """
 
 from __future__ import annotations
@@ -301,6 +304,7 @@ def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bo
         ck.atomic_write_text(run / "config.json", json.dumps(config, indent=2))
 
     def save() -> None:
+        dd.check_same(params, d, "the LoRA weights")
         rng = {"torch": torch.get_rng_state()}
         if d.active:  # every rank's stream, so that a resume on as many ranks is bit for bit
             states = dd.gather_bytes(rng["torch"], d)
