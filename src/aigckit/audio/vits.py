@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aigckit.layers import embedding
 from aigckit.errors import AigcError
 
 LRELU_SLOPE = 0.1  # HiFi-GAN's leaky-ReLU slope inside the generator (the very last one uses torch's 0.01)
@@ -200,7 +201,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: VitsConfig):
         super().__init__()
         self.hidden_channels = cfg.hidden_channels
-        self.emb = nn.Embedding(cfg.n_vocab, cfg.hidden_channels)
+        self.emb = embedding(cfg.n_vocab, cfg.hidden_channels)
         self.encoder = Encoder(cfg)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
 

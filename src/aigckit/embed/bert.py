@@ -26,6 +26,7 @@ from torch import nn
 
 from aigckit.dtypes import torch_dtype
 from aigckit.errors import AigcError, CorruptFileError, ModelNotFoundError, UnsupportedFormatError
+from aigckit.layers import embedding
 
 DEFAULT_EMBED_MODEL = "minilm-l6-v2"
 
@@ -164,9 +165,9 @@ def hf_to_ours(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:

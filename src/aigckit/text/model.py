@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aigckit.layers import embedding
 from aigckit.text.config import LMConfig
 from aigckit.text.kernels import decode
 from aigckit.text.kvcache import KVCache
@@ -56,8 +57,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: LMConfig) -> Tensor:
+    """RoPE's inverse frequencies (float64, on the CPU even inside a ``torch.device("meta")`` build: a meta arange
+    runs through torch's Python reference kernels, whose first use imports torch._dynamo, ~2 s of a load)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
@@ -181,9 +184,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tok_emb = embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.arch == "gpt2":
-            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.pos_emb = embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
