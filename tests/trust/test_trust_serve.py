@@ -55,7 +55,7 @@ def test_request_watermark_and_detect(chat_dir):
         wm = d.json()["watermark"]
         # (the tiny tokenizer splits "w2x" into its special EOS "w2" + unknown: a few tokens do not round-trip)
         assert wm["n_scored"] >= 20 and wm["green"] >= wm["n_scored"] - 6 and wm["watermarked"]
-        assert wm["params"]["entropy_gate"] == 2.0
+        assert wm["params"]["entropy_gate"] == Watermark.min_entropy
         ungated = c.post("/v1/detect", json={"model": "tiny", "text": text, "key": "req-key", "ignore_repeated": False,
                                              "entropy_gated": False}).json()["watermark"]
         assert ungated["params"]["entropy_gate"] is None and ungated["n_scored"] >= wm["n_scored"]
