@@ -62,6 +62,11 @@ class DiffusionConfig:
         return self.unet.num_classes
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one x_t (the space diffusion runs in): the image's here, the latent's for latent diffusion."""
+        return (self.unet.channels, self.unet.resolution, self.unet.resolution)
+
+    @property
     def text_conditioned(self) -> bool:
         return self.unet.context_dim > 0
 
@@ -186,7 +191,10 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:  # noqa: N803
 
 
 class DiffusionModel(nn.Module):
-    """The denoiser plus its schedule. ``forward`` = the UNet's prediction (ε or v, per config)."""
+    """The denoiser plus its schedule. ``forward`` = the UNet's prediction (ε or v, per config).
+    ``clip_x0`` and ``to_images`` are what latent diffusion (``ldm.py``) changes: pixels clip x̂_0 to [-1, 1]."""
+
+    clip_x0 = True
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
@@ -217,6 +225,10 @@ class DiffusionModel(nn.Module):
         target = eps if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, eps)
         return torch.mean((self(x_t, t, labels, text) - target) ** 2)
 
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """The sampler's final x_0 -> images in [-1, 1]."""
+        return x0.clamp(-1, 1)
+
 
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None, guidance: float = 1.0,
@@ -224,7 +236,8 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
            generator: torch.Generator | None = None, progress: bool = False,
            dtype: str = "float32", text: TextCondition | None = None,
            negative: TextCondition | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:  # noqa: N803
-    """Draw n images in [-1, 1] starting from x_T ~ N(0, I).
+    """Draw n images in [-1, 1] starting from x_T ~ N(0, I) (of ``cfg.sample_shape``: latents for latent diffusion,
+    decoded at the end by ``model.to_images``).
 
     Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂(x_t, ∅) + w·(ε̂(x_t, y) - ε̂(x_t, ∅)) with w = ``guidance``;
     w = 1 is the plain conditional model, w = 0 the unconditional one.
@@ -264,7 +277,7 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     if text is not None:
         both = TextCondition.cat([text, negative])  # one batch of 2n rows: prompt, then negative prompt
     null = torch.full((n,), cfg.num_classes, dtype=torch.long) if cfg.num_classes else None
-    shape = (n, cfg.channels, cfg.resolution, cfg.resolution)
+    shape = (n, *cfg.sample_shape)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise AigcError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
     x = x_T.float().clone() if x_T is not None else torch.randn(shape, generator=generator)  # x_T
@@ -285,8 +298,8 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
         else:
             eps = to_eps(sch, x, net(x, tt, labels if labels is not None else null), t, cfg.prediction)
         if sampler == "ddpm":
-            x = ddpm_step(x, eps, t, schedule=sch, generator=generator)
+            x = ddpm_step(x, eps, t, schedule=sch, generator=generator, clip=model.clip_x0)
         else:
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            x = ddim_step(x, eps, t, t_prev, schedule=sch, eta=eta, generator=generator)
-    return x.clamp(-1, 1)
+            x = ddim_step(x, eps, t, t_prev, schedule=sch, eta=eta, generator=generator, clip=model.clip_x0)
+    return model.to_images(x)
