@@ -26,7 +26,7 @@ def test_autoencoder_shapes_loss_and_scale():
         mu, logvar = ae.encode(x)
         assert mu.shape == logvar.shape == (3, *lat) == (3, *ae.cfg.latent_shape)
         assert ae.decode(mu).shape == x.shape
-        out = ae.loss(x, torch.Generator().manual_seed(0))
+        out = ae.loss(x, generator=torch.Generator().manual_seed(0))
         assert set(out) == {"loss", "rec", "kl", "mse"} and torch.isfinite(out["loss"])
         assert torch.allclose(out["loss"], out["rec"] + ae.cfg.kl_weight * out["kl"])
     mu = torch.randn(100, 4, 7, 7) * 3.0
@@ -67,6 +67,23 @@ def test_autoencoder_run_reloads_and_reconstructs(ae_run):
     assert (ae_run / "samples.png").exists()  # originals over reconstructions
 
 
+@pytest.fixture
+def small_data(monkeypatch):
+    """Captioned Fashion-MNIST cut to 256 images per split: encoding all 60,000 for the latent cache is the slow
+    part of a tiny ldm run, and it is the same code on fewer rows."""
+    from aigckit.data.images import ImageDataset
+    from aigckit.train import ldm, t2i
+
+    real = t2i.caption_data
+
+    def small(name, split, seed=0):
+        ds, caps = real(name, split, seed)
+        return ImageDataset(ds.images[:256], ds.labels[:256], [], name=ds.name), caps
+
+    monkeypatch.setattr(t2i, "caption_data", small)
+    monkeypatch.setattr(ldm, "caption_data", small)
+
+
 def _ldm_args(out, **kw):
     from aigckit.train.loop import TrainArgs
 
@@ -75,7 +92,7 @@ def _ldm_args(out, **kw):
                                ckpt_every=2, vae_steps=3), **kw})
 
 
-def test_ldm_trains_samples_and_resumes_bit_for_bit(fake_home, ae_run, tmp_path, capsys):
+def test_ldm_trains_samples_and_resumes_bit_for_bit(fake_home, ae_run, small_data, tmp_path):
     from aigckit.cli import main
     from aigckit.image.api import load_image_model
     from aigckit.image.io import read_png_metadata
@@ -87,7 +104,7 @@ def test_ldm_trains_samples_and_resumes_bit_for_bit(fake_home, ae_run, tmp_path,
     assert cfg["family"] == "ldm" and cfg["model"]["autoencoder"]["latent_channels"] == 2
     assert cfg["model"]["unet"]["channels"] == 2 and cfg["model"]["unet"]["resolution"] == 14
     assert cfg["autoencoder"]["weights"].startswith(str(tmp_path / "a" / "autoencoder"))
-    assert cfg["autoencoder"]["test_reconstruction"]["images"] == 2000
+    assert cfg["autoencoder"]["test_reconstruction"]["images"] == 256
     assert (tmp_path / "a" / "autoencoder" / "config.json").exists() and (tmp_path / "a" / "latents.safetensors").exists()
     mu = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "a" / "latents.safetensors"))["mu"]
     assert abs(float((mu * cfg["model"]["autoencoder"]["scale_factor"]).std()) - 1) < 1e-4
@@ -110,13 +127,38 @@ def test_ldm_trains_samples_and_resumes_bit_for_bit(fake_home, ae_run, tmp_path,
     meta = read_png_metadata(tmp_path / "imgs" / "00001.png")
     assert meta["prompt"] == "a dark coat" and meta["model"] == "ldm"
 
+    # the server and animate take an ldm run as they take a pixel one
+    _serve_and_animate(tmp_path / "a", tmp_path)
+
     # a given autoencoder (--vae): no first stage in the run folder
     train(_ldm_args(tmp_path / "c", steps=1, vae=str(ae_run)), progress=False)
     assert not (tmp_path / "c" / "autoencoder").exists()
     assert json.loads((tmp_path / "c" / "config.json").read_text())["autoencoder"]["weights"].startswith(str(ae_run))
 
 
-def test_ldm_cli_errors(fake_home, ae_run, tmp_path, capsys):
+def _serve_and_animate(run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from aigckit.cli import main
+    from aigckit.serve.app import create_app
+    from aigckit.serve.models import Registry
+
+    app = create_app(Registry([f"ldm={run}"]), load_in_background=False)
+    with TestClient(app) as c:
+        info = [m for m in c.get("/v1/models").json()["data"] if m["id"] == "ldm"][0]
+        assert info["family"] == "ldm" and info["size"] == "28x28" and info["text_conditioned"] is True
+        r = c.post("/v1/images/generations", json={"model": "ldm", "prompt": "a coat", "negative_prompt": "a bag",
+                                                    "n": 2, "steps": 2, "guidance": 3, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["parameters"]["model"] == "ldm"
+        r = c.post("/v1/images/generations", json={"model": "ldm", "prompt": "a coat", "size": "7x7"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+    assert main(["image", "animate", str(run), "--prompt", "a coat", "--prompt", "a bag", "--frames", "2",
+                 "--steps", "2", "--out", str(tmp_path / "walk.gif")]) == 0
+    assert (tmp_path / "walk.gif").exists()
+
+
+def test_ldm_cli_errors(fake_home, ae_run, small_data, tmp_path, capsys):
     from aigckit.cli import main
 
     base = ["image", "train", "--model", "ldm", "--data", "fashion-mnist-captions", "--steps", "1", "--size", "tiny"]

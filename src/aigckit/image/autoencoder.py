@@ -161,9 +161,13 @@ class Autoencoder(nn.Module):
         """z -> the reconstruction (not clamped; the loss sees it as it is)."""
         return self.decoder(z)
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, labels: None = None,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """'rec' = mean |x - x̂|, 'kl' = mean KL per latent element, 'loss' = rec + kl_weight · kl, and 'mse'
-        (not optimised, for the logs); z = μ + σ·ε drawn with ``generator``."""
+        (not optimised, for the logs); z = μ + σ·ε drawn with ``generator``. Unconditional: ``labels`` (the VAE's
+        signature, so the two share a training step) must be None."""
+        if labels is not None:
+            raise AigcError("the autoencoder is unconditional; it takes no labels")
         mu, logvar = self.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
         x_hat = self.decode(z)

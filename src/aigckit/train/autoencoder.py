@@ -9,23 +9,23 @@ import torch
 from aigckit.data.images import load_dataset, to_float
 from aigckit.image.autoencoder import Autoencoder, AutoencoderConfig
 from aigckit.train.family import preset
+from aigckit.train.vae import Trainer as VAETrainer
 
-# f = 4: 28x28x1 -> 4x7x7 (4x fewer numbers), 32x32x3 -> 4x8x8 (12x)
+# f = 4: 28x28x1 -> 4x7x7 (4x fewer numbers), 32x32x3 -> 4x8x8 (12x). "small" (0.2 M parameters) trains at about
+# 90 images/s on 2 threads of the shared 2-core CPU, twice the pixel UNet "mini"
 PRESETS = {
     "tiny": dict(base=8, mults=(1, 2), num_res_blocks=1, groups=4, latent_channels=2),
-    "small": dict(base=32, mults=(1, 2, 2), num_res_blocks=1, groups=8, latent_channels=4),
+    "small": dict(base=16, mults=(1, 2, 2), num_res_blocks=1, groups=8, latent_channels=4),
     "base": dict(base=64, mults=(1, 2, 2), num_res_blocks=2, groups=8, latent_channels=4),
 }
 GRID_ROWS = 8
 
 
-class Trainer:
-    family = "autoencoder"
-    default_lr = 1e-3
-    grid_nrow = GRID_ROWS
+class Trainer(VAETrainer):
+    """The VAE family's Adam step and learning rate (1e-3); its own model, data and grids."""
 
-    def default_resolution(self, args) -> int | None:
-        return None
+    family = "autoencoder"
+    grid_nrow = GRID_ROWS
 
     def dataset(self, args):
         """The data set's images (a captioned one's too: the autoencoder of an ldm run learns the same images)."""
@@ -40,18 +40,6 @@ class Trainer:
                                 **preset(PRESETS, args.size, "autoencoder", latent_channels=args.latent_dim))
         self.grid_images = to_float(ds.images[:GRID_ROWS * GRID_ROWS // 2])
         return cfg, Autoencoder(cfg)
-
-    def optimizers(self, model, args):
-        return {"model": torch.optim.Adam(model.parameters(), lr=args.lr or self.default_lr)}
-
-    def step(self, model, opts, x, labels, gen) -> dict[str, float]:
-        model.train()
-        out = model.loss(x, gen)
-        opt = opts["model"]
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        return {k: v.item() for k, v in out.items()}
 
     def grid(self, ema, args, labels, gen) -> torch.Tensor:
         ema.eval()
