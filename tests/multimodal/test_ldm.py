@@ -38,6 +38,23 @@ def test_autoencoder_shapes_loss_and_scale():
         ae.encode(torch.zeros(1, 3, 28, 28))
 
 
+def test_samplers_clip_x0_to_a_given_range():
+    """Pixels clip x̂_0 to [-1, 1] (clip=True), latents to their own range (clip=B), or not at all (False)."""
+    from aigckit.image.diffusion import ddim_step, ddpm_step, make_schedule, predict_x0
+
+    sch = make_schedule("cosine", 50)
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0)) * 3
+    eps = torch.zeros_like(x)
+    x0 = predict_x0(sch, x, eps, 10)  # far outside [-1, 1]
+    a_prev = sch.alpha_bars[4].item() ** 0.5
+    assert torch.allclose(ddim_step(x, eps, 10, 4, schedule=sch, clip=False), ddim_step(x, eps, 10, 4, schedule=sch, clip=0))
+    for clip, bound in ((True, 1.0), (2.5, 2.5)):
+        out = ddim_step(x, eps, 10, -1, schedule=sch, clip=clip)  # to t = -1: x_prev is x̂_0 itself
+        assert torch.allclose(out, x0.clamp(-bound, bound))
+        assert ddpm_step(x, eps, 0, schedule=sch, clip=clip).abs().max() <= bound + 1e-6
+    assert ddim_step(x, eps, 10, 4, schedule=sch, clip=False).abs().max() > a_prev * 2.5
+
+
 @pytest.fixture(scope="module")
 def ae_run(fake_home, tmp_path_factory):
     """`aigc image train --model autoencoder` on captioned Fashion-MNIST's images: a few steps."""
@@ -107,7 +124,8 @@ def test_ldm_trains_samples_and_resumes_bit_for_bit(fake_home, ae_run, small_dat
     assert cfg["autoencoder"]["test_reconstruction"]["images"] == 256
     assert (tmp_path / "a" / "autoencoder" / "config.json").exists() and (tmp_path / "a" / "latents.safetensors").exists()
     mu = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "a" / "latents.safetensors"))["mu"]
-    assert abs(float((mu * cfg["model"]["autoencoder"]["scale_factor"]).std()) - 1) < 1e-4
+    z = mu * cfg["model"]["autoencoder"]["scale_factor"]
+    assert abs(float(z.std()) - 1) < 1e-4 and cfg["model"]["latent_clip"] == pytest.approx(float(z.abs().max()))
 
     # interrupted at step 2 and resumed to 5: the same weights, bit for bit
     train(_ldm_args(tmp_path / "b", steps=2), progress=False)

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=64, help="images per step (per rank under torchrun)")
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", default="small", help="model size preset: tiny | small | base")
+    t.add_argument("--size", default="small", help="model size preset: tiny | mini (ddpm/ldm with --condition text) | "
+                   "small | base")
     t.add_argument("--resolution", type=int, help="image size (default: the data's)")
     t.add_argument("--channels", type=int, choices=[1, 3], help="1 = grayscale, 3 = RGB (default: the data's)")
     t.add_argument("--ema-decay", type=float, default=0.999)
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="autoencoder: KL weight per latent element (small: detailed latents; default 1e-5)")
     t.add_argument("--vae", metavar="RUN", help="ldm: a trained autoencoder run (aigc image train --model "
                    "autoencoder) to use, frozen; default: train one first into OUT/autoencoder")
-    t.add_argument("--vae-steps", type=int, default=2000, help="ldm without --vae: autoencoder training steps")
+    t.add_argument("--vae-steps", type=int, default=1000, help="ldm without --vae: autoencoder training steps")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)

@@ -140,16 +140,25 @@ def predict_x0(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t: torc
 # ------------------------------------------------------------------------------------------------ samplers
 
 
+def _clip_bound(clip: bool | float) -> float | None:
+    """``clip``: True = the pixel range [-1, 1], a number B = [-B, B] (latents), False / 0 = none."""
+    if clip is True:
+        return 1.0
+    return float(clip) if clip else None
+
+
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, *, schedule: Schedule,
-              generator: torch.Generator | None = None, clip: bool = True,
+              generator: torch.Generator | None = None, clip: bool | float = True,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} ~ N(μ̃_t(x_t, x̂_0), β̃_t) with
-    μ̃_t = sqrt(ᾱ_{t-1})·β_t/(1-ᾱ_t)·x̂_0 + sqrt(α_t)·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t and β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t."""
+    μ̃_t = sqrt(ᾱ_{t-1})·β_t/(1-ᾱ_t)·x̂_0 + sqrt(α_t)·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t and β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t.
+    ``clip``: x̂_0 clamped to [-1, 1] (True), to [-clip, clip] (a number), or not (False)."""
     b, a, ab = schedule.betas[t].item(), schedule.alphas[t].item(), schedule.alpha_bars[t].item()
     ab_prev = schedule.alpha_bars[t - 1].item() if t > 0 else 1.0
     x0 = predict_x0(schedule, x_t, eps, t)
-    if clip:
-        x0 = x0.clamp(-1, 1)
+    bound = _clip_bound(clip)
+    if bound is not None:
+        x0 = x0.clamp(-bound, bound)
     mean = (math.sqrt(ab_prev) * b / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_prev) / (1 - ab)) * x_t
     if t == 0:
         return mean
@@ -159,17 +168,19 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, *, schedule: Schedul
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, *, schedule: Schedule, eta: float = 0.0,
-              generator: torch.Generator | None = None, clip: bool = True,
+              generator: torch.Generator | None = None, clip: bool | float = True,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (t_prev = -1 means the clean image, ᾱ = 1):
-    x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1-ᾱ_prev-σ²)·ε̂ + σ·z,  σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev)."""
+    x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1-ᾱ_prev-σ²)·ε̂ + σ·z,  σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev).
+    ``clip`` as in ``ddpm_step``."""
     if eta < 0:
         raise AigcError(f"eta must be >= 0, got {eta}")
     ab = schedule.alpha_bars[t].item()
     ab_prev = schedule.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
     x0 = predict_x0(schedule, x_t, eps, t)
-    if clip:
-        x0 = x0.clamp(-1, 1)
+    bound = _clip_bound(clip)
+    if bound is not None:
+        x0 = x0.clamp(-bound, bound)
         eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)  # ε̂ consistent with the clipped x̂_0
     sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(max(0.0, 1 - ab / ab_prev))
     x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma**2)) * eps
@@ -194,7 +205,7 @@ class DiffusionModel(nn.Module):
     """The denoiser plus its schedule. ``forward`` = the UNet's prediction (ε or v, per config).
     ``clip_x0`` and ``to_images`` are what latent diffusion (``ldm.py``) changes: pixels clip x̂_0 to [-1, 1]."""
 
-    clip_x0 = True
+    clip_x0: bool | float = True
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()

@@ -6,7 +6,10 @@ on the latents of a frozen autoencoder (``autoencoder.py``) instead of on pixels
 
 Everything between noise and z_0 is unchanged: the UNet, the schedules, ``ddpm_step`` / ``ddim_step`` and the guidance
 loop in ``diffusion.sample`` work on tensors of any shape. Two differences, both hooks of ``DiffusionModel``:
-x̂_0 is not clipped to [-1, 1] at each step (latents are unbounded; pixels are not), and ``to_images`` decodes.
+x̂_0 is clipped at each step to the range of the training latents, [-latent_clip, latent_clip], instead of the
+pixels' [-1, 1], and ``to_images`` decodes. The clip matters: with the cosine schedule ᾱ at t = T-1 is ~1e-9, so
+the first DDIM step multiplies the error of ε̂ by sqrt(ᾱ_prev/ᾱ_t) ~ 1e3, and unclipped latents came out with a
+standard deviation of ~1,500 (decoded: blobs).
 One ``state_dict`` holds both networks (``unet.*`` and ``autoencoder.*``), so a checkpoint is a whole model.
 """
 
@@ -24,11 +27,14 @@ from aigckit.image.diffusion import DiffusionConfig, DiffusionModel
 @dataclass
 class LatentDiffusionConfig(DiffusionConfig):
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent_clip: float = 0.0  # sampling clamps x̂_0 to [-latent_clip, latent_clip] (max |z| of the training latents)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.autoencoder, dict):
             self.autoencoder = AutoencoderConfig(**self.autoencoder)
+        if self.latent_clip < 0:
+            raise AigcError(f"latent_clip must be >= 0, got {self.latent_clip}")
         ae, u = self.autoencoder, self.unet
         if (u.channels, u.resolution) != (ae.latent_channels, ae.latent_resolution):
             raise AigcError(f"the UNet works on {u.channels} x {u.resolution}^2 but the autoencoder's latents are "
@@ -44,10 +50,9 @@ class LatentDiffusionConfig(DiffusionConfig):
 
 
 class LatentDiffusionModel(DiffusionModel):
-    clip_x0 = False  # latents are unbounded
-
     def __init__(self, cfg: LatentDiffusionConfig):
         super().__init__(cfg)
+        self.clip_x0 = cfg.latent_clip or False  # the training latents' range (0: no clipping)
         self.autoencoder = Autoencoder(cfg.autoencoder)
         self.autoencoder.requires_grad_(False)  # frozen: trained first, only the UNet learns here
 

@@ -7,7 +7,8 @@ Two stages, as Stable Diffusion:
    its own: checkpoints, metrics, reconstruction grids; killed midway, the next start of the same command resumes
    it). Then frozen: its reconstruction MSE/PSNR on test images goes into the run's config.json.
 2. The training images are encoded once (posterior means, cached in ``RUN/latents.safetensors`` keyed by the
-   autoencoder's weights), scaled to unit variance (the factor is kept in the model config), and the text-to-image
+   autoencoder's weights), scaled to unit variance (the factor is kept in the model config, with the latents'
+   range that sampling clips x̂_0 to), and the text-to-image
    trainer of ``train/t2i.py`` runs on them unchanged: caption sampling, caption dropout, the UNet with
    cross-attention, EMA, checkpoints, bit-for-bit resume. Only the UNet is optimised; the checkpoints hold both
    networks, so a run samples (decodes) like a pixel-space one.
@@ -62,7 +63,8 @@ class Trainer(TextToImageTrainer):
         enc = self.prepare_text(args)
         unet = UNetConfig(resolution=ae_cfg.latent_resolution, channels=ae_cfg.latent_channels, context_dim=enc.dim,
                           **preset(PRESETS, args.size, "ldm"))
-        cfg = LatentDiffusionConfig(unet=unet, autoencoder=ae_cfg, **self.diffusion_options(args))
+        cfg = LatentDiffusionConfig(unet=unet, autoencoder=ae_cfg, latent_clip=float(self.latents.abs().max()),
+                                    **self.diffusion_options(args))
         model = LatentDiffusionModel(cfg)
         model.autoencoder.load_state_dict(ae.state_dict())
         test = caption_data(args.data, "test", args.seed)[0].images[:RECON_TEST_IMAGES]

@@ -75,7 +75,7 @@ class TrainArgs:
     latent_dim: int | None = None  # vae / dcgan (nz) / autoencoder (latent channels)
     kl_weight: float = 1e-5  # autoencoder (and the one an ldm run trains first)
     vae: str | None = None  # ldm: a trained autoencoder run to use (None: train one first into OUT/autoencoder)
-    vae_steps: int = 2000  # ldm without --vae: steps of that first stage
+    vae_steps: int = 1000  # ldm without --vae: steps of that first stage (about 12 minutes on 2 busy cores)
 
     def __post_init__(self) -> None:
         if self.model not in FAMILIES:
