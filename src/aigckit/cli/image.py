@@ -12,12 +12,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Image generation on Fashion-MNIST or your image folders.")
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", parser_class=type(p))
 
-    t = isub.add_parser("train", help="train (or --resume) a dcgan, vae or ddpm run",
+    t = isub.add_parser("train", help="train (or --resume) a dcgan, vae, ddpm, ldm or autoencoder run",
                         description="Train (or --resume) a run. Data-parallel under torchrun, e.g. `torchrun "
                                     "--standalone --nproc-per-node 2 -m aigckit image train ...`: gloo on the CPU, "
                                     "rank 0 writes metrics, grids and checkpoints; a run resumes on another number "
                                     "of ranks with the same global batch (see docs/DISTRIBUTED.md).")
-    t.add_argument("--model", required=True, help="dcgan | vae | ddpm")
+    t.add_argument("--model", required=True,
+                   help="dcgan | vae | ddpm | ldm (latent diffusion, with --condition text: an autoencoder first, "
+                   "then the text-conditioned UNet on its latents) | autoencoder (the first stage of ldm)")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image-folder URL (fsspec)")
     t.add_argument("--out", required=True, help="run folder (runs/NAME)")
     t.add_argument("--steps", type=int, help="stop after N optimiser steps")
@@ -30,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=64, help="images per step (per rank under torchrun)")
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", default="small", help="model size preset: tiny | small | base")
+    t.add_argument("--size", default="small", help="model size preset: tiny | mini (ddpm/ldm with --condition text) | "
+                   "small | base")
     t.add_argument("--resolution", type=int, help="image size (default: the data's)")
     t.add_argument("--channels", type=int, choices=[1, 3], help="1 = grayscale, 3 = RGB (default: the data's)")
     t.add_argument("--ema-decay", type=float, default=0.999)
@@ -46,7 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--timesteps", type=int, default=1000, help="ddpm T")
     t.add_argument("--label-dropout", type=float, default=0.1, help="ddpm: p(drop label) for guidance")
     t.add_argument("--beta", type=float, default=1.0, help="vae: KL weight")
-    t.add_argument("--latent-dim", type=int, help="vae latent size / dcgan nz")
+    t.add_argument("--latent-dim", type=int, help="vae latent size / dcgan nz / autoencoder latent channels")
+    t.add_argument("--kl-weight", type=float, default=1e-5,
+                   help="autoencoder: KL weight per latent element (small: detailed latents; default 1e-5)")
+    t.add_argument("--vae", metavar="RUN", help="ldm: a trained autoencoder run (aigc image train --model "
+                   "autoencoder) to use, frozen; default: train one first into OUT/autoencoder")
+    t.add_argument("--vae-steps", type=int, default=1000, help="ldm without --vae: autoencoder training steps")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -128,7 +136,8 @@ def _train(a) -> int:
                      resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,
                      sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                      schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
-                     label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype)
+                     label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype,
+                     kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps)
     final = train(args, resume=a.resume, progress=not a.quiet)
     print(final)
     return 0

@@ -27,10 +27,13 @@ from aigckit.errors import AigcError
 from aigckit.image.dcgan import DCGAN, DCGANConfig
 from aigckit.image.diffusion import DiffusionConfig, DiffusionModel, sample as diffusion_sample
 from aigckit.image.io import make_grid, save_png, to_pil
+from aigckit.image.ldm import LatentDiffusionConfig, LatentDiffusionModel
 from aigckit.image.vae import VAE, VAEConfig
 
 MAX_SAMPLES = 100_000
-FAMILIES = {"ddpm": (DiffusionConfig, DiffusionModel), "vae": (VAEConfig, VAE), "dcgan": (DCGANConfig, DCGAN)}
+FAMILIES = {"ddpm": (DiffusionConfig, DiffusionModel), "ldm": (LatentDiffusionConfig, LatentDiffusionModel),
+            "vae": (VAEConfig, VAE), "dcgan": (DCGANConfig, DCGAN)}
+DIFFUSION_FAMILIES = ("ddpm", "ldm")  # pixel and latent diffusion: the same samplers, guidance and options
 
 
 def build_model(family: str, model_cfg: dict):
@@ -92,8 +95,12 @@ class ImageModel:
         return self.num_classes > 0
 
     @property
+    def diffusion(self) -> bool:
+        return self.family in DIFFUSION_FAMILIES
+
+    @property
     def text_conditioned(self) -> bool:
-        return self.family == "ddpm" and self.model.cfg.text_conditioned
+        return self.diffusion and self.model.cfg.text_conditioned
 
     def prompts_for(self, prompts, n: int) -> list[str]:
         """One prompt, or a list of prompts: n must be a multiple of their count; each prompt fills n / count
@@ -117,7 +124,7 @@ class ImageModel:
     def labels_for(self, classes, n: int) -> torch.Tensor | None:
         """None | one class (name or index) | a list of n classes | 'all' (cycle through classes) -> labels."""
         if classes is None:
-            if self.conditional and self.family != "ddpm":
+            if self.conditional and not self.diffusion:
                 classes = "all"  # GAN/VAE need a label; cycle through the classes
             else:
                 return None
@@ -145,7 +152,7 @@ class ImageModel:
             raise AigcError(f"n must be in 1..{MAX_SAMPLES}, got {n}", param="n")
         if not 0 < temperature <= 10:
             raise AigcError(f"temperature must be in (0, 10], got {temperature}", param="temperature")
-        if temperature != 1.0 and self.family == "ddpm":
+        if temperature != 1.0 and self.diffusion:
             raise AigcError("temperature applies to VAE and GAN latents; diffusion runs use --guidance / --eta", param="temperature")
         if seed is None:
             seed = secrets.randbits(31)
@@ -162,7 +169,7 @@ class ImageModel:
             raise AigcError(f"this {self.family} model is not text-conditioned; use classes", param="prompt")
         labels = self.labels_for(classes, n)
         if guidance is None:
-            guidance = 3.0 if ((labels is not None or text is not None) and self.family == "ddpm") else 1.0
+            guidance = 3.0 if ((labels is not None or text is not None) and self.diffusion) else 1.0
         if guidance < 0 or guidance > 50:
             raise AigcError(f"guidance must be in [0, 50], got {guidance}", param="guidance")
         gen = torch.Generator().manual_seed(seed)
@@ -173,7 +180,7 @@ class ImageModel:
             for i in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
                 b = min(batch_size, n - i)
                 y = labels[i:i + b] if labels is not None else None
-                if self.family == "ddpm":
+                if self.diffusion:
                     outs.append(diffusion_sample(self.model, b, labels=y, guidance=guidance, sampler=sampler,
                                                  steps=steps if sampler == "ddim" else None, eta=eta,
                                                  generator=gen, progress=progress and n <= batch_size,
@@ -182,7 +189,7 @@ class ImageModel:
                 else:
                     outs.append(self.model.sample(b, y, generator=gen, temperature=temperature))
         params = {"model": self.family, "run": str(self.checkpoint), "seed": seed, "n": n}
-        if self.family == "ddpm":
+        if self.diffusion:
             params.update(sampler=sampler, steps=self.model.cfg.timesteps if sampler == "ddpm" else (steps or 50),
                           eta=eta, guidance=guidance, dtype=dtype)
         elif temperature != 1.0:
@@ -250,6 +257,6 @@ def load_image_model(run: str | Path, *, weights: str = "ema") -> ImageModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if config["family"] == "ddpm":  # inference only: channels-last conv weights (sampling ~1.5x faster on CPU)
+    if config["family"] in DIFFUSION_FAMILIES:  # inference only: channels-last conv weights (sampling ~1.5x faster on CPU)
         model.to(memory_format=torch.channels_last)
     return ImageModel(ckpt, config, model)

@@ -62,6 +62,11 @@ class DiffusionConfig:
         return self.unet.num_classes
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one x_t (the space diffusion runs in): the image's here, the latent's for latent diffusion."""
+        return (self.unet.channels, self.unet.resolution, self.unet.resolution)
+
+    @property
     def text_conditioned(self) -> bool:
         return self.unet.context_dim > 0
 
@@ -135,16 +140,25 @@ def predict_x0(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t: torc
 # ------------------------------------------------------------------------------------------------ samplers
 
 
+def _clip_bound(clip: bool | float) -> float | None:
+    """``clip``: True = the pixel range [-1, 1], a number B = [-B, B] (latents), False / 0 = none."""
+    if clip is True:
+        return 1.0
+    return float(clip) if clip else None
+
+
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, *, schedule: Schedule,
-              generator: torch.Generator | None = None, clip: bool = True,
+              generator: torch.Generator | None = None, clip: bool | float = True,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} ~ N(μ̃_t(x_t, x̂_0), β̃_t) with
-    μ̃_t = sqrt(ᾱ_{t-1})·β_t/(1-ᾱ_t)·x̂_0 + sqrt(α_t)·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t and β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t."""
+    μ̃_t = sqrt(ᾱ_{t-1})·β_t/(1-ᾱ_t)·x̂_0 + sqrt(α_t)·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t and β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t.
+    ``clip``: x̂_0 clamped to [-1, 1] (True), to [-clip, clip] (a number), or not (False)."""
     b, a, ab = schedule.betas[t].item(), schedule.alphas[t].item(), schedule.alpha_bars[t].item()
     ab_prev = schedule.alpha_bars[t - 1].item() if t > 0 else 1.0
     x0 = predict_x0(schedule, x_t, eps, t)
-    if clip:
-        x0 = x0.clamp(-1, 1)
+    bound = _clip_bound(clip)
+    if bound is not None:
+        x0 = x0.clamp(-bound, bound)
     mean = (math.sqrt(ab_prev) * b / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_prev) / (1 - ab)) * x_t
     if t == 0:
         return mean
@@ -154,17 +168,19 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, *, schedule: Schedul
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, *, schedule: Schedule, eta: float = 0.0,
-              generator: torch.Generator | None = None, clip: bool = True,
+              generator: torch.Generator | None = None, clip: bool | float = True,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (t_prev = -1 means the clean image, ᾱ = 1):
-    x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1-ᾱ_prev-σ²)·ε̂ + σ·z,  σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev)."""
+    x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1-ᾱ_prev-σ²)·ε̂ + σ·z,  σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev).
+    ``clip`` as in ``ddpm_step``."""
     if eta < 0:
         raise AigcError(f"eta must be >= 0, got {eta}")
     ab = schedule.alpha_bars[t].item()
     ab_prev = schedule.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
     x0 = predict_x0(schedule, x_t, eps, t)
-    if clip:
-        x0 = x0.clamp(-1, 1)
+    bound = _clip_bound(clip)
+    if bound is not None:
+        x0 = x0.clamp(-bound, bound)
         eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)  # ε̂ consistent with the clipped x̂_0
     sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(max(0.0, 1 - ab / ab_prev))
     x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma**2)) * eps
@@ -186,7 +202,10 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:  # noqa: N803
 
 
 class DiffusionModel(nn.Module):
-    """The denoiser plus its schedule. ``forward`` = the UNet's prediction (ε or v, per config)."""
+    """The denoiser plus its schedule. ``forward`` = the UNet's prediction (ε or v, per config).
+    ``clip_x0`` and ``to_images`` are what latent diffusion (``ldm.py``) changes: pixels clip x̂_0 to [-1, 1]."""
+
+    clip_x0: bool | float = True
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
@@ -217,6 +236,10 @@ class DiffusionModel(nn.Module):
         target = eps if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, eps)
         return torch.mean((self(x_t, t, labels, text) - target) ** 2)
 
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """The sampler's final x_0 -> images in [-1, 1]."""
+        return x0.clamp(-1, 1)
+
 
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None, guidance: float = 1.0,
@@ -224,7 +247,8 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
            generator: torch.Generator | None = None, progress: bool = False,
            dtype: str = "float32", text: TextCondition | None = None,
            negative: TextCondition | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:  # noqa: N803
-    """Draw n images in [-1, 1] starting from x_T ~ N(0, I).
+    """Draw n images in [-1, 1] starting from x_T ~ N(0, I) (of ``cfg.sample_shape``: latents for latent diffusion,
+    decoded at the end by ``model.to_images``).
 
     Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂(x_t, ∅) + w·(ε̂(x_t, y) - ε̂(x_t, ∅)) with w = ``guidance``;
     w = 1 is the plain conditional model, w = 0 the unconditional one.
@@ -264,7 +288,7 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
     if text is not None:
         both = TextCondition.cat([text, negative])  # one batch of 2n rows: prompt, then negative prompt
     null = torch.full((n,), cfg.num_classes, dtype=torch.long) if cfg.num_classes else None
-    shape = (n, cfg.channels, cfg.resolution, cfg.resolution)
+    shape = (n, *cfg.sample_shape)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise AigcError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
     x = x_T.float().clone() if x_T is not None else torch.randn(shape, generator=generator)  # x_T
@@ -285,8 +309,8 @@ def sample(model: DiffusionModel, n: int, *, labels: torch.Tensor | None = None,
         else:
             eps = to_eps(sch, x, net(x, tt, labels if labels is not None else null), t, cfg.prediction)
         if sampler == "ddpm":
-            x = ddpm_step(x, eps, t, schedule=sch, generator=generator)
+            x = ddpm_step(x, eps, t, schedule=sch, generator=generator, clip=model.clip_x0)
         else:
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            x = ddim_step(x, eps, t, t_prev, schedule=sch, eta=eta, generator=generator)
-    return x.clamp(-1, 1)
+            x = ddim_step(x, eps, t, t_prev, schedule=sch, eta=eta, generator=generator, clip=model.clip_x0)
+    return model.to_images(x)

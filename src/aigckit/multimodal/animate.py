@@ -54,7 +54,7 @@ def animate(model, prompts: list[str], *, frames: int = 16, seed: int = 0, guida
     cfg = model.model.cfg
     conds = [model.encode_prompts([p]) for p in prompts]
     neg = model.encode_prompts([negative_prompt or ""])
-    shape = (1, cfg.channels, cfg.resolution, cfg.resolution)
+    shape = (1, *cfg.sample_shape)  # latents for latent diffusion
     noises = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
     out, params = [], []
     legs = [(i, k) for i in range(len(prompts) - 1) for k in range(frames) if i == 0 or k > 0]

@@ -2,6 +2,9 @@
 
 Each family file (``train/diffusion.py``, ``train/vae.py``, ``train/gan.py``) defines a ``Trainer`` class with these
 members; the loop owns data order, EMA, checkpoints, metrics and grids, the family only its model and its step.
+Optional members the loop uses when a family has them: ``dataset(args)`` (its own data, e.g. captioned images),
+``inputs(idx)`` (the batch for the data indices ``idx`` instead of the images: ldm's cached latents),
+``run_info()`` (extra config.json entries) and ``grid_nrow``.
 """
 
 from __future__ import annotations

@@ -37,13 +37,15 @@ from aigckit.train.ema import make_ema, update_ema
 from aigckit.train.family import FamilyTrainer
 from aigckit.train.metrics import append_metrics, plot_curves, truncate_metrics
 
-FAMILIES = {"ddpm": "aigckit.train.diffusion", "vae": "aigckit.train.vae", "dcgan": "aigckit.train.gan"}
-TEXT_FAMILIES = {"ddpm": "aigckit.train.t2i"}  # --condition text
+FAMILIES = {"ddpm": "aigckit.train.diffusion", "vae": "aigckit.train.vae", "dcgan": "aigckit.train.gan",
+            "autoencoder": "aigckit.train.autoencoder", "ldm": "aigckit.train.ldm"}
+TEXT_FAMILIES = {"ddpm": "aigckit.train.t2i", "ldm": "aigckit.train.ldm"}  # --condition text
+TEXT_ONLY = ("ldm",)  # families that exist only text-conditioned
 
 
 @dataclass
 class TrainArgs:
-    model: str  # ddpm | vae | dcgan
+    model: str  # ddpm | vae | dcgan | autoencoder | ldm
     out: str
     data: str = "fashion-mnist"
     steps: int | None = None  # stop after this many optimiser steps ...
@@ -70,7 +72,10 @@ class TrainArgs:
     label_dropout: float = 0.1  # ddpm (classifier-free guidance)
     grid_steps: int = 50  # ddpm: DDIM steps for the periodic grids
     beta: float = 1.0  # vae
-    latent_dim: int | None = None  # vae / dcgan (nz)
+    latent_dim: int | None = None  # vae / dcgan (nz) / autoencoder (latent channels)
+    kl_weight: float = 1e-5  # autoencoder (and the one an ldm run trains first)
+    vae: str | None = None  # ldm: a trained autoencoder run to use (None: train one first into OUT/autoencoder)
+    vae_steps: int = 1000  # ldm without --vae: steps of that first stage (about 12 minutes on 2 busy cores)
 
     def __post_init__(self) -> None:
         if self.model not in FAMILIES:
@@ -90,6 +95,15 @@ class TrainArgs:
         if self.condition == "text" and self.model not in TEXT_FAMILIES:
             raise AigcError(f"--condition text works with --model {', '.join(TEXT_FAMILIES)}, not {self.model}",
                             param="condition")
+        if self.model in TEXT_ONLY and self.condition != "text":
+            raise AigcError(f"--model {self.model} is text-to-image only: add --condition text "
+                            "(and --data fashion-mnist-captions or shapes)", param="condition")
+        if self.vae is not None and self.model != "ldm":
+            raise AigcError(f"--vae applies to --model ldm, not {self.model}", param="vae")
+        if self.vae_steps < 1:
+            raise AigcError(f"vae steps must be >= 1, got {self.vae_steps}", param="vae_steps")
+        if self.kl_weight < 0:
+            raise AigcError(f"kl weight must be >= 0, got {self.kl_weight}", param="kl_weight")
         if self.condition == "class":
             self.conditional = True
         if self.condition == "text" and self.conditional:
@@ -108,6 +122,8 @@ def family_trainer(name: str, condition: str = "") -> FamilyTrainer:
         raise AigcError(f"unknown model {name!r}; known: {', '.join(FAMILIES)}")
     if condition == "text":
         return importlib.import_module(TEXT_FAMILIES[name]).Trainer()
+    if name in TEXT_ONLY:
+        raise AigcError(f"--model {name} needs --condition text", param="condition")
     return importlib.import_module(FAMILIES[name]).Trainer()
 
 
@@ -171,6 +187,8 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
               "data": {"name": ds.name, "class_names": ds.class_names if args.conditional else [],
                        "resolution": ds.resolution, "channels": ds.channels},
               "distributed": {"world_size": d.world_size, "global_batch": args.batch_size * d.world_size}}
+    if hasattr(trainer, "run_info"):  # e.g. an ldm run's autoencoder: where from, how well it reconstructs
+        config.update(trainer.run_info())
     if ckpt is not None:
         ck.load_weights(model, ckpt / "model.safetensors")
         ck.load_weights(ema, ckpt / "ema.safetensors")
@@ -241,7 +259,7 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
                 break
             t0 = time.perf_counter()
             idx = sampler.next()
-            x = to_float(X[idx])
+            x = trainer.inputs(idx) if hasattr(trainer, "inputs") else to_float(X[idx])  # ldm: cached latents
             y = Y[idx] if args.conditional or args.condition == "text" else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 losses = trainer.step(model, opts, x, y, gen)

@@ -60,16 +60,26 @@ class Trainer(DiffusionTrainer):
         return ds
 
     def build(self, args, ds):
+        enc = self.prepare_text(args)
+        unet = UNetConfig(resolution=ds.resolution, channels=ds.channels, context_dim=enc.dim,
+                          **preset(PRESETS, args.size, "ddpm"))
+        cfg = DiffusionConfig(unet=unet, **self.diffusion_options(args))
+        return cfg, DiffusionModel(cfg)
+
+    def prepare_text(self, args):
+        """The frozen text encoder; the training captions' encodings (cached), their choice table, grid prompts."""
         enc = textcond.load_text_encoder(DEFAULT_TEXT_ENCODER, DEFAULT_MAX_TOKENS)
         self.bank = CaptionBank.build(self.captions.texts, enc, progress=True)
         self.table = self.captions.choice_table()
         self.grid_prompts = grid_prompts(args.data)
-        unet = UNetConfig(resolution=ds.resolution, channels=ds.channels, context_dim=enc.dim,
-                          **preset(PRESETS, args.size, "ddpm"))
-        cfg = DiffusionConfig(unet=unet, timesteps=args.timesteps, schedule=args.schedule,
-                              prediction=args.prediction, label_dropout=args.label_dropout,
-                              text_encoder=DEFAULT_TEXT_ENCODER, text_max_tokens=DEFAULT_MAX_TOKENS)
-        return cfg, DiffusionModel(cfg)
+        return enc
+
+    @staticmethod
+    def diffusion_options(args) -> dict:
+        """The DiffusionConfig fields besides the UNet's."""
+        return dict(timesteps=args.timesteps, schedule=args.schedule, prediction=args.prediction,
+                    label_dropout=args.label_dropout, text_encoder=DEFAULT_TEXT_ENCODER,
+                    text_max_tokens=DEFAULT_MAX_TOKENS)
 
     def captions_for(self, keys: torch.Tensor, dropout: float, gen: torch.Generator) -> torch.Tensor:
         """One caption id per image, drawn uniformly from its key's fitting captions; 0 (the empty prompt) with

@@ -67,11 +67,11 @@ async def images(request: Request, req: ImageRequest):
                 raise ApiError(400, str(e), param="prompt") from None
     else:
         classes = None
-    if im.family != "ddpm" and (req.steps is not None or req.guidance is not None or req.sampler is not None):
+    if not im.diffusion and (req.steps is not None or req.guidance is not None or req.sampler is not None):
         raise ApiError(400, f"steps, guidance and sampler apply to diffusion models; {sm.id} is a {im.family}",
                        param="steps")
     kw: dict[str, Any] = {"classes": classes, "seed": req.seed, **text_kw}
-    if im.family == "ddpm":
+    if im.diffusion:
         kw.update(sampler=req.sampler or "ddim", steps=req.steps or 50, guidance=req.guidance)
         if kw["sampler"] == "ddpm" and req.steps is not None:
             raise ApiError(400, "steps applies to the ddim sampler (ddpm runs every timestep)", param="steps")

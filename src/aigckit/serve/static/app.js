@@ -275,7 +275,7 @@ function onImageModel() {
   $("class-label").hidden = text;
   $("prompt-label").hidden = !text;
   $("negative-label").hidden = !text;
-  const diffusion = m && m.family === "ddpm";
+  const diffusion = m && (m.family === "ddpm" || m.family === "ldm");  // pixel or latent diffusion
   $("image-steps").disabled = !diffusion;
   $("steps-label").style.opacity = diffusion ? 1 : 0.45;
   if (diffusion && m.timesteps) $("image-steps").max = m.timesteps;
@@ -293,7 +293,7 @@ $("generate").addEventListener("click", async () => {
   if (m.text_conditioned && negative !== "") body.negative_prompt = negative;
   const seed = $("image-seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
-  if (m.family === "ddpm") {
+  if (m.family === "ddpm" || m.family === "ldm") {
     const steps = Number($("image-steps").value);
     if (steps > 0) body.steps = Math.min(steps, m.timesteps || steps);
   }
