@@ -132,7 +132,7 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
-def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path, folder):
+def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path, folder, monkeypatch):
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "aigckit",
            "image", "train", "--model", "vae", "--size", "tiny", "--data", str(folder), "--out", str(run),
@@ -157,7 +157,8 @@ def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path, folder):
     last = ck.latest_checkpoint(run)
     step = int(last.name.split("-")[1])
     torch.set_num_threads(1)
-    os.environ.setdefault("AIGC_HOME", str(tmp_path / "home"))
+    if "AIGC_HOME" not in os.environ:  # not os.environ itself: that leaked the path into every later test
+        monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
     final = loop.train(loop.TrainArgs(model="vae", out=str(run), steps=step + 1), resume=True, progress=False)
     assert final.name == f"step-{step + 1:09d}" and ck.read_config(final)["train"]["batch_size"] == 8
 
