@@ -281,8 +281,9 @@ def main() -> int:
     rng = random.Random(1)
     special = set(tok.eos_token_ids) if hasattr(tok, "eos_token_ids") else set()
     V = lm.config.vocab_size
+    # (and, for a gated watermark, gated detection: the model's entropies over the edited ids)
     for frac in (0.1, 0.2, 0.3):
-        hits = {1e-3: 0, 1e-5: 0}
+        hits = {(f, g): 0 for f in (1e-3, 1e-5) for g in ((False, True) if wm.min_entropy > 0 else (False,))}
         for pid, ids in rows["wm"]:
             ids = list(ids)
             for i in rng.sample(range(len(ids)), int(frac * len(ids))):
@@ -290,11 +291,14 @@ def main() -> int:
                 while t in special:
                     t = rng.randrange(V)
                 ids[i] = t
-            d = detect_ids(pid[-wm.context_width:] + ids, wm)
-            for f in hits:
-                hits[f] += d.p_value <= f
-        for f in hits:
-            out[f"tpr@{f:g}_sub{int(frac * 100)}"] = hits[f] / len(rows["wm"])
+            seq = pid[-wm.context_width:] + ids
+            d = {False: detect_ids(seq, wm)}
+            if wm.min_entropy > 0:
+                d[True] = detect_ids(seq, wm, entropies=token_entropies(seq, lm.model, lm.config))
+            for f, g in hits:
+                hits[f, g] += d[g].p_value <= f
+        for (f, g), h in hits.items():
+            out[f"tpr@{f:g}_sub{int(frac * 100)}{'_gated' if g else ''}"] = h / len(rows["wm"])
     # human text: false positives of the watermark test, and zero-shot
     hdet = [detect_text(t, wm, tok) for _, t in human]
     out["n_human"] = len(human)

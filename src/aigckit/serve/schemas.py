@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from aigckit.text.params import LIMITS
+from aigckit.trust.watermark import Watermark
 
 MAX_PROMPT_CHARS = 100_000
 MAX_TOKENS = 4096
@@ -52,7 +53,8 @@ class WatermarkSpec(_Strict):
     delta: float = Field(2.0, ge=0, le=100)
     context_width: int = Field(1, ge=1, le=16)
     self_hash: bool = False
-    min_entropy: float = Field(2.0, ge=0, le=20, description="mark only steps with at least this entropy (nats)")
+    min_entropy: float = Field(Watermark.min_entropy, ge=0, le=20,
+                               description="mark only steps with at least this entropy (nats)")
 
 
 class _Sampling(_Strict):
