@@ -72,6 +72,21 @@ def test_train_sample_and_corrupt_checkpoint(tmp_path, capsys):
 
 
 @needs_data
+def test_resume_takes_the_runs_own_options(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(["image", "train", "--model", "vae", "--size", "tiny", "--conditional", "--out", str(run),
+                 "--steps", "1", "--batch-size", "8", "--grid-n", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["image", "train", "--out", str(run), "--resume", "--model", "ddpm", "--steps", "2"]) == 2
+    assert "is a vae run, not ddpm" in _err(capsys)
+    assert main(["image", "train", "--out", str(run), "--resume", "--steps", "2", "--quiet"]) == 0  # no --model
+    assert capsys.readouterr().out.strip().endswith("step-000000002")
+    assert json.loads((run / "config.json").read_text())["train"]["conditional"] is True
+    assert main(["image", "train", "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "give --model" in _err(capsys)
+
+
+@needs_data
 def test_api_sample_and_interpolate(tmp_path):
     from aigckit import load_image_model
 

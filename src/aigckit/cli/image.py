@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "--standalone --nproc-per-node 2 -m aigckit image train ...`: gloo on the CPU, "
                                     "rank 0 writes metrics, grids and checkpoints; a run resumes on another number "
                                     "of ranks with the same global batch (see docs/DISTRIBUTED.md).")
-    t.add_argument("--model", required=True,
-                   help="dcgan | vae | ddpm | ldm (latent diffusion, with --condition text: an autoencoder first, "
+    t.add_argument("--model",
+                   help="(required unless --resume) dcgan | vae | ddpm | ldm (latent diffusion, with --condition text: an autoencoder first, "
                    "then the text-conditioned UNet on its latents) | autoencoder (the first stage of ldm)")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image-folder URL (fsspec)")
     t.add_argument("--out", required=True, help="run folder (runs/NAME)")
@@ -129,8 +129,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(a) -> int:
-    from aigckit.train.loop import TrainArgs, train
+    from aigckit.errors import AigcError
+    from aigckit.train.loop import TrainArgs, resume_args, train
 
+    if a.resume:  # the run's own options; only the stopping rule and the threads may change
+        args = resume_args(a.out, steps=a.steps, minutes=a.minutes, threads=a.threads)
+        if a.model is not None and a.model != args.model:
+            raise AigcError(f"{a.out} is a {args.model} run, not {a.model}", param="model")
+        final = train(args, resume=True, progress=not a.quiet)
+        print(final)
+        return 0
+    if a.model is None:
+        raise AigcError("give --model (dcgan, vae, ddpm, ldm or autoencoder), or --resume an existing run",
+                        param="model")
     args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
                      conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
                      resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,

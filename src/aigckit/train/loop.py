@@ -134,6 +134,24 @@ def train(args: TrainArgs, *, resume: bool = False, progress: bool = True) -> Pa
         return _train(args, d, resume=resume, progress=progress)
 
 
+def _saved_run(run: Path) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from (None: the run was killed before its first one) and its config."""
+    if ck.list_checkpoints(run):
+        ckpt = ck.latest_checkpoint(run)  # the newest intact one; damaged newer ones are named on stderr
+        return ckpt, ck.read_config(ckpt)
+    if (run / "config.json").exists():  # killed before its first checkpoint: start it again from step 0
+        return None, ck.read_config(run)
+    raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json", param="out")
+
+
+def resume_args(out: str, *, steps: int | None, minutes: float | None, threads: int | None) -> TrainArgs:
+    """The options a run was started with, under a new stopping rule and thread count: what ``--resume`` trains
+    with (the other options cannot change mid-run)."""
+    saved = dict(_saved_run(Path(out).expanduser())[1]["train"])
+    saved.update(steps=steps, minutes=minutes, threads=threads, out=out)
+    return args_from_dict(saved)
+
+
 def _resumed_args(saved: dict, saved_config: dict, args: TrainArgs, d: dd.Dist) -> TrainArgs:
     """The saved options with the new stopping rule, threads and folder; the per-rank batch keeps the global one."""
     # only the stopping rule (and the folder, if the run was moved) may change on resume
@@ -149,13 +167,7 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
     run = Path(args.out).expanduser()
     ckpt = None
     if resume:
-        if ck.list_checkpoints(run):
-            ckpt = ck.latest_checkpoint(run)  # the newest intact one; damaged newer ones are named on stderr
-            saved_config = ck.read_config(ckpt)
-        elif (run / "config.json").exists():  # killed before its first checkpoint: start it again from step 0
-            saved_config = ck.read_config(run)
-        else:
-            raise AigcError(f"nothing to resume in {run}: no checkpoint and no config.json")
+        ckpt, saved_config = _saved_run(run)
         args = _resumed_args(saved_config["train"], saved_config, args, d)
     elif ck.list_checkpoints(run):
         raise AigcError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
