@@ -30,8 +30,9 @@ if a.what == "fmnist":
     from aigckit.eval.t2i import prompt_accuracy
 
     clf, manifest = load_classifier(Path(a.classifier) if a.classifier else None)
-    print(json.dumps({"classifier_test_accuracy": manifest.get("test_accuracy"),
-                      "classifier_epochs": manifest.get("epochs")}), flush=True)
+    trained = manifest.get("training", {})
+    print(json.dumps({"classifier_test_accuracy": trained.get("test_accuracy"),
+                      "classifier_epochs": trained.get("epochs")}), flush=True)
     for g in a.guidance:
         print(json.dumps(prompt_accuracy(a.run, guidance=g, per_class=a.per_class, steps=a.steps, classifier=clf)),
               flush=True)
