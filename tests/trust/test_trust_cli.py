@@ -21,7 +21,8 @@ def test_text_watermark_then_detect(tiny_llama_dir, tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)["watermark"]
     # (the tiny tokenizer reads "w2x" as its special EOS "w2" + unknown: a few tokens do not round-trip)
     assert d["watermarked"] and d["green"] >= d["n_scored"] - 8 and 0 <= d["p_value"] < 1e-6
-    assert d["params"]["entropy_gate"] == Watermark.min_entropy  # the model's entropies decide which steps count (the default)
+    # the model's entropies decide which steps count (the default)
+    assert d["params"]["entropy_gate"] == Watermark.min_entropy
     assert main(["detect", str(f), "--key", "cli-key", "--model", str(tiny_llama_dir), "--json", "--keep-repeats",
                  "--no-model"]) == 0
     d0 = json.loads(capsys.readouterr().out)["watermark"]

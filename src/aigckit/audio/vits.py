@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aigckit.layers import embedding
 from aigckit.errors import AigcError
+from aigckit.layers import embedding
 
 LRELU_SLOPE = 0.1  # HiFi-GAN's leaky-ReLU slope inside the generator (the very last one uses torch's 0.01)
 

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "rank 0 writes metrics, grids and checkpoints; a run resumes on another number "
                                     "of ranks with the same global batch (see docs/DISTRIBUTED.md).")
     t.add_argument("--model",
-                   help="(required unless --resume) dcgan | vae | ddpm | ldm (latent diffusion, with --condition text: an autoencoder first, "
-                   "then the text-conditioned UNet on its latents) | autoencoder (the first stage of ldm)")
+                   help="(required unless --resume) dcgan | vae | ddpm | ldm (latent diffusion, with --condition "
+                   "text: an autoencoder first, then the text-conditioned UNet on its latents) | autoencoder (the "
+                   "first stage of ldm)")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image-folder URL (fsspec)")
     t.add_argument("--out", required=True, help="run folder (runs/NAME)")
     t.add_argument("--steps", type=int, help="stop after N optimiser steps")
@@ -136,19 +137,17 @@ def _train(a) -> int:
         args = resume_args(a.out, steps=a.steps, minutes=a.minutes, threads=a.threads)
         if a.model is not None and a.model != args.model:
             raise AigcError(f"{a.out} is a {args.model} run, not {a.model}", param="model")
-        final = train(args, resume=True, progress=not a.quiet)
-        print(final)
-        return 0
-    if a.model is None:
+    elif a.model is None:
         raise AigcError("give --model (dcgan, vae, ddpm, ldm or autoencoder), or --resume an existing run",
                         param="model")
-    args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
-                     conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr, seed=a.seed, size=a.size,
-                     resolution=a.resolution, channels=a.channels, ema_decay=a.ema_decay, ckpt_every=a.ckpt_every,
-                     sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
-                     schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
-                     label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype,
-                     kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps)
+    else:
+        args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
+                         conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr,
+                         seed=a.seed, size=a.size, resolution=a.resolution, channels=a.channels,
+                         ema_decay=a.ema_decay, ckpt_every=a.ckpt_every, sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
+                         schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
+                         label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype,
+                         kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps)
     final = train(args, resume=a.resume, progress=not a.quiet)
     print(final)
     return 0

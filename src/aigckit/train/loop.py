@@ -147,15 +147,17 @@ def _saved_run(run: Path) -> tuple[Path | None, dict]:
 def resume_args(out: str, *, steps: int | None, minutes: float | None, threads: int | None) -> TrainArgs:
     """The options a run was started with, under a new stopping rule and thread count: what ``--resume`` trains
     with (the other options cannot change mid-run)."""
-    saved = dict(_saved_run(Path(out).expanduser())[1]["train"])
-    saved.update(steps=steps, minutes=minutes, threads=threads, out=out)
-    return args_from_dict(saved)
+    return args_from_dict(_restarted(_saved_run(Path(out).expanduser())[1]["train"], steps, minutes, threads, out))
+
+
+def _restarted(saved: dict, steps: int | None, minutes: float | None, threads: int | None, out: str) -> dict:
+    """Only the stopping rule, the threads (and the folder, if the run was moved) may change on resume."""
+    return {**saved, "steps": steps, "minutes": minutes, "threads": threads, "out": out}
 
 
 def _resumed_args(saved: dict, saved_config: dict, args: TrainArgs, d: dd.Dist) -> TrainArgs:
     """The saved options with the new stopping rule, threads and folder; the per-rank batch keeps the global one."""
-    # only the stopping rule (and the folder, if the run was moved) may change on resume
-    saved.update(steps=args.steps, minutes=args.minutes, threads=args.threads, out=args.out)
+    saved = _restarted(saved, args.steps, args.minutes, args.threads, args.out)
     saved["batch_size"] = dd.resumed_batch(saved["batch_size"], saved_config.get("distributed", {}).get("world_size", 1),
                                            d)
     return args_from_dict(saved)
