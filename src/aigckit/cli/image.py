@@ -144,7 +144,8 @@ def _train(a) -> int:
         args = TrainArgs(model=a.model, out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
                          conditional=a.conditional, condition=a.condition, batch_size=a.batch_size, lr=a.lr,
                          seed=a.seed, size=a.size, resolution=a.resolution, channels=a.channels,
-                         ema_decay=a.ema_decay, ckpt_every=a.ckpt_every, sample_every=a.sample_every, log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
+                         ema_decay=a.ema_decay, ckpt_every=a.ckpt_every, sample_every=a.sample_every,
+                         log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                          schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
                          label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype,
                          kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps)
