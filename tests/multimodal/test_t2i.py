@@ -119,3 +119,26 @@ def test_caption_bank_is_cached_and_conditions_pad(fake_home):
     both = TextCondition.cat([enc.encode(["a"]), enc.encode(["a b c d"])])
     assert both.tokens.shape[:2] == (2, 6) and both.mask.sum(1).tolist() == [3, 6]
     assert len(both.repeat(3)) == 6 and torch.equal(both.repeat(3)[2].pooled, both[0].pooled)
+
+
+def test_heldout_prompt_sequence_cycles_classes_over_heldout_phrasings():
+    from aigckit.eval.evaluate import heldout_prompt_sequence
+    from aigckit.multimodal.captions import heldout_prompts
+
+    prompts, labels = heldout_prompt_sequence(23, seed=0)
+    assert labels.tolist() == [i % 10 for i in range(23)]
+    allowed = set(heldout_prompts(50, seed=0))
+    assert all((p, c) in allowed for p, c in zip(prompts, labels.tolist()))
+    assert len(set(prompts[0::10])) == 3  # a class's prompts vary
+
+
+def test_eval_of_a_text_model_samples_heldout_prompts_by_class(t2i_run, fake_home, tmp_path):
+    """`aigc image eval` on a text-to-image run: FID beside the floor, and class accuracy from held-out prompts."""
+    from aigckit.eval.classifier import train_classifier
+    from aigckit.eval.evaluate import evaluate_run
+
+    clf = train_classifier(epochs=1, limit=256, threads=1, progress=False, store_dir=tmp_path / "clf")
+    rep = evaluate_run(t2i_run, n=20, steps=2, progress=False, reference_n=500, classifier_path=clf)
+    assert rep["fid"] > 0 and rep["floor"]["n"] == 20 and rep["prompts"].startswith("held-out")
+    assert len(rep["class_accuracy_per_class"]) == 10 and "trouser" in rep["class_accuracy_per_class"]
+    assert sum(rep["predicted_class_histogram"]) == 20

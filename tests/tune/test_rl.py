@@ -54,6 +54,10 @@ def test_builtin_rewards(tmp_path):
     assert parse_reward(f"json:{schema}").fn([""], ['{"a": 1}']) == [0.0]
     ln = parse_reward("length:4=0.5")
     assert ln.weight == 0.5 and ln.fn([""] * 2, ["", ""], completion_ids=[[1, 2, 3, 4], [1, 2]]) == [1.0, 0.5]
+    br = parse_reward("brevity:2")
+    assert br.fn([""] * 3, [""] * 3, completion_ids=[[1], [1, 2], [1, 2, 3, 4, 5, 6, 7, 8]]) == [1.0, 1.0, 0.25]
+    with pytest.raises(AigcError, match="brevity"):
+        parse_reward("brevity:0")
     chat = [[{"role": "assistant", "content": "7"}]]
     assert parse_reward("exact-number").fn([""], chat, answer=["7"]) == [1.0]
     with pytest.raises(AigcError, match="unknown reward"):

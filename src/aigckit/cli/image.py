@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=64, help="images per step (per rank under torchrun)")
     t.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", default="small", help="model size preset: tiny | mini (ddpm/ldm with --condition text) | "
+    t.add_argument("--size", default="small", help="model size preset: tiny | mini (ddpm, ldm) | "
                    "small | base")
     t.add_argument("--resolution", type=int, help="image size (default: the data's)")
     t.add_argument("--channels", type=int, choices=[1, 3], help="1 = grayscale, 3 = RGB (default: the data's)")

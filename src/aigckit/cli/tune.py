@@ -136,7 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             batch=4)
     p.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
     p.add_argument("--reward", action="append", default=[], metavar="SPEC",
-                   help="reward: a built-in (format:REGEX, json[:SCHEMA], length:N, exact[:COL], exact-number[:COL], "
+                   help="reward: a built-in (format:REGEX, json[:SCHEMA], length:N, brevity:N, exact[:COL], "
+                        "exact-number[:COL], "
                         "similarity[:COL] (MiniLM cosine to a column), classifier:DIR[:LABEL] (probability of "
                         "LABEL under a BERT/MiniLM sequence classifier saved by transformers)) or module:function "
                         "with TRL's signature fn(prompts, completions, **columns) -> list[float]; repeatable; "

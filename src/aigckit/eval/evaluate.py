@@ -1,5 +1,7 @@
 """`aigc image eval`: a run's classifier-FID/KID at n samples beside the real-data floor, per-class accuracy of
-conditional samples, and for VAEs the ELBO on the test split.
+conditional samples, and for VAEs the ELBO on the test split. Class-conditional runs sample the classes in turn;
+text-conditioned ones sample the same class sequence from the held-out phrasings (``captions.heldout_prompts``), so
+their FID compares with a class-conditional run's and their class accuracy is the held-out prompt accuracy.
 
 Reference: features of the whole Fashion-MNIST train split. Floor: the first n held-out test images against the same
 reference (n capped at the 10,000 test images), i.e. the score a perfect generator would get at this n.
@@ -36,8 +38,14 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
     f_test, _ = predict(clf, to_float(test.images[:n_floor]))
 
     t0 = time.perf_counter()
-    out = m.sample(n, classes="all" if m.conditional else None, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                   guidance=guidance, progress=progress, dtype=dtype, temperature=temperature)
+    if m.text_conditioned:
+        prompts, labels = heldout_prompt_sequence(n, seed)
+        out = m.sample(n, prompts=prompts, seed=seed, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                       progress=progress, dtype=dtype)
+        out.labels = labels
+    else:
+        out = m.sample(n, classes="all" if m.conditional else None, seed=seed, sampler=sampler, steps=steps,
+                       eta=eta, guidance=guidance, progress=progress, dtype=dtype, temperature=temperature)
     sample_s = time.perf_counter() - t0
     f_gen, pred = predict(clf, out.tensor)
 
@@ -54,11 +62,16 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
     }
     rep["fid_over_floor"] = round(rep["fid"] / max(rep["floor"]["fid"], 1e-12), 3)
     if out.labels is not None:
-        names = m.class_names or [str(i) for i in range(m.num_classes)]
+        from aigckit.data.images import FASHION_MNIST_CLASSES
+
+        names = m.class_names or (FASHION_MNIST_CLASSES if m.text_conditioned else None) or \
+            [str(i) for i in range(m.num_classes)]
         hit = pred == out.labels
         rep["class_accuracy"] = round(hit.float().mean().item(), 4)
         rep["class_accuracy_per_class"] = {names[c]: round(hit[out.labels == c].float().mean().item(), 4)
-                                           for c in range(m.num_classes) if (out.labels == c).any()}
+                                           for c in range(len(names)) if (out.labels == c).any()}
+        if m.text_conditioned:
+            rep["prompts"] = "held-out phrasings, classes in turn"
     rep["predicted_class_histogram"] = torch.bincount(pred, minlength=10).tolist()
     if m.family == "vae":
         rep["test_neg_elbo_nats"] = round(vae_test_neg_elbo(m.model, test, m.conditional), 3)
@@ -70,6 +83,17 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
     if copies_grid is not None:
         rep["memorisation"]["grid"] = str(pairs_grid(out.tensor, ref, rep["memorisation"], copies_grid))
     return rep
+
+
+def heldout_prompt_sequence(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+    """n held-out-phrasing prompts whose classes go 0, 1, ..., 9, 0, ... (as a class-conditional run's "all")."""
+    from aigckit.multimodal.captions import heldout_prompts
+
+    per_class = -(-n // 10)
+    pairs = heldout_prompts(per_class, seed)  # class by class
+    order = [c * per_class + i // 10 for i, c in zip(range(n), (j % 10 for j in range(n)))]
+    chosen = [pairs[k] for k in order]
+    return [p for p, _ in chosen], torch.tensor([c for _, c in chosen])
 
 
 def _reference_features(clf, manifest: dict, train, reference_n: int | None) -> torch.Tensor:

@@ -11,6 +11,8 @@ from aigckit.train.family import preset
 # UNet size presets: "tiny" is for tests, "small" for 30 CPU-minutes, "base" for longer runs.
 PRESETS = {
     "tiny": dict(base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(1,), groups=4),
+    # the text-to-image default's UNet (train/t2i.py adds cross-attention), here for a like-for-like class-conditional
+    "mini": dict(base=16, mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), groups=8),
     "small": dict(base=32, mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), groups=8),
     "base": dict(base=64, mults=(1, 2, 2), num_res_blocks=2, attn_levels=(2,), groups=8),
 }

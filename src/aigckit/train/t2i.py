@@ -26,7 +26,6 @@ DATASETS = ("fashion-mnist-captions", "shapes")
 # cross-attention at the lower resolutions (14x14 and 7x7 at 28 px; 16 and 8 at 32 px) and in the middle; "mini"
 # (0.5 M parameters, ~2.5x the images per CPU-second of "small") is what a shared 2-core CPU trains in 15 minutes
 PRESETS = {k: dict(v, cross_levels=tuple(range(1, len(v["mults"])))) for k, v in DIFFUSION_PRESETS.items()}
-PRESETS["mini"] = dict(base=16, mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), groups=8, cross_levels=(1, 2))
 
 
 @lru_cache(maxsize=4)

@@ -10,6 +10,9 @@ A reward is named by a SPEC (``--reward``):
   json               1 if the completion (code fences stripped) parses as JSON; json:SCHEMA.json also validates it
                      against that JSON schema (jsonschema package)
   length:N           1 - |tokens - N| / N, floored at 0 (a length target in completion tokens)
+  brevity:N          min(1, N / tokens): 1 up to N completion tokens (EOS counted), then falling as N / tokens
+                     (a shaped "be short" signal: every token less earns some reward, unlike a format regex
+                     that the model must first hit by chance)
   exact[:COLUMN]     1 if the stripped completion equals the row's COLUMN (default "answer")
   exact-number[:COLUMN]  1 if the last number in the completion equals the row's COLUMN as a number
   similarity[:COLUMN]    cosine similarity of MiniLM embeddings of the completion and the row's COLUMN
@@ -108,6 +111,19 @@ def length_reward(target: int) -> RewardFn:
     return fn
 
 
+def brevity_reward(n_max: int) -> RewardFn:
+    if n_max < 1:
+        raise AigcError(f"reward brevity:N needs N >= 1, got {n_max}", param="reward")
+
+    def fn(prompts, completions, completion_ids=None, **_) -> list[float]:
+        lens = [len(c) for c in completion_ids] if completion_ids is not None else [len(t.split())
+                                                                                     for t in _texts(completions)]
+        return [min(1.0, n_max / n) if n else 1.0 for n in lens]
+
+    fn.__name__ = "brevity"
+    return fn
+
+
 def _column(kw: dict, col: str, n: int) -> list:
     if col not in kw:
         raise AigcError(f"this reward needs a {col!r} column in every data row", param="reward")
@@ -200,6 +216,7 @@ BUILTINS: dict[str, Callable[[str | None], RewardFn]] = {
     "format": lambda a: format_reward(a) if a else _need("format:REGEX"),
     "json": lambda a: json_reward(a),
     "length": lambda a: length_reward(_int(a, "length:N")),
+    "brevity": lambda a: brevity_reward(_int(a, "brevity:N")),
     "exact": lambda a: exact_reward(a or "answer"),
     "exact-number": lambda a: exact_number_reward(a or "answer"),
     "similarity": lambda a: similarity_reward(a or "reference"),
