@@ -19,6 +19,7 @@ p.add_argument("--n", type=int, default=50)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--guidance", type=float, nargs="*", default=[1.0, 3.0])
 p.add_argument("--threads", type=int, default=1)
+p.add_argument("--phrasings", choices=["held-out", "training"], default="held-out", help="fmnist: which prompts")
 p.add_argument("--judge", default="shapes-judge.safetensors", help="the trained judge is kept here and reused")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -34,7 +35,8 @@ if a.what == "fmnist":
     print(json.dumps({"classifier_test_accuracy": trained.get("test_accuracy"),
                       "classifier_epochs": trained.get("epochs")}), flush=True)
     for g in a.guidance:
-        print(json.dumps(prompt_accuracy(a.run, guidance=g, per_class=a.per_class, steps=a.steps, classifier=clf)),
+        print(json.dumps(prompt_accuracy(a.run, guidance=g, per_class=a.per_class, steps=a.steps, classifier=clf,
+                                         phrasings=a.phrasings)),
               flush=True)
 else:
     from pathlib import Path

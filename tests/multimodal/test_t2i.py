@@ -142,3 +142,13 @@ def test_eval_of_a_text_model_samples_heldout_prompts_by_class(t2i_run, fake_hom
     assert rep["fid"] > 0 and rep["floor"]["n"] == 20 and rep["prompts"].startswith("held-out")
     assert len(rep["class_accuracy_per_class"]) == 10 and "trouser" in rep["class_accuracy_per_class"]
     assert sum(rep["predicted_class_histogram"]) == 20
+
+
+def test_seen_prompts_are_attribute_free_training_captions():
+    from aigckit.multimodal.captions import heldout_prompts, seen_prompts, train_captions
+
+    caps = train_captions()
+    pairs = seen_prompts(4, seed=1)
+    assert [c for _, c in pairs] == [c for c in range(10) for _ in range(4)]
+    assert all(caps.texts.index(p) in caps.choices[3 * c] for p, c in pairs)
+    assert not {p for p, _ in pairs} & {p for p, _ in heldout_prompts(50)}

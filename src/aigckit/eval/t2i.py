@@ -19,16 +19,19 @@ from aigckit.errors import AigcError
 
 
 def prompt_accuracy(run, *, guidance: float, per_class: int = 20, steps: int = 50, seed: int = 0,
-                    classifier=None, batch: int = 100) -> dict:
+                    classifier=None, batch: int = 100, phrasings: str = "held-out") -> dict:
+    """``phrasings``: "held-out" (the measure) or "training" (captions seen in training, the control)."""
     from aigckit.eval.classifier import load_classifier, predict
     from aigckit.image.api import load_image_model
-    from aigckit.multimodal.captions import heldout_prompts
+    from aigckit.multimodal.captions import heldout_prompts, seen_prompts
 
+    if phrasings not in ("held-out", "training"):
+        raise AigcError(f"phrasings must be held-out or training, got {phrasings!r}", param="phrasings")
     m = load_image_model(run)
     if not m.text_conditioned:
         raise AigcError(f"{run} is not a text-conditioned model")
     clf = classifier or load_classifier()[0]
-    pairs = heldout_prompts(per_class, seed)
+    pairs = (heldout_prompts if phrasings == "held-out" else seen_prompts)(per_class, seed)
     imgs, t0 = [], time.perf_counter()
     for i in range(0, len(pairs), batch):
         chunk = [p for p, _ in pairs[i:i + batch]]
@@ -39,7 +42,7 @@ def prompt_accuracy(run, *, guidance: float, per_class: int = 20, steps: int = 5
     per = [(pred[y == c] == c).float().mean().item() for c in range(10)]
     return {"guidance": guidance, "n": len(pairs), "accuracy": round((pred == y).float().mean().item(), 4),
             "per_class": [round(a, 3) for a in per], "steps": steps, "seconds_per_image": round(dt / len(pairs), 4),
-            "prompts": "held-out phrasings"}
+            "prompts": f"{phrasings} phrasings"}
 
 
 # ------------------------------------------------------------------------------------------------ shapes judge

@@ -155,6 +155,19 @@ def heldout_prompts(per_class: int = 10, seed: int = 0) -> list[tuple[str, int]]
     return out
 
 
+def seen_prompts(per_class: int = 10, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt, class) pairs from the training captions without an attribute word, ``per_class`` per class: the
+    control for ``heldout_prompts`` (how much of a model's miss is the words rather than the images)."""
+    caps = train_captions()
+    rng = random.Random(seed)
+    out = []
+    for c in range(len(FASHION_MNIST_CLASSES)):
+        pool = [caps.texts[i] for i in caps.choices[3 * c]]
+        rng.shuffle(pool)
+        out += [(pool[i % len(pool)], c) for i in range(per_class)]
+    return out
+
+
 def train_prompt(c: int, seed: int = 0) -> str:
     """One plain training caption of class c (for grids)."""
     return render(TRAIN_TEMPLATES[1], TRAIN_NOUNS[FASHION_MNIST_CLASSES[c]][0])
