@@ -121,11 +121,14 @@ def test_caption_bank_is_cached_and_conditions_pad(fake_home):
     assert len(both.repeat(3)) == 6 and torch.equal(both.repeat(3)[2].pooled, both[0].pooled)
 
 
-def test_heldout_prompt_sequence_cycles_classes_over_heldout_phrasings():
-    from aigckit.eval.evaluate import heldout_prompt_sequence
-    from aigckit.multimodal.captions import heldout_prompts
+def test_prompt_sequence_cycles_classes_over_heldout_phrasings():
+    from aigckit.eval.evaluate import prompt_sequence
+    from aigckit.multimodal.captions import heldout_prompts, seen_prompts
 
-    prompts, labels = heldout_prompt_sequence(23, seed=0)
+    assert prompt_sequence(10, phrasings="training")[0] == [p for p, _ in seen_prompts(1)]
+    with pytest.raises(AigcError, match="phrasings"):
+        prompt_sequence(10, phrasings="other")
+    prompts, labels = prompt_sequence(23, seed=0)
     assert labels.tolist() == [i % 10 for i in range(23)]
     allowed = set(heldout_prompts(50, seed=0))
     assert all((p, c) in allowed for p, c in zip(prompts, labels.tolist()))

@@ -110,6 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--sampler", default="ddim", help="diffusion sampler: ddim or ddpm (default ddim)")
     e.add_argument("--steps", type=int, default=50, help="diffusion sampling steps (default 50)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    e.add_argument("--phrasings", choices=["held-out", "training"], default="held-out",
+                   help="text-to-image runs: prompts from the held-out phrasings (default) or the training captions; "
+                        "classes in turn either way")
     e.add_argument("--guidance", type=float, help="classifier-free guidance scale for conditional diffusion runs")
     e.add_argument("--temperature", type=float, default=1.0, help="VAE/GAN latent noise scale (default 1)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -199,7 +202,8 @@ def _eval(a) -> int:
     from aigckit.eval.evaluate import evaluate_run, format_report
 
     rep = evaluate_run(a.run, n=a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=a.guidance, seed=a.seed,
-                       progress=not a.json, dtype=a.dtype, temperature=a.temperature, copies_grid=a.copies_grid)
+                       progress=not a.json, dtype=a.dtype, temperature=a.temperature, copies_grid=a.copies_grid,
+                       phrasings=a.phrasings)
     print(json.dumps(rep, indent=2) if a.json else format_report(rep))
     return 0
 

@@ -1,6 +1,7 @@
 """`aigc image eval`: a run's classifier-FID/KID at n samples beside the real-data floor, per-class accuracy of
 conditional samples, and for VAEs the ELBO on the test split. Class-conditional runs sample the classes in turn;
-text-conditioned ones sample the same class sequence from the held-out phrasings (``captions.heldout_prompts``), so
+text-conditioned ones sample the same class sequence from the held-out phrasings (``captions.heldout_prompts``; or
+the training captions, ``phrasings="training"``), so
 their FID compares with a class-conditional run's and their class accuracy is the held-out prompt accuracy.
 
 Reference: features of the whole Fashion-MNIST train split. Floor: the first n held-out test images against the same
@@ -19,7 +20,7 @@ from aigckit.errors import AigcError
 def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                  guidance: float | None = None, seed: int = 0, progress: bool = True,
                  classifier_path=None, reference_n: int | None = None, dtype: str = "float32",
-                 temperature: float = 1.0, copies_grid=None) -> dict:
+                 temperature: float = 1.0, copies_grid=None, phrasings: str = "held-out") -> dict:
     from aigckit.data.images import load_dataset, to_float
     from aigckit.eval.classifier import load_classifier, predict
     from aigckit.eval.fid import fid, kid
@@ -39,7 +40,7 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
 
     t0 = time.perf_counter()
     if m.text_conditioned:
-        prompts, labels = heldout_prompt_sequence(n, seed)
+        prompts, labels = prompt_sequence(n, seed, phrasings)
         out = m.sample(n, prompts=prompts, seed=seed, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                        progress=progress, dtype=dtype)
         out.labels = labels
@@ -71,7 +72,7 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
         rep["class_accuracy_per_class"] = {names[c]: round(hit[out.labels == c].float().mean().item(), 4)
                                            for c in range(len(names)) if (out.labels == c).any()}
         if m.text_conditioned:
-            rep["prompts"] = "held-out phrasings, classes in turn"
+            rep["prompts"] = f"{phrasings} phrasings, classes in turn"
     rep["predicted_class_histogram"] = torch.bincount(pred, minlength=10).tolist()
     if m.family == "vae":
         rep["test_neg_elbo_nats"] = round(vae_test_neg_elbo(m.model, test, m.conditional), 3)
@@ -85,12 +86,15 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
     return rep
 
 
-def heldout_prompt_sequence(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
-    """n held-out-phrasing prompts whose classes go 0, 1, ..., 9, 0, ... (as a class-conditional run's "all")."""
-    from aigckit.multimodal.captions import heldout_prompts
+def prompt_sequence(n: int, seed: int = 0, phrasings: str = "held-out") -> tuple[list[str], torch.Tensor]:
+    """n prompts whose classes go 0, 1, ..., 9, 0, ... (as a class-conditional run's "all"), from the held-out
+    phrasings or (the control) the training captions."""
+    from aigckit.multimodal.captions import heldout_prompts, seen_prompts
 
+    if phrasings not in ("held-out", "training"):
+        raise AigcError(f"phrasings must be held-out or training, got {phrasings!r}", param="phrasings")
     per_class = -(-n // 10)
-    pairs = heldout_prompts(per_class, seed)  # class by class
+    pairs = (heldout_prompts if phrasings == "held-out" else seen_prompts)(per_class, seed)  # class by class
     order = [c * per_class + i // 10 for i, c in zip(range(n), (j % 10 for j in range(n)))]
     chosen = [pairs[k] for k in order]
     return [p for p, _ in chosen], torch.tensor([c for _, c in chosen])
