@@ -32,4 +32,5 @@ for name, pairs in (("held-out", C.heldout_prompts(a.per_class, 0)), ("training"
     print(json.dumps({"prompts": name, "n": len(pairs),
                       "nearest_caption_class_accuracy": round((nearest == y).float().mean().item(), 3),
                       "nearest_centroid_accuracy": round((by_centroid == y).float().mean().item(), 3),
-                      "per_class_nearest": [round((nearest[y == c] == c).float().mean().item(), 2) for c in range(10)]}))
+                      "per_class_nearest": [round((nearest[y == c] == c).float().mean().item(), 2)
+                                            for c in range(10)]}))
