@@ -98,14 +98,19 @@ def json_reward(schema_path: str | None = None) -> RewardFn:
     return fn
 
 
+def _lengths(completions, completion_ids) -> list[int]:
+    """Completion lengths in tokens (EOS included where it stopped), or in words when the ids are not given."""
+    if completion_ids is not None:
+        return [len(c) for c in completion_ids]
+    return [len(t.split()) for t in _texts(completions)]
+
+
 def length_reward(target: int) -> RewardFn:
     if target < 1:
         raise AigcError(f"reward length:N needs N >= 1, got {target}", param="reward")
 
     def fn(prompts, completions, completion_ids=None, **_) -> list[float]:
-        lens = [len(c) for c in completion_ids] if completion_ids is not None else [len(t.split())
-                                                                                     for t in _texts(completions)]
-        return [max(0.0, 1.0 - abs(n - target) / target) for n in lens]
+        return [max(0.0, 1.0 - abs(n - target) / target) for n in _lengths(completions, completion_ids)]
 
     fn.__name__ = "length"
     return fn
@@ -116,9 +121,7 @@ def brevity_reward(n_max: int) -> RewardFn:
         raise AigcError(f"reward brevity:N needs N >= 1, got {n_max}", param="reward")
 
     def fn(prompts, completions, completion_ids=None, **_) -> list[float]:
-        lens = [len(c) for c in completion_ids] if completion_ids is not None else [len(t.split())
-                                                                                     for t in _texts(completions)]
-        return [min(1.0, n_max / n) if n else 1.0 for n in lens]
+        return [min(1.0, n_max / n) if n else 1.0 for n in _lengths(completions, completion_ids)]
 
     fn.__name__ = "brevity"
     return fn
