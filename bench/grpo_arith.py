@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aigckit.tune.rewards import completion_text
+
 SYSTEM = {"equation": "Answer with the equation a + b = c and nothing else.", "number": "Reply with the number only."}
 EQUATION = r"-?\d+ ?\+ ?-?\d+ ?= ?-?\d+\.?"
 REWARDS = {
@@ -42,8 +44,7 @@ def equation(prompts, completions, a, b, **_) -> list[float]:
     """1 if the completion is exactly "a + b = a+b" (spaces around the signs optional, a final full stop allowed)."""
     out = []
     for c, x, y in zip(completions, a, b):
-        text = c[0]["content"] if isinstance(c, list) else c
-        m = re.fullmatch(r"(-?\d+) ?\+ ?(-?\d+) ?= ?(-?\d+)\.?", text.strip())
+        m = re.fullmatch(r"(-?\d+) ?\+ ?(-?\d+) ?= ?(-?\d+)\.?", completion_text(c).strip())
         out.append(1.0 if m and (int(m[1]), int(m[2]), int(m[3])) == (x, y, x + y) else 0.0)
     return out
 

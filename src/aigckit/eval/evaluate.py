@@ -89,14 +89,11 @@ def evaluate_run(run, *, n: int = 10000, sampler: str = "ddim", steps: int = 50,
 def prompt_sequence(n: int, seed: int = 0, phrasings: str = "held-out") -> tuple[list[str], torch.Tensor]:
     """n prompts whose classes go 0, 1, ..., 9, 0, ... (as a class-conditional run's "all"), from the held-out
     phrasings or (the control) the training captions."""
-    from aigckit.multimodal.captions import heldout_prompts, seen_prompts
+    from aigckit.multimodal.captions import class_prompts
 
-    if phrasings not in ("held-out", "training"):
-        raise AigcError(f"phrasings must be held-out or training, got {phrasings!r}", param="phrasings")
     per_class = -(-n // 10)
-    pairs = (heldout_prompts if phrasings == "held-out" else seen_prompts)(per_class, seed)  # class by class
-    order = [c * per_class + i // 10 for i, c in zip(range(n), (j % 10 for j in range(n)))]
-    chosen = [pairs[k] for k in order]
+    pairs = class_prompts(per_class, seed, phrasings)  # class by class: class c's i-th prompt at c * per_class + i
+    chosen = [pairs[(i % 10) * per_class + i // 10] for i in range(n)]
     return [p for p, _ in chosen], torch.tensor([c for _, c in chosen])
 
 

@@ -23,15 +23,13 @@ def prompt_accuracy(run, *, guidance: float, per_class: int = 20, steps: int = 5
     """``phrasings``: "held-out" (the measure) or "training" (captions seen in training, the control)."""
     from aigckit.eval.classifier import load_classifier, predict
     from aigckit.image.api import load_image_model
-    from aigckit.multimodal.captions import heldout_prompts, seen_prompts
+    from aigckit.multimodal.captions import class_prompts
 
-    if phrasings not in ("held-out", "training"):
-        raise AigcError(f"phrasings must be held-out or training, got {phrasings!r}", param="phrasings")
+    pairs = class_prompts(per_class, seed, phrasings)
     m = load_image_model(run)
     if not m.text_conditioned:
         raise AigcError(f"{run} is not a text-conditioned model")
     clf = classifier or load_classifier()[0]
-    pairs = (heldout_prompts if phrasings == "held-out" else seen_prompts)(per_class, seed)
     imgs, t0 = [], time.perf_counter()
     for i in range(0, len(pairs), batch):
         chunk = [p for p, _ in pairs[i:i + batch]]

@@ -168,6 +168,16 @@ def seen_prompts(per_class: int = 10, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
+PHRASINGS = ("held-out", "training")
+
+
+def class_prompts(per_class: int = 10, seed: int = 0, phrasings: str = "held-out") -> list[tuple[str, int]]:
+    """``heldout_prompts`` (phrasings "held-out", the measure) or ``seen_prompts`` ("training", the control)."""
+    if phrasings not in PHRASINGS:
+        raise AigcError(f"phrasings must be held-out or training, got {phrasings!r}", param="phrasings")
+    return (heldout_prompts if phrasings == "held-out" else seen_prompts)(per_class, seed)
+
+
 def train_prompt(c: int, seed: int = 0) -> str:
     """One plain training caption of class c (for grids)."""
     return render(TRAIN_TEMPLATES[1], TRAIN_NOUNS[FASHION_MNIST_CLASSES[c]][0])
