@@ -120,12 +120,19 @@ def register_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_caption)
-    t = sub.add_parser("caption-train", help="train a captioning model on captioned data")
+    t = sub.add_parser("caption-train", help="train a captioning model on captioned data",
+                       description="Train a captioner: --decoder gru (default) is a small decoder of our own, fast "
+                       "to train; --decoder smollm2 trains an image prefix for the frozen SmolLM2 (ClipCap: only "
+                       "the image encoder and mapping network learn; decoding is the text engine's).")
     t.add_argument("--out", required=True)
-    t.add_argument("--data", default="fashion-mnist-captions")
+    t.add_argument("--data", default="fashion-mnist-captions", help="fashion-mnist-captions | shapes")
+    t.add_argument("--decoder", default="gru", help="gru | smollm2 (an image prefix for the frozen language model)")
+    t.add_argument("--lm", default="smollm2-135m-instruct", help="with --decoder smollm2: the language model")
+    t.add_argument("--prefix-len", type=int, default=8, help="with --decoder smollm2: prefix embeddings per image")
     t.add_argument("--steps", type=int)
     t.add_argument("--minutes", type=float)
     t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, help="learning rate (default 2e-3 gru, 1e-3 smollm2)")
     t.add_argument("--size", default="small", help="tiny | small")
     t.add_argument("--threads", type=int)
     t.add_argument("--eval-n", type=int, default=1000)
@@ -134,10 +141,8 @@ def register_caption(sub: argparse._SubParsersAction) -> None:
 
 
 def _caption(a) -> int:
-    import torch
-
     from aigckit.errors import AigcError
-    from aigckit.multimodal.caption import generate, load_captioner
+    from aigckit.multimodal.caption import describe, load_captioner
     from aigckit.multimodal.io import read_images
 
     if not a.images:
@@ -152,8 +157,7 @@ def _caption(a) -> int:
     for name, idx in groups.items():
         model, _ = load_captioner(name)
         x = read_images([a.images[i] for i in idx], model.cfg.resolution, model.cfg.channels)
-        for i, c in zip(idx, generate(model, x, beams=a.beams, temperature=a.temperature,
-                                      generator=torch.Generator().manual_seed(a.seed))):
+        for i, c in zip(idx, describe(model, x, beams=a.beams, temperature=a.temperature, seed=a.seed)):
             caps[i] = c
     if a.json:
         print(json.dumps([{"image": i, "caption": c} for i, c in zip(a.images, caps)], indent=2))
@@ -168,6 +172,7 @@ def _caption_train(a) -> int:
 
     final = train_captioner(CaptionTrainArgs(out=a.out, data=a.data, steps=a.steps, minutes=a.minutes,
                                              batch_size=a.batch_size, size=a.size, threads=a.threads,
-                                             eval_n=a.eval_n), progress=not a.quiet)
+                                             eval_n=a.eval_n, decoder=a.decoder, lm=a.lm,
+                                             prefix_len=a.prefix_len, lr=a.lr), progress=not a.quiet)
     print(final)
     return 0

@@ -44,17 +44,31 @@ def build_vocab(texts: list[str]) -> list[str]:
     return [PAD, BOS, EOS, UNK] + words
 
 
+def conv_encoder(channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """The captioners' image encoder: per width two 3x3 convolutions (GroupNorm, SiLU) and a 2x2 average pool."""
+    layers, cin = [], channels
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+                   nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(), nn.AvgPool2d(2)]
+        cin = w
+    return nn.Sequential(*layers)
+
+
+def fit_images(x: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
+    """Images in [-1, 1] -> the encoder's channel count (grey mean / repeated grey) and resolution (bilinear)."""
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != resolution:
+        x = F.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
+    return x
+
+
 class CaptionModel(nn.Module):
     def __init__(self, cfg: CaptionConfig):
         super().__init__()
         self.cfg = cfg
-        layers, cin = [], cfg.channels
-        for w in cfg.widths:
-            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(), nn.AvgPool2d(2)]
-            cin = w
-        self.encoder = nn.Sequential(*layers)
-        self.to_hidden = nn.Linear(cin, cfg.hidden)
+        self.encoder = conv_encoder(cfg.channels, cfg.widths)
+        self.to_hidden = nn.Linear(cfg.widths[-1], cfg.hidden)
         self.emb = nn.Embedding(len(cfg.vocab), cfg.embed)
         self.gru = nn.GRU(cfg.embed + cfg.hidden, cfg.hidden, batch_first=True)
         self.out = nn.Linear(cfg.hidden, len(cfg.vocab))
@@ -62,10 +76,7 @@ class CaptionModel(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> feature N x hidden (also fed to every decoder step)."""
-        if x.shape[1] != self.cfg.channels:
-            x = x.mean(1, keepdim=True) if self.cfg.channels == 1 else x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.cfg.resolution:
-            x = F.interpolate(x, size=(self.cfg.resolution,) * 2, mode="bilinear", antialias=True)
+        x = fit_images(x, self.cfg.channels, self.cfg.resolution)
         return torch.tanh(self.to_hidden(self.encoder(x).mean((2, 3))))
 
     def tokens(self, texts: list[str]) -> torch.Tensor:
@@ -157,11 +168,25 @@ def _beam(model: CaptionModel, feat: torch.Tensor, k: int) -> str:
     return model.words(beams[0][0])
 
 
-def load_captioner(run) -> tuple[CaptionModel, dict]:
-    """A trained captioning run (newest intact checkpoint), a checkpoint folder or a built-in name -> (model, config)."""
-    from aigckit.multimodal.io import load_run
+def load_captioner(run):
+    """A trained captioning run (newest intact checkpoint), a checkpoint folder or a built-in name -> (model, config):
+    a ``CaptionModel`` (family caption) or a ``prefixcap.PrefixCaptioner`` (family prefix-caption, with its language
+    model). Both caption images with ``describe(model, x, beams=, temperature=, seed=)``."""
+    from aigckit.multimodal.io import load_run, run_config
 
+    if run_config(run)[1].get("family") == "prefix-caption":
+        from aigckit.multimodal.prefixcap import load_prefix_captioner
+
+        return load_prefix_captioner(run)
     return load_run(run, "caption", CaptionConfig, CaptionModel)
+
+
+def describe(model, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Captions of images x by either kind of captioner (see ``load_captioner``)."""
+    if isinstance(model, CaptionModel):
+        return generate(model, x, beams=beams, temperature=temperature,
+                        generator=torch.Generator().manual_seed(seed))
+    return model.generate(x, beams=beams, temperature=temperature, seed=seed)
 
 
 def bleu4(hyps: list[str], refs: list[list[str]]) -> float:

@@ -44,16 +44,23 @@ def is_grey(path: str | Path) -> bool:
     return bool((rgb.int().amax(1) - rgb.int().amin(1)).max() <= 8)
 
 
-def load_run(run, family: str, cfg_cls, model_cls):
-    """A run (newest intact checkpoint), checkpoint folder or built-in name -> (model in eval mode, config);
-    the config's family must be ``family``."""
+def run_config(run) -> tuple[Path, dict]:
+    """A run (newest intact checkpoint), checkpoint folder or built-in name -> (checkpoint folder, its config)."""
     from aigckit import checkpoints as ck
     from aigckit import store
 
     if not Path(run).expanduser().exists() and store.builtin_path(run) is not None:
         run = store.builtin_path(run)
     ckpt = ck.latest_checkpoint(run)
-    config = ck.read_config(ckpt)
+    return ckpt, ck.read_config(ckpt)
+
+
+def load_run(run, family: str, cfg_cls, model_cls):
+    """A run (newest intact checkpoint), checkpoint folder or built-in name -> (model in eval mode, config);
+    the config's family must be ``family``."""
+    from aigckit import checkpoints as ck
+
+    ckpt, config = run_config(run)
     if config.get("family") != family:
         raise AigcError(f"{ckpt}: not a {family} model (family {config.get('family')!r})")
     model = model_cls(cfg_cls(**config["model"]))

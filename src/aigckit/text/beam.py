@@ -152,8 +152,10 @@ class BeamState:
 def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids: list[int],
                 length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
                 repetition_penalty: float = 1.0, num_return_sequences: int = 1, processors: tuple = (),
-                tokenizer=None, cache_dtype: torch.dtype | None = None) -> list[Hypothesis]:
-    """Run a whole beam search on its own KV cache (one batched forward of all beams per step)."""
+                tokenizer=None, cache_dtype: torch.dtype | None = None,
+                prefix: torch.Tensor | None = None) -> list[Hypothesis]:
+    """Run a whole beam search on its own KV cache (one batched forward of all beams per step). ``prefix`` [1, P,
+    dim]: input embeddings in place of the prompt's first P tokens."""
     state = BeamState(prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       length_penalty=length_penalty, early_stopping=early_stopping,
                       no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
@@ -163,7 +165,7 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
     cache = KVCache.for_model(model.config, nb, state.max_length, cache_dtype or next(model.parameters()).dtype)
     with torch.inference_mode():
         # prefill once and share the prompt's cache with every beam
-        logits = model(torch.tensor([prompt]), torch.arange(L), cache, last_only=True)[:, -1]
+        logits = model(torch.tensor([prompt]), torch.arange(L), cache, last_only=True, prefix=prefix)[:, -1]
         for k, v in zip(cache.k, cache.v):
             k[1:, :, :L] = k[:1, :, :L]
             v[1:, :, :L] = v[:1, :, :L]

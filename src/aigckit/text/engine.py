@@ -113,10 +113,14 @@ class _StopMatcher:
         return out
 
 
-def prefill(model, cache: KVCache, prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor, int]:
+def prefill(model, cache: KVCache, prompts: list[list[int]], pad_id: int = 0,
+            prefix: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     """Left-pad the prompts into one batch, run them through the model, return last-position logits [B, V],
-    each row's start slot [B] and the padded length."""
+    each row's start slot [B] and the padded length. ``prefix`` [B, P, dim]: input embeddings in place of the first
+    P prompt tokens (then every prompt must have the same length: the prefix sits at slots 0..P-1)."""
     B, L = len(prompts), max(len(p) for p in prompts)
+    if prefix is not None and any(len(p) != L for p in prompts):
+        raise AigcError("with a prefix of input embeddings all prompts must have the same length", param="prompt")
     dev = next(model.parameters()).device
     tokens = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
     start = torch.empty(B, dtype=torch.long, device=dev)
@@ -124,7 +128,7 @@ def prefill(model, cache: KVCache, prompts: list[list[int]], pad_id: int = 0) ->
         tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
         start[i] = L - len(p)
     start_arg = start if bool(start.any()) else None
-    logits = model(tokens, torch.arange(L, device=dev), cache, start=start_arg, last_only=True)
+    logits = model(tokens, torch.arange(L, device=dev), cache, start=start_arg, last_only=True, prefix=prefix)
     return logits[:, -1], start, L
 
 
@@ -228,10 +232,12 @@ def sample_rows(logits: Tensor, rows: list[RowState], params: GenerationParams,
 
 def stream_tokens(model, tokenizer, prompts: list[list[int]], params: GenerationParams,
                   stats: dict[str, float] | None = None,
-                  generators: list[torch.Generator] | None = None) -> Iterator[TokenEvent]:
+                  generators: list[torch.Generator] | None = None,
+                  prefix: Tensor | None = None) -> Iterator[TokenEvent]:
     """Sample (or greedily decode) continuations for a static batch of prompts; yields events as tokens arrive.
     ``generators``: one per prompt (each row's tokens then depend only on its own generator and logits, not on the
-    batch around it; ``params.seed`` is unused); default one generator from ``params.seed`` for the batch."""
+    batch around it; ``params.seed`` is unused); default one generator from ``params.seed`` for the batch.
+    ``prefix`` [B, P, dim]: input embeddings for the prompts' first P positions (see ``prefill``)."""
     cfg = model.config
     B = len(prompts)
     if B == 0:
@@ -252,7 +258,7 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
 
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits, start, L = prefill(model, cache, prompts, pad)
+        logits, start, L = prefill(model, cache, prompts, pad, prefix)
         t1 = time.perf_counter()
         start_arg = start if bool(start.any()) else None
         steps = 0
@@ -274,7 +280,7 @@ def stream_tokens(model, tokenizer, prompts: list[list[int]], params: Generation
 
 
 def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParams,
-                    stats: dict[str, float] | None = None) -> list[Sequence]:
+                    stats: dict[str, float] | None = None, prefix: Tensor | None = None) -> list[Sequence]:
     from aigckit.text.beam import beam_search
 
     if params.stop:
@@ -289,7 +295,7 @@ def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParam
                        no_repeat_ngram_size=params.no_repeat_ngram_size,
                        repetition_penalty=params.repetition_penalty,
                        num_return_sequences=params.num_return_sequences,
-                       processors=params.processors, tokenizer=tokenizer)
+                       processors=params.processors, tokenizer=tokenizer, prefix=prefix)
     out = []
     for h in hyps:
         ids = h.token_ids[:-1] if h.ended_with_eos else h.token_ids
@@ -303,16 +309,20 @@ def run_beam_search(model, tokenizer, prompt: list[int], params: GenerationParam
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParams, model_name: str = "",
-             generators: list[torch.Generator] | None = None) -> list[GenerationResult]:
+             generators: list[torch.Generator] | None = None,
+             prefix: Tensor | None = None) -> list[GenerationResult]:
     """Generate for each prompt; ``num_return_sequences`` sequences per prompt. ``generators``: one per sequence
-    (prompt-major: prompt j's sequence k draws from ``generators[j * n + k]``), see ``stream_tokens``."""
+    (prompt-major: prompt j's sequence k draws from ``generators[j * n + k]``), see ``stream_tokens``. ``prefix``
+    [len(prompts), P, dim]: input embeddings for each prompt's first P positions (see ``prefill``)."""
     results = []
+    if prefix is not None and prefix.shape[0] != len(prompts):
+        raise AigcError(f"prefix: one row per prompt, {len(prompts)} prompts, got {prefix.shape[0]}", param="prefix")
     if params.num_beams > 1:
         if generators is not None:
             raise AigcError("generators per row do not apply to beam search", param="num_beams")
-        for p in prompts:
+        for j, p in enumerate(prompts):
             stats: dict[str, float] = {}
-            seqs = run_beam_search(model, tokenizer, p, params, stats)
+            seqs = run_beam_search(model, tokenizer, p, params, stats, None if prefix is None else prefix[j:j + 1])
             results.append(GenerationResult(model_name, seqs, len(p), _timings(stats, seqs)))
         return results
     n = params.num_return_sequences
@@ -323,7 +333,8 @@ def generate(model, tokenizer, prompts: list[list[int]], params: GenerationParam
     lps: list[list[float]] = [[] for _ in rows]
     tops: list[list] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
-    for ev in stream_tokens(model, tokenizer, rows, params, stats, generators):
+    row_prefix = None if prefix is None else prefix.repeat_interleave(n, 0)
+    for ev in stream_tokens(model, tokenizer, rows, params, stats, generators, row_prefix):
         texts[ev.row].append(ev.text)
         if ev.token_id is not None:
             ids[ev.row].append(ev.token_id)

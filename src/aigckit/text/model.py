@@ -11,6 +11,8 @@ Both use a fused QKV projection (one matmul) and, for Llama, a fused gate/up pro
   input_pos [T] (a contiguous range shared by all rows) or [B, T]: the cache *slot* each token is written to
   start     [B] first valid slot of each row (left padding / a row's own origin); positions seen by RoPE and by
             learned position embeddings are ``input_pos - start``; slots before ``start`` are masked out.
+  prefix    [B, P, dim] input embeddings that replace the first P tokens' (a soft prompt: ClipCap's image prefix,
+            ``aigckit.multimodal.prefixcap``); the tokens there are placeholders.
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 start: Tensor | None = None, rows: Tensor | None = None, last_only: bool = False,
-                logits_at: Tensor | None = None) -> Tensor:
+                logits_at: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
         B, T = tokens.shape
         dev = tokens.device
         if input_pos is None:
@@ -237,11 +239,15 @@ class Transformer(nn.Module):
             input_pos = slice(p0, p0 + T)
 
         # the fast path: one new token per row of a float32 model on the CPU in inference (kernels.decode)
-        fused = decode.prepare(self, tokens, pos2d, start, cache, rows)
+        fused = decode.prepare(self, tokens, pos2d, start, cache, rows) if prefix is None else None
         if fused is not None:
             return decode.forward(self, tokens, fused)
 
         x = self.tok_emb(tokens)
+        if prefix is not None:
+            if prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[1] > T or prefix.shape[2] != x.shape[2]:
+                raise ValueError(f"prefix must be [{B}, P <= {T}, {x.shape[2]}], got {list(prefix.shape)}")
+            x = torch.cat((prefix.to(x.dtype), x[:, prefix.shape[1]:]), 1)
         rope = None
         if self.config.arch == "gpt2":
             x = x + self.pos_emb(pos.clamp(min=0))
