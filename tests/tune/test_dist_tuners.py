@@ -4,8 +4,10 @@ resume across world sizes (2 ranks -> 1 and 1 -> 2), ending where the one-proces
 
 Tolerance: the tiny model has no dropout, so both runs take the same steps on the same rows (RL: the same prompts
 and, with a seed per completion, the same sampled tokens); only the order of float sums differs (half batches, an
-all_reduce of two half gradients, logits of a smaller batch): losses, metrics and LoRA weights agree to 1e-5
-(absolute; values are O(1) and O(0.1)). A wrong normalisation (a rank dividing by its own count instead of the
+all_reduce of two half gradients, logits of a smaller batch): losses and metrics agree to 1e-5 (absolute; values
+are O(1)), LoRA weights (O(0.1)) to 1e-4: Adam divides each gradient by its running RMS, which in the first steps
+turns rounding differences of tiny gradients into weight differences of up to ~1e-5 (1.2e-5 seen on an AVX-512
+CPU, whose 16-lane reductions sum in another order than AVX2's). A wrong normalisation (a rank dividing by its own count instead of the
 global one) is off by far more (checked by hand when these tests were written: 1e-3 and up). Ranks whose adapters
 drift apart (rank 1 nudging its gradients) stop the run at the next checkpoint with an error naming it."""
 
@@ -28,6 +30,7 @@ from tuneutil import words, write_jsonl
 
 HERE = Path(__file__).parent
 TOL = 1e-5
+WEIGHT_TOL = 1e-4
 
 
 def _rows(run: Path, key: str) -> list[dict]:
@@ -44,7 +47,7 @@ def _same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and any(float(v.abs().max()) > 1e-3 for k, v in a.items()
                                          if "lora_B" in k or k.endswith(".B"))  # trained, not the zero init
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0)
+        torch.testing.assert_close(a[k], b[k], atol=WEIGHT_TOL, rtol=0)
 
 
 def _same_metrics(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
