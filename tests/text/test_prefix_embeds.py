@@ -57,3 +57,10 @@ def test_prefix_errors(lm):
         generate(lm.model, lm.tokenizer, held, params, prefix=prefix[:1])
     with pytest.raises(ValueError, match="prefix must be"):
         lm.model(torch.tensor(held), prefix=prefix[:, :, :3])
+
+
+def test_logits_from_is_a_slice_of_all_logits(lm):
+    with torch.no_grad():
+        full = lm.model(torch.tensor(PROMPTS))
+        part = lm.model(torch.tensor(PROMPTS), logits_from=3)
+    torch.testing.assert_close(part, full[:, 3:], rtol=0, atol=1e-6)

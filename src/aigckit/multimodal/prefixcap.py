@@ -85,11 +85,11 @@ class PrefixCaptioner:
         tgt = self.targets(texts)
         T = P + max(len(t) for t in tgt)  # noqa: N806
         tokens = torch.full((len(tgt), T), self.placeholder, dtype=torch.long)
-        labels = torch.full((len(tgt), T), -100, dtype=torch.long)
+        labels = torch.full((len(tgt), T - P + 1), -100, dtype=torch.long)  # positions P-1 .. T-1
         for i, t in enumerate(tgt):
             tokens[i, P:P + len(t)] = torch.tensor(t)
-            labels[i, P - 1:P - 1 + len(t)] = torch.tensor(t)  # position j predicts token j + 1
-        logits = self.lm.model(tokens, prefix=self.mapper(x))
+            labels[i, :len(t)] = torch.tensor(t)  # position P-1+j predicts caption token j
+        logits = self.lm.model(tokens, prefix=self.mapper(x), logits_from=P - 1)  # no head on the other positions
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()

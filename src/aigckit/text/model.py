@@ -13,6 +13,7 @@ Both use a fused QKV projection (one matmul) and, for Llama, a fused gate/up pro
             learned position embeddings are ``input_pos - start``; slots before ``start`` are masked out.
   prefix    [B, P, dim] input embeddings that replace the first P tokens' (a soft prompt: ClipCap's image prefix,
             ``aigckit.multimodal.prefixcap``); the tokens there are placeholders.
+  logits_from  logits of positions ``logits_from..T-1`` only (``last_only`` / ``logits_at``: one position).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 start: Tensor | None = None, rows: Tensor | None = None, last_only: bool = False,
-                logits_at: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
+                logits_at: Tensor | None = None, prefix: Tensor | None = None,
+                logits_from: int = 0) -> Tensor:
         B, T = tokens.shape
         dev = tokens.device
         if input_pos is None:
@@ -262,6 +264,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:  # [B] one position per row (ragged prompts): logits [B, 1, V]
             x = x[torch.arange(B), logits_at].unsqueeze(1)
+        elif logits_from:  # positions logits_from.. only (training on a prefix's continuation): [B, T - from, V]
+            x = x[:, logits_from:]
         return self.lm_head(self.norm(x))
 
     @staticmethod
