@@ -67,4 +67,9 @@ def test_prefix_caption_train_and_cli(fake_home, tiny_llama_dir, tmp_path, capsy
     x = torch.zeros(1, 1, 28, 28)
     assert describe(model, x) == describe(model, x)
     assert main(["caption", str(img), "--model", str(run), "--beams", "2", "--temperature", "1"]) == 2
+    capsys.readouterr()
+    assert main(["caption-eval", str(run), "--n", "6", "--beams", "2"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["n"] == 6 and rep["beams"] == 2 and 0 <= rep["bleu4"] <= 1
+    assert main(["caption-eval", str(run), "--n", "0"]) == 2
     assert main(["caption-train", "--out", str(tmp_path / "bad"), "--decoder", "gpt", "--steps", "1"]) == 2
