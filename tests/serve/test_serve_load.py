@@ -68,8 +68,17 @@ def test_full_queue_is_429(tiny_chat_dir):
     sched = reg.models["t"].worker.scheduler
     parked = _Request([5], GenerationParams(), 1)
     parked.cancelled.set()  # dropped unread whenever the worker gets to it
-    with sched.lock:  # one request waits and the worker is not woken: the one-place queue is full
-        sched.waiting.append(parked)
+    # one request waits and the worker is not woken: the one-place queue is full. Append only once the worker sleeps
+    # in the condition's wait() (CPython keeps its waiting threads in ``_waiters``): a worker that is still starting
+    # would see the request, drop it and empty the queue (seen once on a fast CPU: 200 instead of 429)
+    deadline = time.monotonic() + 30
+    while True:
+        with sched.lock:
+            if sched.lock._waiters:
+                sched.waiting.append(parked)
+                break
+        assert time.monotonic() < deadline, "the scheduler's worker never went idle"
+        time.sleep(0.01)
     with TestClient(create_app(reg)) as c:
         r = c.post("/v1/completions", json={"model": "t", "prompt": "w5", "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
