@@ -43,7 +43,10 @@ PROMPTS16 = [f"Write a short note number {i} about {t}:" for i, t in enumerate(
 
 
 def best(a, fn) -> float:
-    """Best wall time of ``a.repeat`` runs (the machine may be shared: the minimum is the least disturbed run)."""
+    """Best wall time of ``a.repeat`` runs after one untimed warm-up run (the machine may be shared: the minimum is
+    the least disturbed run). The warm-up matters: oneDNN builds its primitives for a new shape on first use, and a
+    512-token prefill was measured at 645 tok/s best of two cold runs vs 1128 warm (AVX-512 CPU, 2026-12-07)."""
+    fn()
     times = []
     for _ in range(a.repeat):
         t = time.perf_counter()
