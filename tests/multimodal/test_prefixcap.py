@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from aigckit.multimodal.caption import describe, load_captioner
+from aigckit.multimodal.caption import load_captioner
 from aigckit.multimodal.prefixcap import PrefixCaptionConfig, PrefixCaptioner, PrefixMapper
 from aigckit.text.lm import load_lm
 
@@ -34,10 +34,10 @@ def test_prefix_learns_captions_and_the_lm_stays_frozen(tiny_llama_dir):
     assert loss.item() < first - 0.5
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # frozen
     assert all(p.grad is None for p in lm.model.parameters())
-    assert cap.generate(x) == texts  # greedy, through the engine's prefill with the prefix
-    assert cap.generate(x, beams=3) == texts
-    s = cap.generate(x, temperature=1.0, seed=4)
-    assert s == cap.generate(x, temperature=1.0, seed=4) and len(s) == 2
+    assert cap.describe(x) == texts  # greedy, through the engine's prefill with the prefix
+    assert cap.describe(x, beams=3) == texts
+    s = cap.describe(x, temperature=1.0, seed=4)
+    assert s == cap.describe(x, temperature=1.0, seed=4) and len(s) == 2
 
 
 def test_prefix_caption_train_and_cli(fake_home, tiny_llama_dir, tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_prefix_caption_train_and_cli(fake_home, tiny_llama_dir, tmp_path, capsy
         out = json.loads(capsys.readouterr().out)
         assert out[0]["image"] == str(img) and isinstance(out[0]["caption"], str)
     x = torch.zeros(1, 1, 28, 28)
-    assert describe(model, x) == describe(model, x)
+    assert model.describe(x) == model.describe(x)
     assert main(["caption", str(img), "--model", str(run), "--beams", "2", "--temperature", "1"]) == 2
     capsys.readouterr()
     assert main(["caption-eval", str(run), "--n", "6", "--beams", "2"]) == 0

@@ -150,7 +150,7 @@ def register_caption(sub: argparse._SubParsersAction) -> None:
 
 def _caption(a) -> int:
     from aigckit.errors import AigcError
-    from aigckit.multimodal.caption import describe, load_captioner
+    from aigckit.multimodal.caption import load_captioner
     from aigckit.multimodal.io import read_images
 
     if not a.images:
@@ -165,7 +165,7 @@ def _caption(a) -> int:
     for name, idx in groups.items():
         model, _ = load_captioner(name)
         x = read_images([a.images[i] for i in idx], model.cfg.resolution, model.cfg.channels)
-        for i, c in zip(idx, describe(model, x, beams=a.beams, temperature=a.temperature, seed=a.seed)):
+        for i, c in zip(idx, model.describe(x, beams=a.beams, temperature=a.temperature, seed=a.seed)):
             caps[i] = c
     if a.json:
         print(json.dumps([{"image": i, "caption": c} for i, c in zip(a.images, caps)], indent=2))

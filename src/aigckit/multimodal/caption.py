@@ -101,6 +101,10 @@ class CaptionModel(nn.Module):
         logits, _ = self.step(self.encode(x), ids[:, :-1], None)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=0)
 
+    def describe(self, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """Captions of images x (the interface both captioners share, see ``load_captioner``)."""
+        return generate(self, x, beams=beams, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+
     def words(self, ids: list[int]) -> str:
         out = []
         for i in ids:
@@ -111,17 +115,22 @@ class CaptionModel(nn.Module):
         return " ".join(out)
 
 
-@torch.no_grad()
-def generate(model: CaptionModel, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> list[str]:
-    """Captions for images x: greedy (temperature 0, beams 1), sampling (temperature > 0) or beam search (beams > 1,
-    highest total log-probability; finished beams keep their score)."""
+def check_decoding(beams: int, temperature: float) -> None:
+    """The decoding options both captioners take: beams 1..16, temperature 0..5, not both beams and sampling."""
     if beams < 1 or beams > 16:
         raise AigcError(f"beams must be in 1..16, got {beams}", param="beams")
     if temperature < 0 or temperature > 5:
         raise AigcError(f"temperature must be in [0, 5], got {temperature}", param="temperature")
     if beams > 1 and temperature > 0:
         raise AigcError("beam search is deterministic: use --beams or --temperature, not both", param="beams")
+
+
+@torch.no_grad()
+def generate(model: CaptionModel, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0,
+             generator: torch.Generator | None = None) -> list[str]:
+    """Captions for images x: greedy (temperature 0, beams 1), sampling (temperature > 0) or beam search (beams > 1,
+    highest total log-probability; finished beams keep their score)."""
+    check_decoding(beams, temperature)
     model.eval()
     feat = model.encode(x)
     if beams == 1:
@@ -171,7 +180,7 @@ def _beam(model: CaptionModel, feat: torch.Tensor, k: int) -> str:
 def load_captioner(run):
     """A trained captioning run (newest intact checkpoint), a checkpoint folder or a built-in name -> (model, config):
     a ``CaptionModel`` (family caption) or a ``prefixcap.PrefixCaptioner`` (family prefix-caption, with its language
-    model). Both caption images with ``describe(model, x, beams=, temperature=, seed=)``."""
+    model). Both caption images with ``model.describe(x, beams=, temperature=, seed=)``."""
     from aigckit.multimodal.io import load_run, run_config
 
     if run_config(run)[1].get("family") == "prefix-caption":
@@ -179,14 +188,6 @@ def load_captioner(run):
 
         return load_prefix_captioner(run)
     return load_run(run, "caption", CaptionConfig, CaptionModel)
-
-
-def describe(model, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Captions of images x by either kind of captioner (see ``load_captioner``)."""
-    if isinstance(model, CaptionModel):
-        return generate(model, x, beams=beams, temperature=temperature,
-                        generator=torch.Generator().manual_seed(seed))
-    return model.generate(x, beams=beams, temperature=temperature, seed=seed)
 
 
 def bleu4(hyps: list[str], refs: list[list[str]]) -> float:

@@ -3,10 +3,10 @@ network turn an image into P input embeddings, a *prefix* that SmolLM2 continues
 
 Only the encoder and the mapping network are trained (``aigc caption-train --decoder smollm2``): teacher-forced
 cross-entropy on the caption tokens (and an end-of-text token) through the frozen language model, whose weights
-never change and are not saved with the run (the run's config names the model; ``prefix.safetensors`` holds the
-rest). Decoding - greedy, sampling, beam search - is the text engine's: the prompt is P placeholder tokens whose
-embeddings ``Transformer.forward(prefix=...)`` replaces, so the KV cache is prefilled with the image and every
-decoding option of ``aigc text`` applies.
+never change and are not saved with the run (the run's config names the model; ``model.safetensors`` holds the
+encoder and the mapping). Decoding - greedy, sampling, beam search - is the text engine's: the prompt is P
+placeholder tokens whose embeddings ``Transformer.forward(prefix=...)`` replaces, so the KV cache is prefilled with
+the image and every decoding option of ``aigc text`` applies.
 
     prefix = mapper(image)                      # [N, P, dim]
     lm.model(placeholders + caption, prefix=prefix)  -> logits, loss on the caption positions
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aigckit.errors import AigcError
-from aigckit.multimodal.caption import conv_encoder, fit_images
+from aigckit.multimodal.caption import check_decoding, conv_encoder, fit_images
 
 
 @dataclass
@@ -93,16 +93,13 @@ class PrefixCaptioner:
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+    def describe(self, x: torch.Tensor, *, beams: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = 0) -> list[str]:
         """Captions of images x by the text engine: greedy, sampling (temperature > 0) or beam search (beams > 1)."""
         from aigckit.text.engine import generate
         from aigckit.text.params import GenerationParams
 
-        if beams < 1 or beams > 16:
-            raise AigcError(f"beams must be in 1..16, got {beams}", param="beams")
-        if beams > 1 and temperature > 0:
-            raise AigcError("beam search is deterministic: use --beams or --temperature, not both", param="beams")
+        check_decoding(beams, temperature)
         self.mapper.eval()
         params = GenerationParams(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, top_p=top_p,
                                   num_beams=beams, seed=seed)

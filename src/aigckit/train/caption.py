@@ -18,7 +18,7 @@ import torch
 
 from aigckit.data.images import FASHION_MNIST_CLASSES, to_float
 from aigckit.errors import AigcError
-from aigckit.multimodal.caption import CaptionConfig, CaptionModel, bleu4, build_vocab, describe
+from aigckit.multimodal.caption import CaptionConfig, CaptionModel, bleu4, build_vocab
 from aigckit.train.short import run_steps, start_run
 from aigckit.train.t2i import caption_data
 
@@ -120,7 +120,7 @@ def evaluate_captioner(model, *, n: int = 1000, beams: int = 1) -> dict:
     x, keys = to_float(ds.images[:n]), ds.labels[:n]
     hyps = []
     for i in range(0, len(x), 250):
-        hyps += describe(model, x[i:i + 250], beams=beams)
+        hyps += model.describe(x[i:i + 250], beams=beams)
     right = sum(named_class(h) == int(k) // 3 for h, k in zip(hyps, keys))
     refs = [[caps.texts[j] for j in caps.choices[int(k)] if j != 0] for k in keys]
     return {"n": len(hyps), "names_right_class": round(right / len(hyps), 4), "bleu4": round(bleu4(hyps, refs), 4),
@@ -139,7 +139,7 @@ def evaluate_shapes_captioner(model, *, n: int = 500, seed: int = 0, beams: int 
     for name, held in (("seen", False), ("heldout", True)):
         scenes = S.sample_scenes(n, seed + (7 if held else 3), heldout=held)
         rng = random.Random(seed)
-        hyps = describe(model, to_float(torch.stack([S.render(s, rng) for s in scenes])), beams=beams)
+        hyps = model.describe(to_float(torch.stack([S.render(s, rng) for s in scenes])), beams=beams)
         refs = [S.captions(s) for s in scenes]
         out[name] = {"exact": round(sum(h in r for h, r in zip(hyps, refs)) / n, 4),
                      "bleu4": round(bleu4(hyps, refs), 4), "examples": hyps[:3]}
