@@ -87,20 +87,19 @@ def test_fused_path_not_taken_with_grad_or_bf16():
         assert decode.prepare(model, tok, pos2d, None, cache, None) is None
 
 
-_W8A8_PATHS = {"w8a8": ("_w8a8_block_step", 16), "w8a8-onednn": ("_w8a8_onednn_block", 0)}
+_W8A8_PATHS = {"w8a8": ("_w8a8_block_step", 16), "w8a8-products": ("_w8a8_products_block", 0)}
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "w8a8-onednn"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "w8a8-products"])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
 def test_fused_quantised_block_equals_reference_path(mode, n_kv_head, monkeypatch):
     from aigckit.text import quant
 
     fn, fused_rows = _W8A8_PATHS.get(mode, ("_rows_block_step", 0))  # int4 shares the int8 block kernels
-    if mode == "w8a8-onednn" and not cpu.onednn_u8s8_exact():
-        pytest.skip("oneDNN's u8 x s8 product is not exact on this CPU (no VNNI): never used here")
     mode = mode.split("-")[0]
-    monkeypatch.setattr(decode, "W8A8_FUSED_ROWS", fused_rows)  # 3 rows: the numba products, or oneDNN's
+    # 3 rows: the fused numba blocks, or four products (oneDNN's with VNNI, else the packed-pairs kernel)
+    monkeypatch.setattr(decode, "W8A8_FUSED_ROWS", fused_rows)
     model = _model("llama", n_kv_head)
     quant.quantize_model(model, mode)
     assert all(decode.fused_block_kind(b) == mode for b in model.blocks)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aigckit.text.kernels import ENABLED, gemm
+from aigckit.text.kernels import ENABLED, cpu, gemm, i8pairs
 
 needs_numba = pytest.mark.skipif(not ENABLED, reason="numba kernels off")
 SHAPES = [(64, 32), (37, 5), (100, 33), (33, 64), (576, 192), (19, 3), (96, 18), (1536, 20)]
@@ -58,6 +58,40 @@ def test_i8i8_applies_the_weight_scales_after_the_integer_sum():
     gemm.matmul_i8i8(xq, w, ws, yw)
     acc = (xq.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32)
     np.testing.assert_array_equal(yw, acc * ws)
+
+
+def test_pack_pairs_puts_sixteen_rows_weight_pairs_side_by_side():
+    rng = np.random.default_rng(2)
+    w = rng.integers(-127, 128, (37, 9), dtype=np.int8)
+    wp = i8pairs.pack_pairs(w)
+    assert wp.shape == (3, 5, 32) and wp.dtype == np.int8  # ceil(37 / 16) blocks, ceil(9 / 2) pairs
+    for o in (0, 15, 16, 36):
+        for k in (0, 1, 7, 8):
+            assert wp[o // 16, k // 2, 2 * (o % 16) + k % 2] == w[o, k]
+    assert not wp[2, :, 2 * 5:].any() and not wp[:, 4, 1::2].any()  # padding rows (37..47) and input 9 are zero
+    with pytest.raises(ValueError, match="int8"):
+        i8pairs.pack_pairs(w.astype(np.int16))
+
+
+@needs_numba
+def test_packed_product_checks_that_the_weights_fit():
+    w = np.ones((20, 10), dtype=np.int8)
+    with pytest.raises(ValueError, match="do not fit"):
+        i8pairs.packed_product(np.ones((4, 12), np.int8), i8pairs.pack_pairs(w), np.ones(20, np.float32),
+                               np.empty((4, 20), np.float32))
+
+
+@needs_numba
+@pytest.mark.skipif(cpu.cpu_info().machine not in ("x86_64", "AMD64"), reason="x86 instruction names")
+def test_packed_pairs_kernel_is_selected_as_pmaddwd_on_x86():
+    # the point of writing the tile in vector IR: x86's backend turns the widening multiply-add into pmaddwd (16
+    # products per instruction on AVX2), not 32-bit multiplies (8); this holds from SSE2 on, so under every cap
+    import numba
+
+    fresh = numba.njit(parallel=True, fastmath=True)(i8pairs._packed_kernel.py_func)  # not from numba's disk cache
+    fresh.compile(i8pairs.SIGNATURE)
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert "pmaddwd" in asm and "pmulld" not in asm
 
 
 @needs_numba

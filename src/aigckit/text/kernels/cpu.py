@@ -122,7 +122,8 @@ def selection(mode: str | None = None) -> dict[str, str]:
             rows["w8a8"] = (f"numba exact int8 x int8 (<= {W8A8_FUSED_ROWS} rows, fused blocks), oneDNN u8 x s8 "
                             "(more rows; exact here)")
         else:
-            rows["w8a8"] = ("numba exact int8 x int8 for every row count (oneDNN's u8 x s8 saturates here: "
+            rows["w8a8"] = (f"numba exact int8 x int8 for every row count: weight rows (<= {W8A8_FUSED_ROWS} rows, "
+                            "fused blocks), weights packed in pairs (more rows) (oneDNN's u8 x s8 saturates here: "
                             "no VNNI)")
     native_bf16 = bool({"avx512_bf16", "amx_bf16"} & fl) and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in (
         "", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10_1_512_AMX")

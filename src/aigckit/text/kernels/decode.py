@@ -12,8 +12,9 @@ Per block (``BlockPlan`` works out once which kernels can run it):
   pointwise work + the residual add (``_rows_attn_layer``, ``_rows_mlp_layer``; the weight format is chosen at
   compile time by ``_rows_block``);
 * Llama blocks with ``w8a8`` linears: the same two calls with exact int8 x int8 products (``gemm.i8i8_block``)
-  for up to ``W8A8_FUSED_ROWS`` rows, or on CPUs where oneDNN's u8 x s8 product is not exact (``cpu.py``); else
-  oneDNN's products with numba calls for everything between them (``_w8a8_onednn_block``);
+  for up to ``W8A8_FUSED_ROWS`` rows; more rows run four exact products (oneDNN's where its u8 x s8 product is
+  exact, see ``cpu.py``, else ``i8pairs.py``'s) with numba calls for everything between them
+  (``_w8a8_products_block``);
 * any other block (GPT-2, mixed formats): its PyTorch modules, with the fused attention kernel.
 
 Every intermediate lives in the thread's ``Workspace`` (``DecodeBuffers`` names each buffer and its shape); block
@@ -458,10 +459,10 @@ def forward(model, tokens: Tensor, step: DecodeStep) -> Tensor:
         kind = plan.kind
         if kind in ("int8", "int4") or (kind == "f32" and B <= onednn.SMALL_ROWS):
             _rows_block_step(plan, xn, out, step, i)
-        elif kind == "w8a8" and (B <= W8A8_FUSED_ROWS or not cpu.onednn_u8s8_exact()):
+        elif kind == "w8a8" and B <= W8A8_FUSED_ROWS:
             _w8a8_block_step(plan, xn, out, step, i)
         elif kind == "w8a8":
-            _w8a8_onednn_block(plan, xn, out, step, i)
+            _w8a8_products_block(plan, xn, out, step, i)
         else:
             out = _module_block(block, xn, out, step, i)
         xn = out
@@ -503,9 +504,10 @@ def _w8a8_block_step(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: Deco
                     b.act, b.yo)
 
 
-def _w8a8_onednn_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> None:
-    """A Llama block with w8a8 linears for many rows on a CPU with exact oneDNN products (VNNI): four
-    ``Int8Linear.int_product`` calls, numba calls for everything between them and torch's SiLU."""
+def _w8a8_products_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> None:
+    """A Llama block with w8a8 linears for more than ``W8A8_FUSED_ROWS`` rows: four ``Int8Linear.int_product``
+    calls (oneDNN's u8 x s8 where it is exact, i.e. with VNNI; else the packed-pairs numba kernel), numba calls for
+    everything between them and torch's SiLU."""
     l_qkv, l_o, l_gu, l_d = plan.lins
     a_qkv, a_o, a_gu, a_d = plan.args
     n1, eps1, n2, eps2 = plan.norms
@@ -513,17 +515,17 @@ def _w8a8_onednn_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: De
     kc, vc = step.caches[layer]
     inter = b.act.shape[1]
     _rms_quant(x, n1, eps1, b.qc, b.qs, b.hrow)
-    _scale_add(l_qkv.int_product(b.qc, b.xu), b.qs, a_qkv.bias, a_qkv.has_bias, b.qkv, False, b.qkv)
+    _scale_add(l_qkv.int_product(b.qc, b.xu, b.qkv), b.qs, a_qkv.bias, a_qkv.has_bias, b.qkv, False, b.qkv)
     attend(b.qkv, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head, plan.n_kv_head, b.att, b.attn)
     _quant(b.att, b.qa, b.qs)
-    _scale_add(l_o.int_product(b.qa, b.xu), b.qs, a_o.bias, a_o.has_bias, x, True, b.mid)
+    _scale_add(l_o.int_product(b.qa, b.xu, b.yo), b.qs, a_o.bias, a_o.has_bias, x, True, b.mid)
     _rms_quant(b.mid, n2, eps2, b.qc, b.qs, b.hrow)
-    _scale_add(l_gu.int_product(b.qc, b.xu), b.qs, a_gu.bias, a_gu.has_bias, b.gu, False, b.gu)
+    _scale_add(l_gu.int_product(b.qc, b.xu, b.gu), b.qs, a_gu.bias, a_gu.has_bias, b.gu, False, b.gu)
     g, a = torch.from_numpy(b.gu), torch.from_numpy(b.act)
     torch.ops.aten.silu.out(g[:, :inter], out=a)  # torch's vectorised exp: ~2x faster than numba's scalar expf
     a.mul_(g[:, inter:])
     _quant(b.act, b.qi, b.qs)
-    _scale_add(l_d.int_product(b.qi, b.xu), b.qs, a_d.bias, a_d.has_bias, b.mid, True, out)
+    _scale_add(l_d.int_product(b.qi, b.xu, b.yo), b.qs, a_d.bias, a_d.has_bias, b.mid, True, out)
 
 
 def _module_block(block, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> np.ndarray:

@@ -16,7 +16,8 @@ Work is split into blocks of ``ROW_BLOCK`` output rows (one ``prange`` item each
   register tile of 16 accumulators, each vectorised along K, computes all M outputs (16 FMAs per 8 loads).
 
 ``w8a8``'s integer product (``matmul_i8i8``) multiplies int8 by int8 in int16 and adds pairs into int32
-(``pmaddwd``, on every x86 CPU since SSE2): exact on every ISA, no saturation.
+(``pmaddwd``, on every x86 CPU since SSE2): exact on every ISA, no saturation. One or two rows take one weight
+row at a time (``i8i8_block``, also in the fused decode steps); more rows the packed-pairs kernel of ``i8pairs.py``.
 
 The int4 unpacking is straight-line code that only LLVM's SLP vectoriser turns into vector instructions; numba
 leaves SLP off by default, so the kernels are compiled once, with it switched on, for their one signature
@@ -33,12 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aigckit.text.kernels import i8pairs
 from aigckit.text.kernels._numba import ENABLED, njit, numba, prange
 
 __all__ = ["ROW_BLOCK", "RowsArgs", "compile_kernels", "slp_vectorize", "matmul_f32", "matmul_int8",
-           "matmul_int4", "matmul_i8i8", "quantize_rows", "scale_rows", "linear_f32", "set_num_threads"]
+           "matmul_int4", "matmul_i8i8", "PAIR_ROWS", "quantize_rows", "scale_rows", "linear_f32", "set_num_threads"]
 
 ROW_BLOCK = 16  # output rows per parallel work item
+PAIR_ROWS = 2  # w8a8: above this many rows, the packed-pairs kernel (i8pairs.py) computes the integer product
 
 
 class RowsArgs(NamedTuple):
@@ -394,81 +397,10 @@ def i8i8_block(xq, w, ws, yw, b):  # pragma: no cover - compiled
             yw[m, o] = _f32(acc) * s
 
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _i8i8_dot1(row, xr):  # pragma: no cover - compiled
-    acc = np.int32(0)
-    for k in range(row.shape[0]):
-        acc = np.int32(acc + np.int32(row[k]) * np.int32(xr[k]))
-    return acc
-
-
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
-def i8i8_tile_block(x16, w, ws, yw, b):  # pragma: no cover - compiled
-    # i8i8_block for several rows: a register tile of 2 weight rows x 4 input rows (8 int32 accumulators) over the
-    # activations widened to int16 once (x16 [M, K]), so each weight and activation load serves 4 or 2 products
-    M, K = x16.shape
-    N = w.shape[0]
-    o0 = b * ROW_BLOCK
-    o1 = min(o0 + ROW_BLOCK, N)
-    o = o0
-    while o < o1:
-        two = o + 1 < o1
-        r0 = w[o]
-        r1 = w[o + 1] if two else w[o]
-        m = 0
-        while two and m + 4 <= M:
-            x0 = x16[m]
-            x1 = x16[m + 1]
-            x2 = x16[m + 2]
-            x3 = x16[m + 3]
-            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.int32(0)
-            for k in range(K):
-                w0 = np.int32(r0[k])
-                w1 = np.int32(r1[k])
-                v0 = np.int32(x0[k])
-                v1 = np.int32(x1[k])
-                v2 = np.int32(x2[k])
-                v3 = np.int32(x3[k])
-                a0 = np.int32(a0 + w0 * v0)
-                a1 = np.int32(a1 + w0 * v1)
-                a2 = np.int32(a2 + w0 * v2)
-                a3 = np.int32(a3 + w0 * v3)
-                c0 = np.int32(c0 + w1 * v0)
-                c1 = np.int32(c1 + w1 * v1)
-                c2 = np.int32(c2 + w1 * v2)
-                c3 = np.int32(c3 + w1 * v3)
-            s0 = ws[o]
-            s1 = ws[o + 1]
-            yw[m, o] = _f32(a0) * s0
-            yw[m + 1, o] = _f32(a1) * s0
-            yw[m + 2, o] = _f32(a2) * s0
-            yw[m + 3, o] = _f32(a3) * s0
-            yw[m, o + 1] = _f32(c0) * s1
-            yw[m + 1, o + 1] = _f32(c1) * s1
-            yw[m + 2, o + 1] = _f32(c2) * s1
-            yw[m + 3, o + 1] = _f32(c3) * s1
-            m += 4
-        for oo in range(o, o + 2 if two else o + 1):  # leftover input rows (and a last odd weight row)
-            row = w[oo]
-            for mm in range(m, M):
-                yw[mm, oo] = _f32(_i8i8_dot1(row, x16[mm])) * ws[oo]
-        o += 2 if two else 1
-
-
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _i8i8_kernel(xq, w, ws, yw):  # pragma: no cover - compiled
-    M, K = xq.shape
-    nb = (w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
-    if M <= 2:
-        for b in prange(nb):
-            i8i8_block(xq, w, ws, yw, b)
-    else:
-        x16 = np.empty((M, K), dtype=np.int16)
-        for m in range(M):
-            for k in range(K):
-                x16[m, k] = np.int16(xq[m, k])
-        for b in prange(nb):
-            i8i8_tile_block(x16, w, ws, yw, b)
+    for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+        i8i8_block(xq, w, ws, yw, b)
 
 
 _COMPILED: set[str] = set()
@@ -481,7 +413,7 @@ if numba is not None:
         "int4": ((_int4_kernel, (_F2, numba.uint8[:, ::1], _F2, _F2, _F1, _B, _F2)),),
         "f32": ((_f32_kernel, (_F2, _F2, _F1, _B, _F2)),),
         "w8a8": ((_quant_act, (_F2, _I8, _F1)), (_rows_scale, (_F2, _F1, _F1, _B, _F2)),
-                 (_i8i8_kernel, (_I8, _I8, _F1, _F2))),
+                 (_i8i8_kernel, (_I8, _I8, _F1, _F2)), (i8pairs._packed_kernel, i8pairs.SIGNATURE)),
     }
 
 
@@ -536,10 +468,15 @@ def matmul_int4(x, qw, scales, mins, bias, has_bias, y) -> None:
     _int4_kernel(x, qw, scales, mins, bias, has_bias, y)
 
 
-def matmul_i8i8(xq, w, ws, yw) -> None:
-    """``yw = float32(xq @ w.T) * ws`` for int8 ``xq [M, K]`` and ``w [N, K]``: the integer sum is exact."""
+def matmul_i8i8(xq, w, ws, yw, wp=None) -> None:
+    """``yw = float32(xq @ w.T) * ws`` for int8 ``xq [M, K]`` and ``w [N, K]``: the integer sum is exact. Up to
+    ``PAIR_ROWS`` rows one row of ``w`` at a time; more rows through ``i8pairs`` on ``wp = i8pairs.pack_pairs(w)``
+    (packed here when not given: callers that run a layer more than once keep it)."""
     compile_kernels("w8a8")
-    _i8i8_kernel(xq, w, ws, yw)
+    if xq.shape[0] <= PAIR_ROWS:
+        _i8i8_kernel(xq, w, ws, yw)
+    else:
+        i8pairs.packed_product(xq, i8pairs.pack_pairs(w) if wp is None else wp, ws, yw)
 
 
 def quantize_rows(x, xq, xs) -> None:
