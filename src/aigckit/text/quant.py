@@ -307,7 +307,8 @@ class Int8Linear(_QuantLinear):
         """``float32(xq @ qweight.T) * scale`` for int8 activation rows ``xq [M, in]``: float32 [M, out], the integer
         sums exact. Up to ``W8A8_FUSED_ROWS`` rows, or where oneDNN's u8 x s8 kernel is not exact (CPUs without
         VNNI, see ``kernels.cpu``), the numba kernels compute it (above ``gemm.PAIR_ROWS`` rows on weights packed
-        in pairs once, ``kernels/i8pairs.py``); else oneDNN's ``qlinear_pointwise`` on weights prepacked once. Both are exact, so a row's result does not depend on the batch or on the CPU.
+        in pairs once, ``kernels/i8pairs.py``); else oneDNN's ``qlinear_pointwise`` on weights prepacked once.
+        All are exact, so a row's result does not depend on the batch or on the CPU.
         ``scratch``: an optional uint8 buffer of at least [M, in] for oneDNN's shifted copy of ``xq``; ``out``: an
         optional float32 [M, out] array the numba kernels write into (oneDNN returns its own)."""
         m = xq.shape[0]
