@@ -302,15 +302,13 @@ class Int8Linear(_QuantLinear):
             return
         gemm.matmul_int8(xn, w, s, b, has_b, yn)
 
-    def int_product(self, xq: np.ndarray, scratch: np.ndarray | None = None, out: np.ndarray | None = None
-                    ) -> np.ndarray:
+    def int_product(self, xq: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
         """``float32(xq @ qweight.T) * scale`` for int8 activation rows ``xq [M, in]``: float32 [M, out], the integer
         sums exact. Up to ``W8A8_FUSED_ROWS`` rows, or where oneDNN's u8 x s8 kernel is not exact (CPUs without
         VNNI, see ``kernels.cpu``), the numba kernels compute it (above ``gemm.PAIR_ROWS`` rows on weights packed
         in pairs once, ``kernels/i8pairs.py``); else oneDNN's ``qlinear_pointwise`` on weights prepacked once.
         All are exact, so a row's result does not depend on the batch or on the CPU.
-        ``scratch``: an optional uint8 buffer of at least [M, in] for oneDNN's shifted copy of ``xq``; ``out``: an
-        optional float32 [M, out] array the numba kernels write into (oneDNN returns its own)."""
+        ``scratch``: an optional uint8 buffer of at least [M, in] for oneDNN's shifted copy of ``xq``."""
         m = xq.shape[0]
         if m > W8A8_FUSED_ROWS and cpu.onednn_u8s8_exact():
             plan = self.__dict__.get("_w8a8")
@@ -320,16 +318,19 @@ class Int8Linear(_QuantLinear):
             if plan[1] is not None:
                 return onednn.qlinear_u8s8(xq, plan[1], self.scale, scratch)
         w, s = self.rows_args()[:2]
-        wp = None
-        if m > gemm.PAIR_ROWS:  # weights packed in pairs once per layer (i8pairs.py), like oneDNN's prepacking
-            packed = self.__dict__.get("_pairs")
-            if packed is None or packed[0] is not self.qweight:
-                packed = (self.qweight, i8pairs.pack_pairs(w))
-                self.__dict__["_pairs"] = packed
-            wp = packed[1]
-        yw = np.empty((m, self.out_features), dtype=np.float32) if out is None else out
-        gemm.matmul_i8i8(xq, w, s, yw, wp)
+        yw = np.empty((m, self.out_features), dtype=np.float32)
+        gemm.matmul_i8i8(xq, w, s, yw, self.packed_pairs() if m > gemm.PAIR_ROWS else None)
         return yw
+
+    def packed_pairs(self) -> np.ndarray:
+        """The int8 weights packed in pairs for the many-row numba product (``i8pairs.pack_pairs``), made on first
+        use and kept, like oneDNN's prepacked weights (on CPUs without VNNI, once a step has more than
+        ``gemm.PAIR_ROWS`` rows: a second copy of the weights, as large as the first)."""
+        packed = self.__dict__.get("_pairs")
+        if packed is None or packed[0] is not self.qweight:
+            packed = (self.qweight, i8pairs.pack_pairs(self.rows_args().w))
+            self.__dict__["_pairs"] = packed
+        return packed[1]
 
     def forward(self, x: Tensor, *, use_kernel: bool | None = None) -> Tensor:
         if not self.act_quant:

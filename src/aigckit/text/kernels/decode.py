@@ -11,10 +11,10 @@ Per block (``BlockPlan`` works out once which kernels can run it):
   int4 weight rows: two numba calls, the attention half and the MLP half, each doing norm + matmuls + the
   pointwise work + the residual add (``_rows_attn_layer``, ``_rows_mlp_layer``; the weight format is chosen at
   compile time by ``_rows_block``);
-* Llama blocks with ``w8a8`` linears: the same two calls with exact int8 x int8 products (``gemm.i8i8_block``)
-  for up to ``W8A8_FUSED_ROWS`` rows; more rows run four exact products (oneDNN's where its u8 x s8 product is
-  exact, see ``cpu.py``, else ``i8pairs.py``'s) with numba calls for everything between them
-  (``_w8a8_products_block``);
+* Llama blocks with ``w8a8`` linears: the same two calls with exact int8 x int8 products (``gemm.i8i8_block`` up
+  to ``gemm.PAIR_ROWS`` rows, ``i8pairs.pairs_block`` on weights packed in pairs for more) for up to
+  ``W8A8_FUSED_ROWS`` rows, or on CPUs where oneDNN's u8 x s8 product is not exact (``cpu.py``); else oneDNN's
+  products with numba calls for everything between them (``_w8a8_onednn_block``);
 * any other block (GPT-2, mixed formats): its PyTorch modules, with the fused attention kernel.
 
 Every intermediate lives in the thread's ``Workspace`` (``DecodeBuffers`` names each buffer and its shape); block
@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aigckit.text.kernels import cpu, gemm, onednn
+from aigckit.text.kernels import cpu, gemm, i8pairs, onednn
 from aigckit.text.kernels._numba import ENABLED, njit, numba, prange
 from aigckit.text.kernels.attention import AttentionScratch, attend, attend_one
 from aigckit.text.kernels.gemm import ROW_BLOCK, f32_block, i8i8_block, int4_block, int8_block, quant_row
+from aigckit.text.kernels.i8pairs import NO_PAIRS, pair_row, pairs_block
 
 __all__ = ["DecodeBuffers", "DecodeStep", "Workspace", "BlockPlan", "workspace", "prepare", "forward",
            "block_plan", "fused_block_kind", "rms_norm", "W8A8_FUSED_ROWS"]
@@ -193,39 +194,95 @@ def _scale_add(yw, xs, bias, has_bias, res, has_res, y):  # pragma: no cover - c
     _epilogue(yw, xs, bias, has_bias, res, has_res, y)
 
 
+# not inlined, no 'contract': the same arithmetic as _epilogue, for the output columns [o0, o1) of every row
+@njit(fastmath={"nnan", "ninf", "nsz"}, cache=True, nogil=True)
+def _epilogue_cols(yw, xs, bias, has_bias, res, has_res, y, o0, o1):  # pragma: no cover - compiled
+    for m in range(yw.shape[0]):
+        s = xs[m]
+        for n in range(o0, o1):
+            v = yw[m, n] * s
+            if has_bias:
+                v += bias[n]
+            if has_res:
+                v += res[m, n]
+            y[m, n] = v
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _pairs_product(x32, wp, ws, xs, bias, has_bias, res, has_res, acc, yw, y):  # pragma: no cover - compiled
+    # y = float32(xq @ w.T) * ws * xs + bias (+ res) on the packed weights wp, xq already paired into x32; each
+    # parallel item computes 16 outputs of every row and applies the epilogue to them (yw: the products)
+    N = yw.shape[1]
+    for blk in prange(wp.shape[0]):
+        pairs_block(x32, yw.shape[0], wp, ws, yw, blk, acc[numba.get_thread_id()])
+        o0 = blk * ROW_BLOCK
+        _epilogue_cols(yw, xs, bias, has_bias, res, has_res, y, o0, min(o0 + ROW_BLOCK, N))
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _rows_product(xq, w, ws, yw):  # pragma: no cover - compiled
+    for blk in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+        i8i8_block(xq, w, ws, yw, blk)
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _w8a8_attn_layer(x, nw, eps, wq, sq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, wo, so,
-                     bo, has_bo, out, hrow, qc, qa, qs, qkv, att, q_rot, scores, accs, exp_bits,
-                     yo):  # pragma: no cover - compiled
+def _w8a8_attn_layer(x, nw, eps, wq, sq, pq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, wo,
+                     so, po, bo, has_bo, out, hrow, qc, qa, qs, qkv, att, q_rot, scores, accs, exp_bits, yo, h, xc,
+                     xa, pacc, pairs):  # pragma: no cover - compiled
     # out = x + proj(attention(rope(qkv(rms_norm(x))))) with int8 activations and exact integer products;
-    # hrow [>= C], qc int8 [B, C], qa int8 [B, nh * D], qs [B], qkv [B, Nqkv], att [B, nh * D], yo [B, C]: scratch
+    # hrow [>= C], qc int8 [B, C], qa int8 [B, nh * D], qs [B], qkv [B, Nqkv], att [B, nh * D], yo [B, C]: scratch.
+    # pairs (more than two rows): products on the packed weights pq, po with xc, xa int32 [B rounded up to 4,
+    # C / 2 and nh * D / 2], and the per-row work in parallel too (h [B, C]: normalised rows)
     B = x.shape[0]
-    _rms_quant_rows(x, nw, eps, qc, qs, hrow)
-    for blk in prange((wq.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        i8i8_block(qc, wq, sq, qkv, blk)
-    _epilogue(qkv, qs, bq, has_bq, qkv, False, qkv)
+    if pairs:
+        for m in prange(B):
+            _rms_row(x[m], nw, eps, h[m])
+            qs[m] = quant_row(h[m], qc[m])
+            pair_row(qc[m], xc[m])
+        _pairs_product(xc, pq, sq, qs, bq, has_bq, qkv, False, pacc, qkv, qkv)
+    else:
+        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
+        _rows_product(qc, wq, sq, qkv)
+        _epilogue(qkv, qs, bq, has_bq, qkv, False, qkv)
     for i in prange(B * nkv):
         attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, q_rot, scores, accs, exp_bits)
-    _quant_rows(att, qa, qs)
-    for blk in prange((wo.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        i8i8_block(qa, wo, so, yo, blk)
-    _epilogue(yo, qs, bo, has_bo, x, True, out)
+    if pairs:
+        for m in prange(B):
+            qs[m] = quant_row(att[m], qa[m])
+            pair_row(qa[m], xa[m])
+        _pairs_product(xa, po, so, qs, bo, has_bo, x, True, pacc, yo, out)
+    else:
+        _quant_rows(att, qa, qs)
+        _rows_product(qa, wo, so, yo)
+        _epilogue(yo, qs, bo, has_bo, x, True, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _w8a8_mlp_layer(x, nw, eps, wgu, sgu, bgu, has_bgu, wd, sd, bd, has_bd, out, hrow, qc, qi, qs, gu, a,
-                    yo):  # pragma: no cover - compiled
+def _w8a8_mlp_layer(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, wd, sd, pd, bd, has_bd, out, hrow, qc, qi, qs, gu, a,
+                    yo, h, xc, xi, pacc, pairs):  # pragma: no cover - compiled
     # out = x + down(silu(gate) * up) with int8 activations and exact integer products;
-    # hrow [>= C], qc int8 [B, C], qi int8 [B, inter], qs [B], gu [B, 2 inter], a [B, inter], yo [B, C]: scratch
-    _rms_quant_rows(x, nw, eps, qc, qs, hrow)
-    for blk in prange((wgu.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        i8i8_block(qc, wgu, sgu, gu, blk)
-    _epilogue(gu, qs, bgu, has_bgu, gu, False, gu)
-    _silu_mul(gu, a)
-    _quant_rows(a, qi, qs)
-    for blk in prange((wd.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        i8i8_block(qi, wd, sd, yo, blk)
-    _epilogue(yo, qs, bd, has_bd, x, True, out)
+    # hrow [>= C], qc int8 [B, C], qi int8 [B, inter], qs [B], gu [B, 2 inter], a [B, inter], yo [B, C]: scratch;
+    # pairs: as in _w8a8_attn_layer, xi int32 [B rounded up to 4, inter / 2]
+    B = x.shape[0]
+    if pairs:
+        for m in prange(B):
+            _rms_row(x[m], nw, eps, h[m])
+            qs[m] = quant_row(h[m], qc[m])
+            pair_row(qc[m], xc[m])
+        _pairs_product(xc, pgu, sgu, qs, bgu, has_bgu, gu, False, pacc, gu, gu)
+        for m in prange(B):
+            _silu_mul(gu[m:m + 1], a[m:m + 1])
+            qs[m] = quant_row(a[m], qi[m])
+            pair_row(qi[m], xi[m])
+        _pairs_product(xi, pd, sd, qs, bd, has_bd, x, True, pacc, yo, out)
+    else:
+        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
+        _rows_product(qc, wgu, sgu, gu)
+        _epilogue(gu, qs, bgu, has_bgu, gu, False, gu)
+        _silu_mul(gu, a)
+        _quant_rows(a, qi, qs)
+        _rows_product(qi, wd, sd, yo)
+        _epilogue(yo, qs, bd, has_bd, x, True, out)
 
 
 # ------------------------------------------------------------------------------------------------ buffers
@@ -263,6 +320,10 @@ class DecodeBuffers:
     qs: np.ndarray  # [B] w8a8 activation scales
     yo: np.ndarray  # [B, C] w8a8 integer products before the epilogue
     xu: np.ndarray  # uint8 [B, X] w8a8: oneDNN's zero-point-128 copy of the activations
+    xc: np.ndarray  # int32 [P, C / 2] w8a8 on packed pairs (P = B rounded up to 4): qc as int16 pairs
+    xa: np.ndarray  # int32 [P, H D / 2] the same for qa
+    xi: np.ndarray  # int32 [P, I / 2] the same for qi
+    pacc: np.ndarray  # int32 [T, 64] one register tile's sums per numba thread
 
 
 class Workspace:
@@ -293,7 +354,8 @@ class Workspace:
             return hit[1]
         C, H, Hkv, D, inter = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size
         X = max(C, H * D, inter)
-        i64, i8 = np.int64, np.int8
+        i64, i32, i8 = np.int64, np.int32, np.int8
+        P = -(-B // i8pairs.TILE_ROWS) * i8pairs.TILE_ROWS
         threads = numba.config.NUMBA_NUM_THREADS if numba is not None else 1
         shapes = {
             "pos": ((B,), i64), "lo": ((B,), i64), "rel": ((B, 1),), "ang": ((B, D // 2),), "trig": ((B, D // 2),),
@@ -301,7 +363,8 @@ class Workspace:
             "mid": ((B, C),), "h": ((B, C),), "qkv": ((B, (H + 2 * Hkv) * D),), "att": ((B, H * D),),
             "gu": ((B, 2 * inter),), "act": ((B, inter),), "tiles": ((threads, 4, width),), "final": ((B, C),),
             "hrow": ((X,),), "qc": ((B, C), i8), "qa": ((B, H * D), i8), "qi": ((B, inter), i8), "qs": ((B,),),
-            "yo": ((B, C),), "xu": ((B, X), np.uint8),
+            "yo": ((B, C),), "xu": ((B, X), np.uint8), "xc": ((P, -(-C // 2)), i32), "xa": ((P, -(-H * D // 2)), i32),
+            "xi": ((P, -(-inter // 2)), i32), "pacc": ((threads, i8pairs.TILE_ROWS * i8pairs.TILE_OUT), i32),
         }
         views = {f.name: self._get(f.name, *shapes[f.name]) for f in fields(DecodeBuffers) if f.name != "attn"}
         items = B * Hkv
@@ -459,10 +522,10 @@ def forward(model, tokens: Tensor, step: DecodeStep) -> Tensor:
         kind = plan.kind
         if kind in ("int8", "int4") or (kind == "f32" and B <= onednn.SMALL_ROWS):
             _rows_block_step(plan, xn, out, step, i)
-        elif kind == "w8a8" and B <= W8A8_FUSED_ROWS:
+        elif kind == "w8a8" and (B <= W8A8_FUSED_ROWS or not cpu.onednn_u8s8_exact()):
             _w8a8_block_step(plan, xn, out, step, i)
         elif kind == "w8a8":
-            _w8a8_products_block(plan, xn, out, step, i)
+            _w8a8_onednn_block(plan, xn, out, step, i)
         else:
             out = _module_block(block, xn, out, step, i)
         xn = out
@@ -492,22 +555,24 @@ def _rows_block_step(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: Deco
 
 def _w8a8_block_step(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> None:
     """A Llama block with w8a8 linears, integer products in numba: two calls (``_w8a8_attn_layer``,
-    ``_w8a8_mlp_layer``)."""
+    ``_w8a8_mlp_layer``), one weight row at a time up to ``gemm.PAIR_ROWS`` rows, else on weights packed in
+    pairs (``i8pairs.py``)."""
     (wq, sq, _, bq, hbq), (wo, so, _, bo, hbo), (wgu, sgu, _, bgu, hbgu), (wd, sd, _, bd, hbd) = plan.args
     n1, eps1, n2, eps2 = plan.norms
     b = step.bufs
     kc, vc = step.caches[layer]
-    _w8a8_attn_layer(x, n1, eps1, wq, sq, bq, hbq, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head,
-                     plan.n_kv_head, plan.scale, wo, so, bo, hbo, b.mid, b.hrow, b.qc, b.qa, b.qs, b.qkv, b.att,
-                     *b.attn, b.yo)
-    _w8a8_mlp_layer(b.mid, n2, eps2, wgu, sgu, bgu, hbgu, wd, sd, bd, hbd, out, b.hrow, b.qc, b.qi, b.qs, b.gu,
-                    b.act, b.yo)
+    pairs = step.B > gemm.PAIR_ROWS
+    pq, po, pgu, pd = (lin.packed_pairs() for lin in plan.lins) if pairs else (NO_PAIRS,) * 4
+    _w8a8_attn_layer(x, n1, eps1, wq, sq, pq, bq, hbq, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head,
+                     plan.n_kv_head, plan.scale, wo, so, po, bo, hbo, b.mid, b.hrow, b.qc, b.qa, b.qs, b.qkv, b.att,
+                     *b.attn, b.yo, b.h, b.xc, b.xa, b.pacc, pairs)
+    _w8a8_mlp_layer(b.mid, n2, eps2, wgu, sgu, pgu, bgu, hbgu, wd, sd, pd, bd, hbd, out, b.hrow, b.qc, b.qi, b.qs,
+                    b.gu, b.act, b.yo, b.h, b.xc, b.xi, b.pacc, pairs)
 
 
-def _w8a8_products_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> None:
-    """A Llama block with w8a8 linears for more than ``W8A8_FUSED_ROWS`` rows: four ``Int8Linear.int_product``
-    calls (oneDNN's u8 x s8 where it is exact, i.e. with VNNI; else the packed-pairs numba kernel), numba calls for
-    everything between them and torch's SiLU."""
+def _w8a8_onednn_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> None:
+    """A Llama block with w8a8 linears for many rows on a CPU with exact oneDNN products (VNNI): four
+    ``Int8Linear.int_product`` calls, numba calls for everything between them and torch's SiLU."""
     l_qkv, l_o, l_gu, l_d = plan.lins
     a_qkv, a_o, a_gu, a_d = plan.args
     n1, eps1, n2, eps2 = plan.norms
@@ -515,17 +580,17 @@ def _w8a8_products_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: 
     kc, vc = step.caches[layer]
     inter = b.act.shape[1]
     _rms_quant(x, n1, eps1, b.qc, b.qs, b.hrow)
-    _scale_add(l_qkv.int_product(b.qc, b.xu, b.qkv), b.qs, a_qkv.bias, a_qkv.has_bias, b.qkv, False, b.qkv)
+    _scale_add(l_qkv.int_product(b.qc, b.xu), b.qs, a_qkv.bias, a_qkv.has_bias, b.qkv, False, b.qkv)
     attend(b.qkv, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head, plan.n_kv_head, b.att, b.attn)
     _quant(b.att, b.qa, b.qs)
-    _scale_add(l_o.int_product(b.qa, b.xu, b.yo), b.qs, a_o.bias, a_o.has_bias, x, True, b.mid)
+    _scale_add(l_o.int_product(b.qa, b.xu), b.qs, a_o.bias, a_o.has_bias, x, True, b.mid)
     _rms_quant(b.mid, n2, eps2, b.qc, b.qs, b.hrow)
-    _scale_add(l_gu.int_product(b.qc, b.xu, b.gu), b.qs, a_gu.bias, a_gu.has_bias, b.gu, False, b.gu)
+    _scale_add(l_gu.int_product(b.qc, b.xu), b.qs, a_gu.bias, a_gu.has_bias, b.gu, False, b.gu)
     g, a = torch.from_numpy(b.gu), torch.from_numpy(b.act)
     torch.ops.aten.silu.out(g[:, :inter], out=a)  # torch's vectorised exp: ~2x faster than numba's scalar expf
     a.mul_(g[:, inter:])
     _quant(b.act, b.qi, b.qs)
-    _scale_add(l_d.int_product(b.qi, b.xu, b.yo), b.qs, a_d.bias, a_d.has_bias, b.mid, True, out)
+    _scale_add(l_d.int_product(b.qi, b.xu), b.qs, a_d.bias, a_d.has_bias, b.mid, True, out)
 
 
 def _module_block(block, x: np.ndarray, out: np.ndarray, step: DecodeStep, layer: int) -> np.ndarray:
@@ -549,3 +614,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     y = np.empty(x2.shape, dtype=np.float32)
     _rms_norm(x2.numpy(), weight.numpy(), np.float32(eps), y)
     return torch.from_numpy(y).view(x.shape)
+
+
+assert ROW_BLOCK == i8pairs.TILE_OUT  # a fused block's parallel items cover the same outputs in either product

@@ -25,10 +25,11 @@ import numpy as np
 
 from aigckit.text.kernels._numba import ENABLED, njit, numba, prange
 
-__all__ = ["TILE_ROWS", "TILE_OUT", "pack_pairs", "packed_product"]
+__all__ = ["TILE_ROWS", "TILE_OUT", "NO_PAIRS", "pack_pairs", "pair_row", "pair_rows", "pairs_block", "packed_product"]
 
 TILE_ROWS = 4  # activation rows per register tile
 TILE_OUT = 16  # output rows (weight rows) per register tile and per packed block
+NO_PAIRS = np.zeros((0, 1, 2 * TILE_OUT), dtype=np.int8)  # "no packed weights" for kernels that take them optionally
 
 
 def pack_pairs(w: np.ndarray) -> np.ndarray:
@@ -101,28 +102,48 @@ else:  # pragma: no cover - without numba nothing here is called (ENABLED is Fal
         raise RuntimeError("the numba kernels are off")
 
 
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def pair_row(q, x32):  # pragma: no cover - compiled
+    # x32[j] = the int16 pair (q[2j], q[2j+1]) as one int32 word (q: one int8 activation row)
+    K = q.shape[0]
+    for j in range(K // 2):
+        x32[j] = (np.int32(q[2 * j]) & 0xFFFF) | (np.int32(q[2 * j + 1]) << 16)
+    if K % 2:
+        x32[K // 2] = np.int32(q[K - 1]) & 0xFFFF
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def pair_rows(xq, x32):  # pragma: no cover - compiled
+    # pair_row for every row of xq (x32 may have more rows: padding up to a multiple of TILE_ROWS, whose results
+    # are computed and dropped)
+    for m in range(xq.shape[0]):
+        pair_row(xq[m], x32[m])
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def pairs_block(x32, M, wp, ws, yw, b, acc):  # pragma: no cover - compiled
+    # output rows [16 b, 16 b + 16) of yw[m, o] = float32(sum_k xq[m, k] w[o, k]) * ws[o] for the first M rows;
+    # x32: pair_rows(xq) with at least M rounded up to TILE_ROWS rows; acc: int32 [>= 64] scratch (the thread's own)
+    N = yw.shape[1]
+    k2 = wp.shape[1]
+    o0 = b * TILE_OUT
+    no = min(TILE_OUT, N - o0)
+    for m0 in range(0, M, TILE_ROWS):
+        _tile(wp, b * k2 * 2 * TILE_OUT, x32, m0 * k2, k2, k2, acc)
+        for r in range(min(TILE_ROWS, M - m0)):
+            for c in range(no):
+                yw[m0 + r, o0 + c] = np.float32(acc[r * TILE_OUT + c]) * ws[o0 + c]
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _packed_kernel(xq, wp, ws, yw):  # pragma: no cover - compiled
     # yw[m, o] = float32(sum_k xq[m, k] * w[o, k]) * ws[o] for wp = pack_pairs(w)
-    M, K = xq.shape
-    N = yw.shape[1]
-    nb, k2 = wp.shape[0], wp.shape[1]
-    mp = (M + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
-    x32 = np.zeros((mp, k2), dtype=np.int32)  # (x[2j], x[2j+1]) as two int16 halves of one word
-    for m in range(M):
-        for j in range(K // 2):
-            x32[m, j] = (np.int32(xq[m, 2 * j]) & 0xFFFF) | (np.int32(xq[m, 2 * j + 1]) << 16)
-        if K % 2:
-            x32[m, K // 2] = np.int32(xq[m, K - 1]) & 0xFFFF
-    for b in prange(nb):
+    M = xq.shape[0]
+    x32 = np.empty(((M + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS, wp.shape[1]), dtype=np.int32)
+    pair_rows(xq, x32)
+    for b in prange(wp.shape[0]):
         acc = np.empty(TILE_ROWS * TILE_OUT, dtype=np.int32)
-        o0 = b * TILE_OUT
-        no = min(TILE_OUT, N - o0)
-        for m0 in range(0, mp, TILE_ROWS):
-            _tile(wp, b * k2 * 2 * TILE_OUT, x32, m0 * k2, k2, k2, acc)
-            for r in range(min(TILE_ROWS, M - m0)):
-                for c in range(no):
-                    yw[m0 + r, o0 + c] = np.float32(acc[r * TILE_OUT + c]) * ws[o0 + c]
+        pairs_block(x32, M, wp, ws, yw, b, acc)
 
 
 SIGNATURE = ()
