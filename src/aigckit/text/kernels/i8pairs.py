@@ -2,8 +2,9 @@
 not exact, i.e. CPUs without VNNI): weights packed in pairs, a 4 x 16 register tile written in LLVM IR.
 
 Why not plain numba code: LLVM vectorises ``sum(int32(w[k]) * int32(x[k]))`` along k, which needs a horizontal
-reduction per output and, in a register tile, more accumulators than there are registers (``gemm.i8i8_block``:
-55-80 GOPS on a 2-core Zen 3). Here the product runs along the outputs instead:
+reduction per output and, in a register tile, more accumulators than there are registers (the 2 x 4 tile this
+replaced: 55-80 GOPS on a 2-core Zen 3; ``gemm.i8i8_block``, one weight row at a time: 50-73). Here the product runs
+along the outputs instead (140-224 GOPS, ``bench/i8i8_speed.py``):
 
 * the weights ``w [N, K]`` are packed once per layer (``pack_pairs``) into ``wp [N/16, K/2, 32]``: for every
   block of 16 output rows and every pair of inputs ``(2j, 2j+1)``, the 16 rows' two weights side by side;
@@ -12,8 +13,8 @@ reduction per output and, in a register tile, more accumulators than there are r
 * ``_tile`` is one loop over the K/2 pairs that keeps 4 rows x 16 outputs in eight 8 x int32 accumulators: per
   pair, two weight loads (16 x int8 -> int16 each), four broadcasts and eight "multiply int16 pairs, add both
   products into int32" operations. It is written as portable LLVM vector IR (sign-extend, multiply, add the even
-  and odd lanes); x86's instruction selector turns that into ``pmaddwd`` (SSE2 and later: 150-240 GOPS on the same
-  CPU, 2-3x), other targets into their own widening multiplies. The sums are exact on every CPU: int16 x int16
+  and odd lanes); x86's instruction selector turns that into ``pmaddwd`` (SSE2 and later), other targets into their
+  own widening multiplies. The sums are exact on every CPU: int16 x int16
   products added in int32 (|sum| <= 16129 K < 2**31 for K < 133,000), no saturating instruction anywhere.
 
 Rows are padded to a multiple of 4 and outputs to a multiple of 16 (zeros; the padded results are not written).
