@@ -165,18 +165,23 @@ def _quant_rows(x, xq, xs):  # pragma: no cover - compiled
 
 # not inlined and no 'contract' (see gemm._rows_scale): each multiply and add rounded, as in the reference path
 @njit(fastmath={"nnan", "ninf", "nsz"}, cache=True, nogil=True)
-def _epilogue(yw, xs, bias, has_bias, res, has_res, y):  # pragma: no cover - compiled
-    # y = yw * xs[:, None] + bias (+ res); yw = the integer product times the weight scales
-    M, N = yw.shape
-    for m in range(M):
+def _epilogue_cols(yw, xs, bias, has_bias, res, has_res, y, o0, o1):  # pragma: no cover - compiled
+    # y = yw * xs[:, None] + bias (+ res) in the output columns [o0, o1) of every row; yw = the integer product times
+    # the weight scales
+    for m in range(yw.shape[0]):
         s = xs[m]
-        for n in range(N):
+        for n in range(o0, o1):
             v = yw[m, n] * s
             if has_bias:
                 v += bias[n]
             if has_res:
                 v += res[m, n]
             y[m, n] = v
+
+
+@njit(fastmath={"nnan", "ninf", "nsz"}, cache=True, nogil=True)
+def _epilogue(yw, xs, bias, has_bias, res, has_res, y):  # pragma: no cover - compiled
+    _epilogue_cols(yw, xs, bias, has_bias, res, has_res, y, 0, yw.shape[1])
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -192,20 +197,6 @@ def _quant(x, xq, xs):  # pragma: no cover - compiled
 @njit(fastmath=True, cache=True, nogil=True)
 def _scale_add(yw, xs, bias, has_bias, res, has_res, y):  # pragma: no cover - compiled
     _epilogue(yw, xs, bias, has_bias, res, has_res, y)
-
-
-# not inlined, no 'contract': the same arithmetic as _epilogue, for the output columns [o0, o1) of every row
-@njit(fastmath={"nnan", "ninf", "nsz"}, cache=True, nogil=True)
-def _epilogue_cols(yw, xs, bias, has_bias, res, has_res, y, o0, o1):  # pragma: no cover - compiled
-    for m in range(yw.shape[0]):
-        s = xs[m]
-        for n in range(o0, o1):
-            v = yw[m, n] * s
-            if has_bias:
-                v += bias[n]
-            if has_res:
-                v += res[m, n]
-            y[m, n] = v
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -225,6 +216,23 @@ def _rows_product(xq, w, ws, yw):  # pragma: no cover - compiled
         i8i8_block(xq, w, ws, yw, blk)
 
 
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _norm_product(x, nw, eps, w, s, p, bias, has_bias, y, hrow, h, qc, qs, x32, pacc,
+                  pairs):  # pragma: no cover - compiled
+    # y = (int8 rows of rms_norm(x) * nw) @ w.T, exact, times the scales, + bias: one weight row at a time, or
+    # (pairs) on the packed weights p with the per-row work in parallel (h [B, C] the normalised rows)
+    if pairs:
+        for m in prange(x.shape[0]):
+            _rms_row(x[m], nw, eps, h[m])
+            qs[m] = quant_row(h[m], qc[m])
+            pair_row(qc[m], x32[m])
+        _pairs_product(x32, p, s, qs, bias, has_bias, y, False, pacc, y, y)
+    else:
+        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
+        _rows_product(qc, w, s, y)
+        _epilogue(y, qs, bias, has_bias, y, False, y)
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _w8a8_attn_layer(x, nw, eps, wq, sq, pq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, wo,
                      so, po, bo, has_bo, out, hrow, qc, qa, qs, qkv, att, q_rot, scores, accs, exp_bits, yo, h, xc,
@@ -234,16 +242,7 @@ def _w8a8_attn_layer(x, nw, eps, wq, sq, pq, bq, has_bq, cos, sin, has_rope, kc,
     # pairs (more than two rows): products on the packed weights pq, po with xc, xa int32 [B rounded up to 4,
     # C / 2 and nh * D / 2], and the per-row work in parallel too (h [B, C]: normalised rows)
     B = x.shape[0]
-    if pairs:
-        for m in prange(B):
-            _rms_row(x[m], nw, eps, h[m])
-            qs[m] = quant_row(h[m], qc[m])
-            pair_row(qc[m], xc[m])
-        _pairs_product(xc, pq, sq, qs, bq, has_bq, qkv, False, pacc, qkv, qkv)
-    else:
-        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
-        _rows_product(qc, wq, sq, qkv)
-        _epilogue(qkv, qs, bq, has_bq, qkv, False, qkv)
+    _norm_product(x, nw, eps, wq, sq, pq, bq, has_bq, qkv, hrow, h, qc, qs, xc, pacc, pairs)
     for i in prange(B * nkv):
         attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, q_rot, scores, accs, exp_bits)
     if pairs:
@@ -264,21 +263,14 @@ def _w8a8_mlp_layer(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, wd, sd, pd, bd, has
     # hrow [>= C], qc int8 [B, C], qi int8 [B, inter], qs [B], gu [B, 2 inter], a [B, inter], yo [B, C]: scratch;
     # pairs: as in _w8a8_attn_layer, xi int32 [B rounded up to 4, inter / 2]
     B = x.shape[0]
+    _norm_product(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, gu, hrow, h, qc, qs, xc, pacc, pairs)
     if pairs:
-        for m in prange(B):
-            _rms_row(x[m], nw, eps, h[m])
-            qs[m] = quant_row(h[m], qc[m])
-            pair_row(qc[m], xc[m])
-        _pairs_product(xc, pgu, sgu, qs, bgu, has_bgu, gu, False, pacc, gu, gu)
         for m in prange(B):
             _silu_mul(gu[m:m + 1], a[m:m + 1])
             qs[m] = quant_row(a[m], qi[m])
             pair_row(qi[m], xi[m])
         _pairs_product(xi, pd, sd, qs, bd, has_bd, x, True, pacc, yo, out)
     else:
-        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
-        _rows_product(qc, wgu, sgu, gu)
-        _epilogue(gu, qs, bgu, has_bgu, gu, False, gu)
         _silu_mul(gu, a)
         _quant_rows(a, qi, qs)
         _rows_product(qi, wd, sd, yo)
