@@ -75,7 +75,9 @@ if numba is not None:
                                                                                buf)
 
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
+# not inlined: every caller runs the same machine code, so a row's sum of squares is added in the same order whether
+# its step has one row or many (inlined, LLVM vectorised the reduction differently per call site under SSE4)
+@njit(fastmath=True, cache=True, nogil=True)
 def _rms_row(row, w, eps, dst):  # pragma: no cover - compiled
     K = row.shape[0]
     ss = _f32(0.0)
@@ -97,14 +99,20 @@ def _rms_norm(x, w, eps, y):  # pragma: no cover - compiled
     _rms_rows(x, w, eps, y)
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _silu_row(g, a):  # pragma: no cover - compiled
+    # a[j] = silu(gate) * up for one row g = [gate | up] (not inlined: the same code for every caller)
+    inter = a.shape[0]
+    for j in range(inter):
+        gt = g[j]
+        a[j] = gt / (_f32(1.0) + np.exp(-gt)) * g[inter + j]
+
+
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
 def _silu_mul(gu, a):  # pragma: no cover - compiled
-    # a[b, j] = silu(gate) * up for [gate | up] = gu[b]
-    inter = a.shape[1]
+    # a[b] = silu(gate) * up for [gate | up] = gu[b]
     for b in range(a.shape[0]):
-        for j in range(inter):
-            gt = gu[b, j]
-            a[b, j] = gt / (_f32(1.0) + np.exp(-gt)) * gu[b, inter + j]
+        _silu_row(gu[b], a[b])
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -217,8 +225,7 @@ def _rows_product(xq, w, ws, yw):  # pragma: no cover - compiled
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _norm_product(x, nw, eps, w, s, p, bias, has_bias, y, hrow, h, qc, qs, x32, pacc,
-                  pairs):  # pragma: no cover - compiled
+def _norm_product(x, nw, eps, w, s, p, bias, has_bias, y, h, qc, qs, x32, pacc, pairs):  # pragma: no cover - compiled
     # y = (int8 rows of rms_norm(x) * nw) @ w.T, exact, times the scales, + bias: one weight row at a time, or
     # (pairs) on the packed weights p with the per-row work in parallel (h [B, C] the normalised rows)
     if pairs:
@@ -227,22 +234,24 @@ def _norm_product(x, nw, eps, w, s, p, bias, has_bias, y, hrow, h, qc, qs, x32, 
             qs[m] = quant_row(h[m], qc[m])
             pair_row(qc[m], x32[m])
         _pairs_product(x32, p, s, qs, bias, has_bias, y, False, pacc, y, y)
-    else:
-        _rms_quant_rows(x, nw, eps, qc, qs, hrow)
+    else:  # the same per-row calls, one row after the other
+        for m in range(x.shape[0]):
+            _rms_row(x[m], nw, eps, h[m])
+            qs[m] = quant_row(h[m], qc[m])
         _rows_product(qc, w, s, y)
         _epilogue(y, qs, bias, has_bias, y, False, y)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _w8a8_attn_layer(x, nw, eps, wq, sq, pq, bq, has_bq, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, wo,
-                     so, po, bo, has_bo, out, hrow, qc, qa, qs, qkv, att, q_rot, scores, accs, exp_bits, yo, h, xc,
+                     so, po, bo, has_bo, out, qc, qa, qs, qkv, att, q_rot, scores, accs, exp_bits, yo, h, xc,
                      xa, pacc, pairs):  # pragma: no cover - compiled
     # out = x + proj(attention(rope(qkv(rms_norm(x))))) with int8 activations and exact integer products;
-    # hrow [>= C], qc int8 [B, C], qa int8 [B, nh * D], qs [B], qkv [B, Nqkv], att [B, nh * D], yo [B, C]: scratch.
+    # h [B, C], qc int8 [B, C], qa int8 [B, nh * D], qs [B], qkv [B, Nqkv], att [B, nh * D], yo [B, C]: scratch.
     # pairs (more than two rows): products on the packed weights pq, po with xc, xa int32 [B rounded up to 4,
-    # C / 2 and nh * D / 2], and the per-row work in parallel too (h [B, C]: normalised rows)
+    # C / 2 and nh * D / 2], and the per-row work in parallel too
     B = x.shape[0]
-    _norm_product(x, nw, eps, wq, sq, pq, bq, has_bq, qkv, hrow, h, qc, qs, xc, pacc, pairs)
+    _norm_product(x, nw, eps, wq, sq, pq, bq, has_bq, qkv, h, qc, qs, xc, pacc, pairs)
     for i in prange(B * nkv):
         attend_one(i, qkv, cos, sin, has_rope, kc, vc, pos, lo, nh, nkv, scale, att, q_rot, scores, accs, exp_bits)
     if pairs:
@@ -257,16 +266,16 @@ def _w8a8_attn_layer(x, nw, eps, wq, sq, pq, bq, has_bq, cos, sin, has_rope, kc,
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _w8a8_mlp_layer(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, wd, sd, pd, bd, has_bd, out, hrow, qc, qi, qs, gu, a,
+def _w8a8_mlp_layer(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, wd, sd, pd, bd, has_bd, out, qc, qi, qs, gu, a,
                     yo, h, xc, xi, pacc, pairs):  # pragma: no cover - compiled
     # out = x + down(silu(gate) * up) with int8 activations and exact integer products;
-    # hrow [>= C], qc int8 [B, C], qi int8 [B, inter], qs [B], gu [B, 2 inter], a [B, inter], yo [B, C]: scratch;
+    # h [B, C], qc int8 [B, C], qi int8 [B, inter], qs [B], gu [B, 2 inter], a [B, inter], yo [B, C]: scratch;
     # pairs: as in _w8a8_attn_layer, xi int32 [B rounded up to 4, inter / 2]
     B = x.shape[0]
-    _norm_product(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, gu, hrow, h, qc, qs, xc, pacc, pairs)
+    _norm_product(x, nw, eps, wgu, sgu, pgu, bgu, has_bgu, gu, h, qc, qs, xc, pacc, pairs)
     if pairs:
         for m in prange(B):
-            _silu_mul(gu[m:m + 1], a[m:m + 1])
+            _silu_row(gu[m], a[m])
             qs[m] = quant_row(a[m], qi[m])
             pair_row(qi[m], xi[m])
         _pairs_product(xi, pd, sd, qs, bd, has_bd, x, True, pacc, yo, out)
@@ -556,9 +565,9 @@ def _w8a8_block_step(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: Deco
     pairs = step.B > gemm.PAIR_ROWS
     pq, po, pgu, pd = (lin.packed_pairs() for lin in plan.lins) if pairs else (NO_PAIRS,) * 4
     _w8a8_attn_layer(x, n1, eps1, wq, sq, pq, bq, hbq, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head,
-                     plan.n_kv_head, plan.scale, wo, so, po, bo, hbo, b.mid, b.hrow, b.qc, b.qa, b.qs, b.qkv, b.att,
+                     plan.n_kv_head, plan.scale, wo, so, po, bo, hbo, b.mid, b.qc, b.qa, b.qs, b.qkv, b.att,
                      *b.attn, b.yo, b.h, b.xc, b.xa, b.pacc, pairs)
-    _w8a8_mlp_layer(b.mid, n2, eps2, wgu, sgu, pgu, bgu, hbgu, wd, sd, pd, bd, hbd, out, b.hrow, b.qc, b.qi, b.qs,
+    _w8a8_mlp_layer(b.mid, n2, eps2, wgu, sgu, pgu, bgu, hbgu, wd, sd, pd, bd, hbd, out, b.qc, b.qi, b.qs,
                     b.gu, b.act, b.yo, b.h, b.xc, b.xi, b.pacc, pairs)
 
 
