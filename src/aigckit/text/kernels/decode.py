@@ -157,12 +157,11 @@ def _rows_mlp_layer(x, nw, eps, wgu, sgu, mgu, bgu, has_bgu, wd, sd, md, bd, has
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _rms_quant_rows(x, w, eps, xq, xs, hrow):  # pragma: no cover - compiled
-    # xq, xs = per-row int8 of rms_norm(x) * w; hrow: float32 scratch row [>= K]
-    hk = hrow[:x.shape[1]]
+def _rms_quant_rows(x, w, eps, xq, xs, h):  # pragma: no cover - compiled
+    # xq, xs = per-row int8 of rms_norm(x) * w; h: float32 scratch [B, K] (the normalised rows)
     for m in range(x.shape[0]):
-        _rms_row(x[m], w, eps, hk)
-        xs[m] = quant_row(hk, xq[m])
+        _rms_row(x[m], w, eps, h[m])
+        xs[m] = quant_row(h[m], xq[m])
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -193,8 +192,8 @@ def _epilogue(yw, xs, bias, has_bias, res, has_res, y):  # pragma: no cover - co
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _rms_quant(x, w, eps, xq, xs, hrow):  # pragma: no cover - compiled
-    _rms_quant_rows(x, w, eps, xq, xs, hrow)
+def _rms_quant(x, w, eps, xq, xs, h):  # pragma: no cover - compiled
+    _rms_quant_rows(x, w, eps, xq, xs, h)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -235,9 +234,7 @@ def _norm_product(x, nw, eps, w, s, p, bias, has_bias, y, h, qc, qs, x32, pacc, 
             pair_row(qc[m], x32[m])
         _pairs_product(x32, p, s, qs, bias, has_bias, y, False, pacc, y, y)
     else:  # the same per-row calls, one row after the other
-        for m in range(x.shape[0]):
-            _rms_row(x[m], nw, eps, h[m])
-            qs[m] = quant_row(h[m], qc[m])
+        _rms_quant_rows(x, nw, eps, qc, qs, h)
         _rows_product(qc, w, s, y)
         _epilogue(y, qs, bias, has_bias, y, False, y)
 
@@ -314,7 +311,6 @@ class DecodeBuffers:
     act: np.ndarray  # [B, I] silu(gate) * up
     tiles: np.ndarray  # [T, 4, W] one dequantisation tile per numba thread
     final: np.ndarray  # [B, C] the final norm's output
-    hrow: np.ndarray  # [X] w8a8: one normalised row
     qc: np.ndarray  # int8 [B, C] w8a8 activations of width C
     qa: np.ndarray  # int8 [B, H D] w8a8 activations of the attention output
     qi: np.ndarray  # int8 [B, I] w8a8 activations of the MLP hidden rows
@@ -363,7 +359,7 @@ class Workspace:
             "cos": ((B, D),), "sin": ((B, D),), "emb": ((B, C),), "x0": ((B, C),), "x1": ((B, C),),
             "mid": ((B, C),), "h": ((B, C),), "qkv": ((B, (H + 2 * Hkv) * D),), "att": ((B, H * D),),
             "gu": ((B, 2 * inter),), "act": ((B, inter),), "tiles": ((threads, 4, width),), "final": ((B, C),),
-            "hrow": ((X,),), "qc": ((B, C), i8), "qa": ((B, H * D), i8), "qi": ((B, inter), i8), "qs": ((B,),),
+            "qc": ((B, C), i8), "qa": ((B, H * D), i8), "qi": ((B, inter), i8), "qs": ((B,),),
             "yo": ((B, C),), "xu": ((B, X), np.uint8), "xc": ((P, -(-C // 2)), i32), "xa": ((P, -(-H * D // 2)), i32),
             "xi": ((P, -(-inter // 2)), i32), "pacc": ((threads, i8pairs.TILE_ROWS * i8pairs.TILE_OUT), i32),
         }
@@ -580,12 +576,12 @@ def _w8a8_onednn_block(plan: BlockPlan, x: np.ndarray, out: np.ndarray, step: De
     b = step.bufs
     kc, vc = step.caches[layer]
     inter = b.act.shape[1]
-    _rms_quant(x, n1, eps1, b.qc, b.qs, b.hrow)
+    _rms_quant(x, n1, eps1, b.qc, b.qs, b.h)
     _scale_add(l_qkv.int_product(b.qc, b.xu), b.qs, a_qkv.bias, a_qkv.has_bias, b.qkv, False, b.qkv)
     attend(b.qkv, b.cos, b.sin, step.has_rope, kc, vc, b.pos, b.lo, plan.n_head, plan.n_kv_head, b.att, b.attn)
     _quant(b.att, b.qa, b.qs)
     _scale_add(l_o.int_product(b.qa, b.xu), b.qs, a_o.bias, a_o.has_bias, x, True, b.mid)
-    _rms_quant(b.mid, n2, eps2, b.qc, b.qs, b.hrow)
+    _rms_quant(b.mid, n2, eps2, b.qc, b.qs, b.h)
     _scale_add(l_gu.int_product(b.qc, b.xu), b.qs, a_gu.bias, a_gu.has_bias, b.gu, False, b.gu)
     g, a = torch.from_numpy(b.gu), torch.from_numpy(b.act)
     torch.ops.aten.silu.out(g[:, :inter], out=a)  # torch's vectorised exp: ~2x faster than numba's scalar expf
