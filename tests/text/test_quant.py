@@ -232,7 +232,7 @@ def test_safetensors_round_trip_identical(tmp_path, mode):
     want = model(tok)
     path = tmp_path / "q.safetensors"
     save_quantized(model, path)
-    assert not (tmp_path / "q.safetensors.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]  # no temporary file left
     with torch.device("meta"):
         fresh = _Tiny()
     load_quantized(fresh, path)

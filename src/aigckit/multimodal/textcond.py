@@ -11,6 +11,8 @@ store's cache (safetensors, keyed by the encoder and the captions' hash), so tra
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,7 +100,7 @@ class CaptionBank:
             from safetensors.torch import save_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # per writer
             save_file({"tokens": c.tokens.contiguous(), "mask": c.mask.to(torch.uint8).contiguous(),
                        "pooled": c.pooled.contiguous()}, str(tmp))
             tmp.replace(path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Callable, Literal
 
 import numpy as np
@@ -504,11 +505,12 @@ def quantized_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the (partly) quantised model's weights to a safetensors file with its quant layout in the metadata.
-    Written to ``path + '.tmp'`` and renamed, so a crash never leaves half a file."""
+    Written to a temporary file of this process and thread, then renamed: a crash never leaves half a file, and two
+    processes caching the same model at once do not write into one temporary file."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
     save_file(quantized_state_dict(model), tmp, metadata={_META_KEY: json.dumps(quant_layout(model), sort_keys=True)})
     os.replace(tmp, path)
 
