@@ -30,9 +30,12 @@ demo: install
 	@$(AIGC) image sample fmnist-t2i --prompt "a pair of trainers" --prompt "a dark coat" --prompt "a tote" \
 		--prompt "a pair of slacks" --n 32 --seed 0 --out prompt-grid.png
 
-# one thread per test process (and the servers it starts): behaviour, not speed, is tested
+# one thread per test process (and the servers it starts): behaviour, not speed, is tested; one pytest-xdist worker
+# per core, at most 4 (each worker loads its own models); AIGC_TEST_WORKERS=0 runs everything in this process
+WORKERS := $(shell $(PY) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 test: models
-	@OMP_NUM_THREADS=$${AIGC_TEST_THREADS:-1} $(VPY) -m pytest -q $(PYTEST_ARGS)
+	@OMP_NUM_THREADS=$${AIGC_TEST_THREADS:-1} $(VPY) -m pytest -q -n $${AIGC_TEST_WORKERS:-$(WORKERS)} \
+		--dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -12,6 +12,14 @@ import torch
 # competing with other processes were measured 30x slower here). AIGC_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("AIGC_TEST_THREADS", "1")))
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (20 s or more on the 2-core CPU) run first, the rest in file order: under `make test`'s
+    parallel workers (pytest-xdist) the long ones start at once instead of leaving one worker busy at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 STORE_HOME = Path(os.environ.get("AIGC_HOME", Path.home() / ".cache" / "aigckit"))
 SMOLLM_GGUF = STORE_HOME / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_DIR = STORE_HOME / "models" / "minilm-l6-v2"

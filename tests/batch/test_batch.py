@@ -39,6 +39,7 @@ def _results(path: Path) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_without_redoing_finished_rows(tmp_path, tiny_llama_dir):
     n = 16
     inp = _write_jsonl(tmp_path / "in.jsonl", _prompts(n))

@@ -13,6 +13,7 @@ from aigckit.text.params import GenerationParams
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'aigckit[ray]'")
 
 
+@pytest.mark.slow
 def test_ray_two_workers_write_every_row_once_and_match_one_process(tmp_path, tiny_llama_dir):
     rows = [{"id": f"r{i}", "prompt": f"w{i + 3} w{i + 4} w{2 * i + 5}"} for i in range(12)]
     inp = tmp_path / "in.jsonl"

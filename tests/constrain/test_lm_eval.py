@@ -26,6 +26,7 @@ def _score_ll(lm, context: str, continuation: str) -> float:
     return -(whole.nll * whole.n_tokens - (ctx.nll * ctx.n_tokens if ctx else 0.0))
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_matches_score(server, blm, tiny_bytes_dir, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 

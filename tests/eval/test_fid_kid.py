@@ -31,6 +31,7 @@ def test_kid_near_zero_for_same_distribution():
     assert abs(same) < 0.01 and diff > 0.1
 
 
+@pytest.mark.slow
 @needs_data
 def test_classifier_store_verify_and_eval(tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
@@ -57,6 +58,7 @@ def test_classifier_store_verify_and_eval(tmp_path, monkeypatch):
         load_classifier()
 
 
+@pytest.mark.slow
 @needs_data
 def test_classifier_training_is_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))

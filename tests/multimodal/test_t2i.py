@@ -135,6 +135,7 @@ def test_prompt_sequence_cycles_classes_over_heldout_phrasings():
     assert len(set(prompts[0::10])) == 3  # a class's prompts vary
 
 
+@pytest.mark.slow
 def test_eval_of_a_text_model_samples_heldout_prompts_by_class(t2i_run, fake_home, tmp_path):
     """`aigc image eval` on a text-to-image run: FID beside the floor, and class accuracy from held-out prompts."""
     from aigckit.eval.classifier import train_classifier

@@ -9,6 +9,7 @@ from aigckit.text import quant
 from aigckit.text.lm import load_lm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantised_load_is_cached_and_identical(mode, tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_HOME", str(tmp_path))

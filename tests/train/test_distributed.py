@@ -71,6 +71,7 @@ def _close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_with_double_batch_and_resume_across_world_sizes(tmp_path, folder, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setitem(loop.FAMILIES, "toy", "distfamily")
@@ -131,6 +132,7 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
 def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path, folder, monkeypatch):
     run = tmp_path / "killed"

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["Write a short essay about the history of bridges.", "Tell a story about a lighthouse keeper."]
 
 
+@pytest.mark.slow
 def test_smollm_watermark_detected_at_fpr_1e3(smollm_gguf):
     lm = load_lm(str(smollm_gguf))
     wm = Watermark("integration-key")  # the defaults: gamma 0.5, delta 2, entropy gate

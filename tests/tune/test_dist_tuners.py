@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -106,6 +107,7 @@ def _pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_dpo_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny_chat_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", _pairs(16, 0))
     held = write_jsonl(tmp_path / "h.jsonl", _pairs(6, 1))
@@ -118,6 +120,7 @@ def test_dpo_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny_chat
            ("eval_loss", "eval_reward_accuracy", "eval_preference_accuracy"), skew=True)
 
 
+@pytest.mark.slow
 def test_grpo_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny_llama_dir, tmp_path):
     rng = random.Random(0)
     data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": words(rng, rng.randint(2, 5))} for _ in range(16)])

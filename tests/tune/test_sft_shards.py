@@ -148,6 +148,7 @@ def test_rows_come_from_the_memory_map_not_a_copy(tiny_chat_dir, sft_file, tmp_p
     assert sorted(reads) == sorted(spans * 2) and sum(b - a for a, b in reads) < len(ts)
 
 
+@pytest.mark.slow
 def test_two_ranks_read_disjoint_rows_and_match_one_process(tiny_chat_dir, sft_file, tmp_path, monkeypatch):
     shards = _tokenize(sft_file, tmp_path / "s", tiny_chat_dir)
     common = dict(steps=5, eval_frac=0.25, warmup=0)  # 21 training rows, 7 held out

@@ -90,6 +90,7 @@ def test_fused_path_not_taken_with_grad_or_bf16():
 _W8A8_PATHS = {"w8a8": ("_w8a8_block_step", 16), "w8a8-onednn": ("_w8a8_onednn_block", 0)}
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "w8a8-onednn"])
 @pytest.mark.parametrize("n_kv_head", [2, 4])

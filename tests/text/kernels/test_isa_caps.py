@@ -72,10 +72,14 @@ def _check_honoured(cap: str, rep: dict) -> None:
     assert "512" not in got[0] and "zmm" not in got[2]
 
 
+@pytest.mark.slow
 @_nested
 @_x86
 @pytest.mark.parametrize("cap", list(CAPS))
 def test_kernel_and_quality_tests_pass_under_cap(cap):
+    if cap == "avx2" and cpu.isa_level() == "avx2":
+        # oneDNN, ATen and numba already run their AVX2 code in this session's own (uncapped) tests
+        pytest.skip("this CPU's own ISA is AVX2 (no AVX-512): the uncapped run of these tests is the AVX2 path")
     env = _env(cap, OMP_NUM_THREADS="1")
     _check_honoured(cap, _report(env))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS[cap]], cwd=ROOT, env=env,
@@ -113,6 +117,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @_nested
 @_x86
 def test_caches_built_under_one_isa_load_under_another(tiny_llama_dir, tmp_path):
@@ -147,6 +152,7 @@ print(json.dumps([sum(st.cache_hits.values()), sum(st.cache_misses.values())]))
 """
 
 
+@pytest.mark.slow
 @_nested
 @_x86
 def test_numba_cache_keeps_one_entry_per_cpu(tmp_path):
@@ -166,6 +172,7 @@ def test_numba_cache_keeps_one_entry_per_cpu(tmp_path):
     assert run(lower) == [1, 0] and run("native") == [1, 0]  # both entries kept side by side
 
 
+@pytest.mark.slow
 @_nested
 def test_without_kernels_every_mode_runs_with_a_one_line_notice(tiny_llama_dir):
     """Where the numba kernels cannot run (no numba for the platform, or switched off), each mode still generates,
