@@ -5,7 +5,8 @@ import torch
 
 from aigckit.errors import AigcError
 from aigckit.image.diffusion import (DiffusionConfig, DiffusionModel, ddim_step, ddim_timesteps, ddpm_step,
-                                     make_schedule, predict_x0, q_sample, sample, to_eps, v_target)
+                                     make_schedule, min_snr_weight, predict_x0, q_sample, sample, to_eps,
+                                     v_target)
 from aigckit.image.unet import UNet, UNetConfig
 
 
@@ -130,6 +131,37 @@ def test_training_steps_reduce_loss_on_fixed_batch(prediction):
         opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert fixed_loss() < first
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighting(prediction):
+    sched = make_schedule("cosine", 1000)
+    t = torch.tensor([0, 100, 500, 900, 999])
+    snr = sched.alpha_bars[t] / (1 - sched.alpha_bars[t])
+    w = min_snr_weight(sched, t, 5.0, prediction)
+    want = [min(s, 5.0) / (s if prediction == "eps" else s + 1) for s in snr.tolist()]
+    torch.testing.assert_close(w, torch.tensor(want, dtype=torch.float32))
+    assert w[0] < 0.01 and (w[-1] == 1.0 if prediction == "eps" else w[-1] < 1.0)  # t = 0: SNR ~ 1e4, clipped
+    # the model's loss is the weighted mean of the per-image errors at the drawn t (same draws as the simple loss)
+    torch.manual_seed(0)
+    unet = UNetConfig(resolution=8, **TINY)
+    plain = DiffusionModel(DiffusionConfig(unet=unet, prediction=prediction))
+    weighted = DiffusionModel(DiffusionConfig(unet=unet, prediction=prediction, min_snr_gamma=5.0))
+    weighted.load_state_dict(plain.state_dict())
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    tt = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = q_sample(plain.schedule, x0, tt, eps)
+    target = eps if prediction == "eps" else v_target(plain.schedule, x0, tt, eps)
+    with torch.no_grad():
+        err = ((plain(x_t, tt) - target) ** 2).flatten(1).mean(1)
+        got = weighted.loss(x0, None, torch.Generator().manual_seed(1))
+        simple = plain.loss(x0, None, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, (err * min_snr_weight(plain.schedule, tt, 5.0, prediction)).mean())
+    torch.testing.assert_close(simple, err.mean())
+    with pytest.raises(AigcError, match="min_snr_gamma"):
+        DiffusionConfig(unet=unet, min_snr_gamma=-1)
 
 
 def test_sample_with_guidance_is_seeded_and_bounded():

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--prediction", default="eps", help="ddpm target: eps | v")
     t.add_argument("--timesteps", type=int, default=1000, help="ddpm T")
     t.add_argument("--label-dropout", type=float, default=0.1, help="ddpm: p(drop label) for guidance")
+    t.add_argument("--min-snr-gamma", type=float, default=0.0, metavar="G",
+                   help="ddpm / ldm: weight each image's loss by min(SNR, G) / SNR (Min-SNR-G; 5 is the paper's "
+                   "choice), so the nearly noise-free steps do not dominate; 0 (default): the simple loss")
     t.add_argument("--beta", type=float, default=1.0, help="vae: KL weight")
     t.add_argument("--latent-dim", type=int, help="vae latent size / dcgan nz / autoencoder latent channels")
     t.add_argument("--kl-weight", type=float, default=1e-5,

@@ -38,6 +38,7 @@ class DiffusionConfig:
     label_dropout: float = 0.1  # p(label -> "no label") during training, for classifier-free guidance
     text_encoder: str = ""  # text-conditioned models: the frozen encoder (store name) whose states the UNet reads
     text_max_tokens: int = 0  # ... and the prompt length it was trained with (longer prompts are truncated)
+    min_snr_gamma: float = 0.0  # training loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0: the simple loss
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
@@ -48,6 +49,8 @@ class DiffusionConfig:
             raise AigcError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         if not 2 <= self.timesteps <= 10000:
             raise AigcError(f"timesteps must be in 2..10000, got {self.timesteps}")
+        if not 0 <= self.min_snr_gamma <= 1000:
+            raise AigcError(f"min_snr_gamma must be in 0..1000 (0: off), got {self.min_snr_gamma}")
 
     @property
     def resolution(self) -> int:
@@ -115,6 +118,14 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor | int, eps: t
     """Forward noising q(x_t | x_0): x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε."""
     ab = _at(schedule.alpha_bars, t, x0)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-γ loss weight per timestep: min(SNR_t, γ) / SNR_t for an ε target, min(SNR_t, γ) / (SNR_t + 1) for v
+    (SNR_t = ᾱ_t / (1 - ᾱ_t)); float32, one per row of t."""
+    ab = schedule.alpha_bars[t]
+    snr = ab / (1 - ab)
+    return (snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)).float()
 
 
 def v_target(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
@@ -221,7 +232,9 @@ class DiffusionModel(nn.Module):
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
              text: TextCondition | None = None) -> torch.Tensor:
-        """Simple loss: MSE between the prediction and its target (ε or v) at a uniformly drawn t.
+        """Simple loss: MSE between the prediction and its target (ε or v) at a uniformly drawn t; with
+        ``min_snr_gamma`` γ > 0 each image's error is weighted by min(SNR_t, γ) / SNR_t for ε (/ (SNR_t + 1) for v),
+        the Min-SNR-γ weighting that stops the nearly noise-free steps from dominating (Hang et al. 2023).
         ``text``: the prompts of the batch, caption dropout already applied by the caller (it knows the empty
         prompt's encoding)."""
         n = x0.shape[0]
@@ -234,7 +247,10 @@ class DiffusionModel(nn.Module):
             labels = None
         x_t = q_sample(self.schedule, x0, t, eps)
         target = eps if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, eps)
-        return torch.mean((self(x_t, t, labels, text) - target) ** 2)
+        if not self.cfg.min_snr_gamma:
+            return torch.mean((self(x_t, t, labels, text) - target) ** 2)
+        err = ((self(x_t, t, labels, text) - target) ** 2).flatten(1).mean(1)
+        return torch.mean(err * min_snr_weight(self.schedule, t, self.cfg.min_snr_gamma, self.cfg.prediction))
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """The sampler's final x_0 -> images in [-1, 1]."""

@@ -29,7 +29,8 @@ class Trainer:
         unet = UNetConfig(resolution=ds.resolution, channels=ds.channels,
                           num_classes=ds.num_classes if args.conditional else 0, **preset(PRESETS, args.size, "ddpm"))
         cfg = DiffusionConfig(unet=unet, timesteps=args.timesteps, schedule=args.schedule,
-                              prediction=args.prediction, label_dropout=args.label_dropout)
+                              prediction=args.prediction, label_dropout=args.label_dropout,
+                              min_snr_gamma=args.min_snr_gamma)
         return cfg, DiffusionModel(cfg)
 
     def optimizers(self, model, args):

@@ -70,6 +70,7 @@ class TrainArgs:
     prediction: str = "eps"  # ddpm
     timesteps: int = 1000  # ddpm
     label_dropout: float = 0.1  # ddpm (classifier-free guidance)
+    min_snr_gamma: float = 0.0  # ddpm / ldm: Min-SNR-γ loss weighting (0: the simple loss)
     grid_steps: int = 50  # ddpm: DDIM steps for the periodic grids
     beta: float = 1.0  # vae
     latent_dim: int | None = None  # vae / dcgan (nz) / autoencoder (latent channels)

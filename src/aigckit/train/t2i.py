@@ -77,8 +77,8 @@ class Trainer(DiffusionTrainer):
     def diffusion_options(args) -> dict:
         """The DiffusionConfig fields besides the UNet's."""
         return dict(timesteps=args.timesteps, schedule=args.schedule, prediction=args.prediction,
-                    label_dropout=args.label_dropout, text_encoder=DEFAULT_TEXT_ENCODER,
-                    text_max_tokens=DEFAULT_MAX_TOKENS)
+                    label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma,
+                    text_encoder=DEFAULT_TEXT_ENCODER, text_max_tokens=DEFAULT_MAX_TOKENS)
 
     def captions_for(self, keys: torch.Tensor, dropout: float, gen: torch.Generator) -> torch.Tensor:
         """One caption id per image, drawn uniformly from its key's fitting captions; 0 (the empty prompt) with
