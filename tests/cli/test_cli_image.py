@@ -43,7 +43,10 @@ def test_wrong_resolution_is_one_line(tmp_path, capsys):
 def test_train_sample_and_corrupt_checkpoint(tmp_path, capsys):
     run = tmp_path / "ddpm"
     assert main(["image", "train", "--model", "ddpm", "--size", "tiny", "--conditional", "--out", str(run),
-                 "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--grid-n", "4", "--quiet"]) == 0
+                 "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--grid-n", "4", "--min-snr-gamma", "5",
+                 "--quiet"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["min_snr_gamma"] == cfg["train"]["min_snr_gamma"] == 5.0
     assert main(["image", "train", "--model", "ddpm", "--out", str(run), "--steps", "2", "--quiet"]) == 2
     assert "--resume" in _err(capsys)
     grid = tmp_path / "g.png"

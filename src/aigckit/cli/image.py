@@ -154,7 +154,7 @@ def _train(a) -> int:
                          log_every=a.log_every, grid_n=a.grid_n, threads=a.threads,
                          schedule=a.schedule, prediction=a.prediction, timesteps=a.timesteps,
                          label_dropout=a.label_dropout, beta=a.beta, latent_dim=a.latent_dim, dtype=a.dtype,
-                         kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps)
+                         kl_weight=a.kl_weight, vae=a.vae, vae_steps=a.vae_steps, min_snr_gamma=a.min_snr_gamma)
     final = train(args, resume=a.resume, progress=not a.quiet)
     print(final)
     return 0
