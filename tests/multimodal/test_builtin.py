@@ -68,3 +68,19 @@ def test_caption_picks_the_model_by_image_colour(tmp_path, capsys):
     garment_words = {w for t in C.train_captions().texts for w in t.split()}
     assert out[0]["caption"] and set(out[0]["caption"].split()) <= shape_words
     assert out[1]["caption"] and set(out[1]["caption"].split()) <= garment_words
+
+
+@pytest.mark.integration
+def test_shapes_t2i_draws_the_colour_it_is_asked_for():
+    if not (MINILM / "manifest.json").exists():
+        pytest.skip("MiniLM not pulled: run `aigc pull minilm-l6-v2` (make test does)")
+    from aigckit.image.api import load_image_model
+
+    m = load_image_model("shapes-t2i")
+    for prompt, want, other in (("a large red square", 0, 2), ("a large blue square", 2, 0)):
+        x = (m.sample(4, prompts=prompt, steps=20, guidance=3, seed=0).tensor + 1) / 2  # 4 x 3 x 32 x 32 in [0, 1]
+        assert x.shape == (4, 3, 32, 32)
+        drawn = x.amax(1, keepdim=True) > 0.3  # the shape's pixels (the background is black)
+        mean = (x * drawn).sum((2, 3)) / drawn.sum((2, 3)).clamp(min=1)  # its mean colour, per image
+        assert (drawn.flatten(1).float().mean(1) > 0.05).all(), prompt  # a large shape, not an empty image
+        assert int((mean[:, want] > mean[:, other] + 0.2).sum()) >= 3, (prompt, mean.tolist())
