@@ -7,6 +7,28 @@ import pytest
 from aigckit import store
 
 MINILM = store.models_dir() / "minilm-l6-v2"
+REAL_HOME = str(store.models_dir().parent)
+
+
+@pytest.fixture
+def real_store(monkeypatch):
+    """The real store and MiniLM, also after another test of this package has installed the session's fake home and
+    fake text encoder (conftest.fake_home): tests run in any order (slow ones first, parallel workers)."""
+    from aigckit.multimodal import textcond
+
+    monkeypatch.setenv("AIGC_HOME", REAL_HOME)
+    monkeypatch.setattr(textcond, "load_text_encoder", _REAL_LOAD_TEXT_ENCODER)
+    if not (MINILM / "manifest.json").exists():
+        pytest.skip("MiniLM not pulled: run `aigc pull minilm-l6-v2` (make test does)")
+
+
+def _real_loader():
+    from aigckit.multimodal import textcond
+
+    return textcond.load_text_encoder  # read when this module is imported: before any fixture has run
+
+
+_REAL_LOAD_TEXT_ENCODER = _real_loader()
 
 
 def test_builtin_models_are_listed_and_load(capsys):
@@ -28,9 +50,7 @@ def test_builtin_models_are_listed_and_load(capsys):
 
 
 @pytest.mark.integration
-def test_fmnist_t2i_samples_by_prompt_with_minilm(tmp_path):
-    if not (MINILM / "manifest.json").exists():
-        pytest.skip("MiniLM not pulled: run `aigc pull minilm-l6-v2` (make test does)")
+def test_fmnist_t2i_samples_by_prompt_with_minilm(tmp_path, real_store):
     import torch
 
     from aigckit.embed.bert import load_embedder
@@ -71,9 +91,7 @@ def test_caption_picks_the_model_by_image_colour(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_shapes_t2i_draws_the_colour_it_is_asked_for():
-    if not (MINILM / "manifest.json").exists():
-        pytest.skip("MiniLM not pulled: run `aigc pull minilm-l6-v2` (make test does)")
+def test_shapes_t2i_draws_the_colour_it_is_asked_for(real_store):
     from aigckit.image.api import load_image_model
 
     m = load_image_model("shapes-t2i")
