@@ -176,6 +176,18 @@ def _lost(d: Dist, what: str, e: BaseException) -> DistributedError:
                             f"({why}); the run stops, its last checkpoint is intact (resume with --resume)")
 
 
+def restore_sigterm(old) -> None:
+    """A training loop's ``finally``: put back the SIGTERM handler it replaced, unless a ``DistributedError`` is on
+    its way out. Then this rank's launcher (torchrun stops the survivors with SIGTERM once a rank has died) must not
+    kill the process before the CLI has printed which rank stopped and why: the loop's handler, which only asks the
+    loop to stop, stays until the process exits."""
+    import signal
+    import sys
+
+    if not isinstance(sys.exc_info()[1], DistributedError):
+        signal.signal(signal.SIGTERM, old)
+
+
 @contextlib.contextmanager
 def collective(d: Dist, what: str) -> Iterator[None]:
     """Turn a failed or timed-out collective into a ``DistributedError`` that says what happened."""

@@ -312,7 +312,7 @@ def _train(args: TrainArgs, d: dd.Dist, *, resume: bool, progress: bool) -> Path
             save()
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        dd.restore_sigterm(old_term)
         bar.close()
         averager.remove()
     final = save() if step != last_saved else ck.latest_checkpoint(run) if d.is_main else \

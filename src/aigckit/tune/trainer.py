@@ -380,7 +380,7 @@ def _train(task: Task, args: TuneArgs, d: dd.Dist, *, resume: bool, progress: bo
             save()
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        dd.restore_sigterm(old_term)
         bar.close()
         averager.remove()
     if step != last_saved:
