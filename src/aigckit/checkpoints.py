@@ -42,11 +42,18 @@ CHECKSUMS_FORMAT = 1
 REQUIRED = ("config.json", "model.safetensors")
 
 
+def private_tmp(path: str | Path) -> Path:
+    """A temporary name beside ``path`` that belongs to this process and thread: write there, then rename onto
+    ``path``, and two writers of the same file never share a half-written temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename: readers see the old file or the new
     one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = private_tmp(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

@@ -10,8 +10,6 @@ reference (n capped at the 10,000 test images), i.e. the score a perfect generat
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import torch
@@ -116,7 +114,9 @@ def _reference_features(clf, manifest: dict, train, reference_n: int | None) -> 
             pass
     f, _ = predict(clf, to_float(train.images[:n]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # per writer
+    from aigckit.checkpoints import private_tmp
+
+    tmp = private_tmp(path)
     save_file({"features": f.contiguous()}, str(tmp))
     tmp.replace(path)
     return f

@@ -11,8 +11,6 @@ store's cache (safetensors, keyed by the encoder and the captions' hash), so tra
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -100,7 +98,9 @@ class CaptionBank:
             from safetensors.torch import save_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # per writer
+            from aigckit.checkpoints import private_tmp
+
+            tmp = private_tmp(path)
             save_file({"tokens": c.tokens.contiguous(), "mask": c.mask.to(torch.uint8).contiguous(),
                        "pooled": c.pooled.contiguous()}, str(tmp))
             tmp.replace(path)

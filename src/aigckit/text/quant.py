@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Callable, Literal
 
 import numpy as np
@@ -509,8 +508,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     processes caching the same model at once do not write into one temporary file."""
     from safetensors.torch import save_file
 
+    from aigckit.checkpoints import private_tmp
+
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = str(private_tmp(path))
     save_file(quantized_state_dict(model), tmp, metadata={_META_KEY: json.dumps(quant_layout(model), sort_keys=True)})
     os.replace(tmp, path)
 
